@@ -1,0 +1,27 @@
+"""The one exception family users can cause; the CLI prints its message and exits non-zero."""
+
+
+class LrexportError(Exception):
+    """Base of every error caused by user input (recipe, data, checkpoint, runtime)."""
+
+    exit_code = 1
+
+
+class RecipeError(LrexportError):
+    """A recipe that cannot be used: unknown key, wrong type, out-of-range value."""
+
+    exit_code = 2
+
+
+class DataError(LrexportError):
+    """A data set that is missing or does not fit the model."""
+
+
+class CheckpointError(LrexportError):
+    """A checkpoint that is missing, corrupt, or does not match the model."""
+
+
+class RuntimeMissingError(LrexportError):
+    """An optional runtime (TensorRT, a GPU) that this machine lacks."""
+
+    exit_code = 2

@@ -1,0 +1,70 @@
+"""Energy-threshold pruning of singular values (DESIGN §3) and rank rounding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LrexportError
+from .svd_layers import svd_layers
+
+
+def check_energy(e: float) -> float:
+    if not (isinstance(e, (int, float)) and 0.0 <= e < 1.0):
+        raise LrexportError(f"energy threshold must be in [0, 1); got {e!r}")
+    return float(e)
+
+
+def energy_rank(s: torch.Tensor, e: float) -> int:
+    """Smallest k with Σ_{i≤k} s_i² ≥ (1 − e)·Σ s² over s sorted descending; at least 1."""
+    check_energy(e)
+    energy = torch.sort(s.detach().double() ** 2, descending=True).values.cumsum(0)
+    total = energy[-1]
+    if total <= 0:
+        return 1
+    return max(1, int(torch.searchsorted(energy, (1.0 - e) * total).item()) + 1)
+
+
+def round_rank(k: int, multiple_of: int, full_rank: int) -> int:
+    """Nearest multiple of ``multiple_of`` (halves up), never 0, never above full rank."""
+    if multiple_of <= 1:
+        return k
+    rounded = max(multiple_of, int((k + multiple_of / 2) // multiple_of) * multiple_of)
+    return min(rounded, full_rank)
+
+
+@torch.no_grad()
+def truncate(layer: nn.Module, k: int) -> None:
+    """Keep the k largest singular values and their vectors; the layer really shrinks."""
+    keep = torch.argsort(layer.s.detach().abs(), descending=True)[:k].sort().values
+    layer.U = nn.Parameter(layer.U[:, keep].clone())
+    layer.s = nn.Parameter(layer.s[keep].clone())
+    layer.V = nn.Parameter(layer.V[keep].clone())
+
+
+@dataclass
+class PruneResult:
+    name: str
+    before: int
+    after: int
+    full_rank: int
+
+
+def prune(model: nn.Module, energy: float, multiple_of: int = 1) -> list[PruneResult]:
+    """Cut every SVD layer to its energy rank (optionally rounded); returns per-layer ranks.
+
+    Parameters are replaced, so an optimizer built before pruning must be rebuilt.
+    """
+    check_energy(energy)
+    if multiple_of < 1:
+        raise LrexportError(f"multiple_of must be ≥ 1; got {multiple_of}")
+    results = []
+    for name, layer in svd_layers(model):
+        before = layer.rank
+        k = min(before, round_rank(energy_rank(layer.s, energy), multiple_of, layer.full_rank))
+        if k < before:
+            truncate(layer, k)
+        results.append(PruneResult(name, before, k, layer.full_rank))
+    return results

@@ -1,0 +1,103 @@
+"""Checkpoints: written atomically, loaded with weights_only=True, rebuilt from data.
+
+A checkpoint holds ``arch`` (model name, num_classes, model kwargs, decomposition mode and
+per-layer ranks, input size), the state dict under ``model``, and whatever training state
+the writer adds (phase, epoch, optimizer, scheduler, rng, metrics). Loading rebuilds the
+model from ``arch`` and then loads the weights; no modules are unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..lowrank import decompose, layer_ranks, svd_layers
+from ..models import create_model
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_kwargs: dict | None = None) -> dict:
+    """The data needed to rebuild ``model``: what a checkpoint stores beside the weights."""
+    layers = svd_layers(model)
+    modes = {layer.mode for _, layer in layers} - {"linear"}
+    return {
+        "model": name,
+        "num_classes": int(num_classes),
+        "model_kwargs": dict(model_kwargs or {}),
+        "input_size": [int(v) for v in input_size],
+        "decomposition": None
+        if not layers
+        else {"mode": modes.pop() if modes else "channel", "ranks": layer_ranks(model)},
+    }
+
+
+def build_model(arch: dict) -> nn.Module:
+    """Rebuild the (possibly decomposed) model described by ``arch``, weights uninitialised."""
+    model = create_model(arch["model"], num_classes=arch["num_classes"], **arch.get("model_kwargs", {}))
+    dec = arch.get("decomposition")
+    if dec:
+        decompose(model, mode=dec["mode"], ranks=dec["ranks"])
+    return model
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, arch: dict, **state: Any) -> None:
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, "arch": arch, "model": model.state_dict(), **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not an lrexport checkpoint (no 'arch'/'model' entries)")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('format_version')}, this lrexport reads {FORMAT_VERSION}")
+    return ckpt
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights; returns (model, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["arch"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match its model: {str(e).splitlines()[0][:200]}") from None
+    return model, ckpt
