@@ -1,12 +1,32 @@
-"""lrexport: learn low-rank CNNs (SVD training, energy pruning, finetuning) and deploy them."""
+"""lrexport: learn low-rank CNNs (SVD training, energy pruning, finetuning) and deploy them.
+
+The public names load on first use (module ``__getattr__``), so torch-free parts such as
+``lrexport.deploy.runtime`` and ``lrexport infer`` can run where torch is not installed.
+"""
+
+from importlib import import_module
 
 from .errors import LrexportError
-from .lowrank import count_macs, decompose, energy_rank, hoyer, l1, layer_ranks, orthogonality, prune
-from .models import create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LrexportError", "create_model", "list_models", "decompose", "layer_ranks", "orthogonality",
-    "l1", "hoyer", "prune", "energy_rank", "count_macs", "__version__",
-]
+# public name -> submodule that defines it
+_LAZY = {
+    "create_model": ".models", "list_models": ".models",
+    "decompose": ".lowrank", "layer_ranks": ".lowrank", "orthogonality": ".lowrank", "l1": ".lowrank",
+    "hoyer": ".lowrank", "prune": ".lowrank", "energy_rank": ".lowrank", "count_macs": ".lowrank",
+}
+
+__all__ = ["LrexportError", *_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module 'lrexport' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
