@@ -17,6 +17,9 @@ _LAZY = {
     "hoyer": ".lowrank", "prune": ".lowrank", "energy_rank": ".lowrank", "count_macs": ".lowrank",
 }
 
+# subpackages reachable as attributes (``lrexport.lowrank.SVDConv2d``) without an import
+_SUBMODULES = {"data", "deploy", "lowrank", "models", "recipe", "report", "train"}
+
 __all__ = ["LrexportError", *_LAZY, "__version__"]
 
 
@@ -25,6 +28,8 @@ def __getattr__(name: str):
         value = getattr(import_module(_LAZY[name], __name__), name)
         globals()[name] = value  # later look-ups skip this hook
         return value
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'lrexport' has no attribute {name!r}")
 
 
