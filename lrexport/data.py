@@ -93,7 +93,7 @@ def synthetic_split(cfg: DataConfig, train: bool) -> TensorDataset:
         img = torch.roll(images[i], shifts=(int(shifts[i, 0]), int(shifts[i, 1])), dims=(1, 2))
         images[i] = img.flip(-1) if flips[i] else img
     images = images * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen))
-    images = images + 0.12 * torch.randn(images.shape, generator=gen)
+    images = images + 0.25 * torch.randn(images.shape, generator=gen)
     images = ((images.clamp(0, 1) - torch.tensor(SYNTHETIC_MEAN).view(3, 1, 1)) / torch.tensor(SYNTHETIC_STD).view(3, 1, 1))
     return TensorDataset(images, labels)
 

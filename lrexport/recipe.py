@@ -1,0 +1,211 @@
+"""Recipes: TOML → validated, typed recipe objects, with --set overrides and clear errors.
+
+Layering: dataclass defaults < recipe file < ``--set key.path=value``. Every unknown key,
+wrong type or out-of-range value is a RecipeError naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .data import DATASETS, DataConfig
+from .errors import RecipeError
+
+
+def _check(*choices: Any, ge: float | None = None, gt: float | None = None, lt: float | None = None) -> dict:
+    """Field metadata: allowed choices and bounds, checked on load."""
+    return {"choices": choices, "ge": ge, "gt": gt, "lt": lt}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifar_resnet20"
+    num_classes: int = field(default=0, metadata=_check(ge=0))  # 0: take it from the data set
+    weights: str = ""  # "": none; a state-dict file, or a torchvision weights name ("DEFAULT")
+    kwargs: dict = field(default_factory=dict)  # passed to the model builder, e.g. shortcut = "A"
+
+
+@dataclass
+class DecomposeConfig:
+    mode: str = field(default="channel", metadata=_check("channel", "spatial"))
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    linear: bool = False  # decompose Linear layers too
+    # "dense": exact SVD of the dense weights (pretrained, or after the dense phase);
+    # "scratch": SVD layers freshly initialised
+    init: str = field(default="dense", metadata=_check("dense", "scratch"))
+
+
+@dataclass
+class RegConfig:
+    ortho: float = field(default=1.0, metadata=_check(ge=0))  # λ_o
+    type: str = field(default="hoyer", metadata=_check("hoyer", "l1", "none"))
+    decay: float = field(default=0.0, metadata=_check(ge=0))  # λ_s
+
+
+@dataclass
+class PruneConfig:
+    energy: float = field(default=1e-3, metadata=_check(ge=0, lt=1))  # e: fraction of energy removed per layer
+    multiple_of: int = field(default=1, metadata=_check(ge=1))  # round ranks to this (before finetuning)
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = field(default=0, metadata=_check(ge=0))  # 0 skips the phase
+    optimizer: str = field(default="sgd", metadata=_check("sgd", "adam"))
+    lr: float = field(default=0.1, metadata=_check(gt=0))
+    momentum: float = field(default=0.9, metadata=_check(ge=0, lt=1))
+    weight_decay: float = field(default=5e-4, metadata=_check(ge=0))
+    schedule: str = field(default="multistep", metadata=_check("multistep", "step", "cosine", "constant"))
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    step_size: int = field(default=30, metadata=_check(ge=1))  # step: every step_size epochs
+    gamma: float = field(default=0.1, metadata=_check(gt=0))
+
+
+@dataclass
+class PhasesConfig:
+    dense: PhaseConfig = field(default_factory=PhaseConfig)  # optional dense pretraining
+    fullrank: PhaseConfig = field(default_factory=PhaseConfig)  # full-rank SVD form, λ_o only
+    svd: PhaseConfig = field(default_factory=PhaseConfig)  # λ_o and λ_s
+    finetune: PhaseConfig = field(default_factory=PhaseConfig)  # pruned ranks fixed, λ_o only
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(default=1, metadata=_check(ge=1))  # validate every N epochs (and at each phase end)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(default=1, metadata=_check(ge=1))  # write the resume checkpoint every N epochs
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = field(default="none", metadata=_check("none", "bf16", "fp16"))
+    channels_last: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()[:16]
+
+
+# DataConfig lives in data.py (it has no recipe dependency); its checks are declared here.
+_DATA_CHECKS = {
+    "dataset": _check(*DATASETS), "batch_size": _check(ge=1), "eval_batch_size": _check(ge=0), "workers": _check(ge=0),
+    "image_size": _check(ge=0), "num_classes": _check(ge=2), "train_size": _check(ge=1), "val_size": _check(ge=1),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _build(cls, raw: dict, where: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise RecipeError(f"{where}: unknown key {prefix}{key!r}; known keys: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: {key} must be a table, got {value!r}")
+            values[name] = _build(tp, value, where, key + ".")
+            continue
+        if not _type_ok(value, tp):
+            raise RecipeError(f"{where}: {key} must be of type {_type_name(tp)}, got {value!r}")
+        if tp is float:
+            value = float(value)
+        meta = fields[name].metadata or (_DATA_CHECKS.get(name, {}) if cls is DataConfig else {})
+        if meta.get("choices") and value not in meta["choices"]:
+            raise RecipeError(f"{where}: {key} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        for bound, ok, word in (("ge", lambda a, b: a >= b, "≥"), ("gt", lambda a, b: a > b, ">"), ("lt", lambda a, b: a < b, "<")):
+            if meta.get(bound) is not None and not ok(value, meta[bound]):
+                raise RecipeError(f"{where}: {key} must be {word} {meta[bound]}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` with a TOML value (numbers, booleans, lists, quoted strings); bare words are strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text!r}: expected key.path=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip().split("."), parsed
+
+
+def _apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {text}: {part!r} is not a table")
+    node[path[-1]] = value
+
+
+def recipe_from_dict(raw: dict, where: str = "<recipe>", overrides: typing.Iterable[str] = ()) -> Recipe:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply_override(raw, path, value, text)
+    return _build(Recipe, raw, where, "")
+
+
+def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Read and validate a recipe file; ``overrides`` are ``key.path=value`` strings."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    return recipe_from_dict(raw, str(path), overrides)

@@ -1,0 +1,215 @@
+"""One epoch of training, one evaluation, and the pieces they are built from.
+
+Like torchvision's references: the compression phases reuse one loop, differing only in
+which regularizer weights they pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import LrexportError
+from ..lowrank.regularizers import orthogonality, sparsity
+from ..recipe import PhaseConfig, Recipe
+
+
+class NonFiniteLoss(LrexportError):
+    """The loss became NaN or inf: the phase stops, the last good checkpoint stays."""
+
+
+@dataclass
+class Loss:
+    """The training objective of DESIGN §2: CE + λ_o·Σ L_o + λ_s·Σ L_s."""
+
+    ortho: float = 0.0
+    sparsity_type: str = "none"
+    decay: float = 0.0
+
+    def terms(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {"ce": F.cross_entropy(logits, target)}
+        if self.ortho:
+            terms["ortho"] = orthogonality(model)
+        if self.decay and self.sparsity_type != "none":
+            terms["sparsity"] = sparsity(self.sparsity_type)(model)
+        return terms
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = terms["ce"]
+        if "ortho" in terms:
+            total = total + self.ortho * terms["ortho"]
+        if "sparsity" in terms:
+            total = total + self.decay * terms["sparsity"]
+        return total
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), sharded over ``world`` ranks.
+
+    Reseeding per epoch makes a resumed run see the same order as an uninterrupted one,
+    and every rank the same permutation (DistributedSampler's contract).
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
+        self.epoch = 0
+        self.per_rank = math.ceil(size / world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[: self.per_rank * self.world - self.size]  # pad so every rank has the same count
+        return iter(order[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int, pin: bool, rank: int = 0, world: int = 1) -> DataLoader:
+    sampler = EpochSampler(len(ds), seed, shuffle, rank, world)
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+        drop_last=False, persistent_workers=workers > 0,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LrexportError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LrexportError(f"device {name!r} asked for, but this machine has no usable CUDA GPU; use device = \"auto\" or \"cpu\"")
+    return device
+
+
+def build_optimizer(params, cfg: PhaseConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: PhaseConfig):
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+@dataclass
+class Precision:
+    """AMP and memory format, from the recipe, resolved for one device."""
+
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, device: torch.device) -> "Precision":
+        return cls(device, recipe.amp, recipe.channels_last)
+
+    def autocast(self):
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16" and self.device.type == "cuda")
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _regularized_module(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel wraps the model; the regularizers read the SVD layers inside it.
+    return getattr(model, "module", model)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss: Loss,
+    precision: Precision,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[int, int, dict], None] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns mean loss terms, accuracy and images/s."""
+    model.train()
+    scaler = scaler or precision.scaler()
+    sums = torch.zeros(5, dtype=torch.float64)  # total, ce, ortho, sparsity, correct
+    seen = 0
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x)
+            terms = loss.terms(_regularized_module(model), logits.float(), y)
+            total = loss.total(terms)
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(f"loss became {total.item()} at step {step + 1} (terms: "
+                                + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()) + "); lower the learning rate or λ")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = y.shape[0]
+        seen += n
+        batch = torch.tensor([total.item(), terms["ce"].item(), terms.get("ortho", torch.zeros(())).item(),
+                              terms.get("sparsity", torch.zeros(())).item(), 0.0], dtype=torch.float64)
+        batch[:4] *= n
+        batch[4] = (logits.argmax(1) == y).sum().item()
+        sums += batch
+        if on_step:
+            on_step(step + 1, len(loader), {"loss": total.item(), "ce": terms["ce"].item()})
+    elapsed = time.perf_counter() - start
+    stats = torch.cat([sums, torch.tensor([seen], dtype=torch.float64)])
+    if reduce is not None:
+        stats = reduce(stats)
+    seen_all = max(1.0, stats[5].item())
+    return {
+        "loss": stats[0].item() / seen_all, "ce": stats[1].item() / seen_all, "ortho": stats[2].item() / seen_all,
+        "sparsity": stats[3].item() / seen_all, "train_top1": 100.0 * stats[4].item() / seen_all,
+        "images_per_s": seen_all / max(elapsed, 1e-9),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, precision: Precision, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``."""
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
+    for x, y in loader:
+        x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, 1).indices
+        stats += torch.tensor([
+            F.cross_entropy(logits, y, reduction="sum").item(), (top[:, 0] == y).sum().item(),
+            (top == y[:, None]).any(1).sum().item(), y.shape[0],
+        ], dtype=torch.float64)
+    if reduce is not None:
+        stats = reduce(stats)
+    n = max(1.0, stats[3].item())
+    return {"val_loss": stats[0].item() / n, "top1": 100.0 * stats[1].item() / n, "top5": 100.0 * stats[2].item() / n}

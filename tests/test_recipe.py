@@ -1,0 +1,81 @@
+import glob
+import subprocess
+import sys
+
+import pytest
+
+from lrexport.errors import RecipeError
+from lrexport.recipe import load_recipe, recipe_from_dict
+
+RECIPES = sorted(glob.glob("recipes/*.toml"))
+
+
+def test_recipes_exist_for_every_seed_group():
+    names = {r.split("/")[-1] for r in RECIPES}
+    for depth in (20, 32, 56, 110):
+        for mode in ("channel", "spatial"):
+            for reg in ("hoyer", "l1", "none"):
+                assert f"cifar10_resnet{depth}_{mode}_{reg}.toml" in names
+    assert {"resnet18_imagenet.toml", "resnet50_imagenet.toml", "quickstart.toml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_recipe_loads_and_validates(path):
+    r = load_recipe(path)
+    assert r.phases.svd.epochs > 0 and r.phases.finetune.epochs > 0
+    assert 0 <= r.prune.energy < 1
+
+
+def test_seed_settings_in_recipes():
+    r = load_recipe("recipes/cifar10_resnet20_channel_hoyer.toml")
+    assert (r.reg.type, r.reg.decay, r.prune.energy, r.reg.ortho) == ("hoyer", 0.03, 1.5e-5, 1.0)
+    assert r.phases.svd.milestones == [81, 122] and r.data.batch_size == 100
+    r = load_recipe("recipes/resnet50_imagenet.toml")
+    assert (r.reg.ortho, r.model.weights, r.data.batch_size) == (10.0, "DEFAULT", 256)
+    assert load_recipe("recipes/resnet50_imagenet_spatial.toml").reg.ortho == 5.0
+
+
+def test_overrides_and_types():
+    r = recipe_from_dict({}, overrides=["reg.decay=0.01", "phases.svd.milestones=[3, 5]", "model.name=resnet18", "data.download=true"])
+    assert r.reg.decay == 0.01 and r.phases.svd.milestones == [3, 5] and r.model.name == "resnet18" and r.data.download is True
+    assert isinstance(recipe_from_dict({"reg": {"decay": 1}}).reg.decay, float)
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"phases": {"svd": {"lrr": 0.1}}}, "unknown key 'phases.svd.lrr'"),
+        ({"data": {"batch_size": "64"}}, "data.batch_size must be of type int"),
+        ({"phases": {"finetune": {"lr": -0.1}}}, "phases.finetune.lr must be > 0"),
+        ({"prune": {"energy": 1.0}}, "prune.energy must be < 1"),
+        ({"prune": {"energy": -0.1}}, "prune.energy must be ≥ 0"),
+        ({"decompose": {"mode": "diagonal"}}, "decompose.mode must be one of channel, spatial"),
+        ({"reg": {"type": "l2"}}, "reg.type must be one of"),
+        ({"phases": {"svd": {"epochs": True}}}, "phases.svd.epochs must be of type int"),
+    ],
+)
+def test_malformed_recipes_name_key_and_file(raw, message):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(raw, "bad.toml")
+    assert message in str(info.value) and str(info.value).startswith("bad.toml:")
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("[phases.svd]\nlrr = 0.1\n", "unknown key 'phases.svd.lrr'"),
+        ("[data]\nbatch_size = \"64\"\n", "data.batch_size must be of type int"),
+        ("[phases.svd]\nlr = -0.1\n", "phases.svd.lr must be > 0"),
+        ("[prune]\nenergy = 1.5\n", "prune.energy must be < 1"),
+        ("[model\nname = 3\n", "not valid TOML"),
+    ],
+)
+def test_cli_malformed_recipe_one_line_exit_2(tmp_path, body, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    proc = subprocess.run([sys.executable, "-m", "lrexport", "train", str(path), "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
