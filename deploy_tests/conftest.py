@@ -1,0 +1,44 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # the run builder beside the tests
+
+from runs import make_run  # noqa: E402
+
+# tiny convs on a shared 2-core machine: one thread avoids OpenMP contention
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def build(runs_root):
+    """mode -> (run dir, export result), each built and exported once per session."""
+    from lrexport.deploy.export import export_run
+
+    cache = {}
+
+    def get(mode: str):
+        if mode not in cache:
+            run = make_run(runs_root, mode)
+            cache[mode] = (run, export_run(run))
+        return cache[mode]
+
+    return get
+
+
+@pytest.fixture(params=["channel", "spatial"])
+def exported(request, build):
+    """A small finetuned low-rank ResNet-20 run and its default export, in each mode."""
+    return build(request.param)
+
+
+@pytest.fixture
+def channel_export(build):
+    return build("channel")

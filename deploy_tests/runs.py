@@ -1,0 +1,59 @@
+"""Build small but real run directories, the way the training pipeline lays them out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import lrexport
+from lrexport.data import DataConfig, build_datasets
+from lrexport.lowrank import decompose, prune
+from lrexport.train.checkpoint import model_arch, save_checkpoint
+
+IMAGE_SIZE = 16
+
+
+def _train(model, loader, steps: int, lr: float) -> None:
+    """A few SGD steps: enough to move BN statistics and shape the spectra."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+    model.eval()
+
+
+def make_run(root: Path, mode: str = "channel", energy: float = 0.2, shortcut: str = "B", val_size: int = 64) -> Path:
+    """runs/<name>/ with summary.json, checkpoints/dense.pt and checkpoints/finetune_best.pt."""
+    run = Path(root) / f"tiny-{mode}-{shortcut}"
+    cfg = DataConfig(dataset="synthetic", train_size=256, val_size=val_size, image_size=IMAGE_SIZE, batch_size=32, seed=1)
+    train_ds, _, info = build_datasets(cfg)
+    loader = DataLoader(train_ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    kwargs = {"shortcut": shortcut}
+    model = lrexport.create_model("cifar_resnet20", num_classes=info.num_classes, **kwargs)
+    _train(model, loader, steps=24, lr=0.05)
+    save_checkpoint(run / "checkpoints/dense.pt", model, model_arch(model, "cifar_resnet20", info.num_classes, info.input_size, kwargs))
+    decompose(model, mode)
+    ranks = prune(model, energy)
+    _train(model, loader, steps=8, lr=0.01)
+    save_checkpoint(
+        run / "checkpoints/finetune_best.pt", model, model_arch(model, "cifar_resnet20", info.num_classes, info.input_size, kwargs)
+    )
+    summary = {
+        "name": run.name, "run_dir": str(run), "recipe_hash": f"test-{mode}",
+        "data_config": vars(cfg), "data_info": info.to_dict(),
+        "phases": {"prune": {"ranks": {r.name: r.after for r in ranks}}},
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return run

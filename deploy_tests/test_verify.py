@@ -1,0 +1,108 @@
+"""verify: accuracy and latency through the runtime itself, against PyTorch's."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lrexport.cli import main
+from lrexport.deploy.onnx_graph import to_onnx
+from lrexport.deploy.rundir import open_run
+from lrexport.deploy.verify import VerifyError, verify_artifacts
+from lrexport.train.checkpoint import load_model
+
+FAST = dict(threads=1, warmup=1, repeats=3)
+
+
+def torch_top1(model_path, val) -> float:
+    """Top-1 accuracy (%) of a checkpoint on the validation set, in PyTorch."""
+    model, _ = load_model(model_path)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([int(val[i][1]) for i in range(len(val))])
+    with torch.no_grad():
+        return 100.0 * (model.eval()(x).argmax(1) == y).double().mean().item()
+
+
+@pytest.mark.parametrize("runtime", ["ort", "torch"])
+def test_accuracy_through_runtime_equals_pytorch(channel_export, runtime):
+    run, result = channel_export
+    res = verify_artifacts(result.out_dir, runtime=runtime, batch_sizes=(1, 8), **FAST)
+    report = res.report
+    assert res.passed and report["passed"] and report["failures"] == []
+    val = open_run(run).validation_set()
+    acc = report["accuracy"]
+    assert acc["images"] == len(val) == 64
+    assert acc["lowrank"]["top1"] == pytest.approx(torch_top1(run / "checkpoints/finetune_best.pt", val))
+    assert acc["dense"]["top1"] == pytest.approx(torch_top1(run / "checkpoints/dense.pt", val))
+    for m in ("lowrank", "dense"):
+        assert acc[m]["top1_disagree"] == 0
+        assert acc[m]["top1"] == acc[m]["torch_top1"] and acc[m]["top5"] == acc[m]["torch_top5"]
+        assert acc[m]["top1"] <= acc[m]["top5"]
+    assert [row["batch"] for row in report["latency"]] == [1, 8]
+    for row in report["latency"]:
+        for m in ("lowrank", "dense"):
+            stats = row[m]
+            assert stats["repeats"] == 3 and 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+        assert row["wall_speedup"] == pytest.approx(row["dense"]["median_ms"] / row["lowrank"]["median_ms"])
+        assert row["ratio"] == pytest.approx(row["wall_speedup"] / report["macs"]["speedup"])
+    assert report["threads"] == 1 and report["runtime"] == runtime
+    assert json.loads((result.out_dir / "verify.json").read_text()) == json.loads(json.dumps(report))
+
+
+def test_fixed_batch_artifacts_are_timed_at_their_batch(channel_export, tmp_path):
+    from lrexport.deploy.export import export_run
+
+    run, _ = channel_export
+    art = export_run(run, tmp_path / "b3", batch=3, check_images=6).out_dir
+    report = verify_artifacts(art, limit=10, **FAST).report  # 10 images: the last batch is padded
+    assert [row["batch"] for row in report["latency"]] == [3]
+    assert report["accuracy"]["images"] == 10
+    assert report["accuracy"]["lowrank"]["top1_disagree"] == 0
+
+
+def test_wrong_artifact_fails_verify_with_exit_1(channel_export, tmp_path):
+    """A model.onnx that is not the run's model: accuracy through the runtime departs from PyTorch's."""
+    run, result = channel_export
+    art = tmp_path / "wrong"
+    shutil.copytree(result.out_dir, art)
+    val = open_run(run).validation_set()
+    labels = np.array([int(val[i][1]) for i in range(len(val))])
+    torch_acc = torch_top1(run / "checkpoints/finetune_best.pt", val)
+    # always answers one class, picked so its frequency differs from the real accuracy
+    cls = next(c for c in range(10) if abs(100.0 * (labels == c).mean() - torch_acc) > 1)
+    const = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    with torch.no_grad():
+        const[1].weight.zero_()
+        const[1].bias.copy_(torch.nn.functional.one_hot(torch.tensor(cls), 10).float())
+    (art / "model.onnx").write_bytes(to_onnx(const, (3, 16, 16)).SerializeToString())
+    with pytest.raises(VerifyError, match="lowrank top1 through ort"):
+        verify_artifacts(art, **FAST).check()
+    res = CliRunner().invoke(main, ["verify", str(art), "--threads", "1", "--warmup", "0", "--repeats", "2", "--batch-sizes", "2"])
+    assert res.exit_code == 1, res.output
+    assert "lowrank top1 through ort" in res.output
+    assert json.loads((art / "verify.json").read_text())["passed"] is False
+
+
+def test_cli_verify_prints_tables(channel_export):
+    _, result = channel_export
+    res = CliRunner().invoke(main, ["verify", str(result.out_dir), "--threads", "1", "--warmup", "1", "--repeats", "3"])
+    assert res.exit_code == 0, res.output
+    assert "accuracy through ort" in res.output and "wall speedup" in res.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_trt_runtime_missing_is_one_line_exit_2(channel_export):
+    _, result = channel_export
+    res = CliRunner().invoke(main, ["verify", str(result.out_dir), "--runtime", "trt"])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "TensorRT" in lines[0]
+
+
+def test_missing_artifacts_is_clear(tmp_path):
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 1 and "no meta.json" in res.output

@@ -1,0 +1,20 @@
+"""Deployment: ONNX export, TensorRT build, torch-free runtime, latency, verify.
+
+Names load on first use so that ``lrexport.deploy.runtime`` stays importable without torch.
+"""
+
+from importlib import import_module
+
+# public name -> module that defines it
+_LAZY = {
+    "export_run": ".export", "verify_artifacts": ".verify", "infer": ".runtime", "Classifier": ".runtime",
+    "OrtRunner": ".runtime", "load_meta": ".runtime", "measure": ".latency",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'lrexport.deploy' has no attribute {name!r}")
