@@ -145,7 +145,7 @@ def _build(cls, raw: dict, where: str, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise RecipeError(f"{where}: unknown key {prefix}{key!r}; known keys: {', '.join(fields)}")
+            raise RecipeError(f"{where}: unknown key '{prefix}{key}'; known keys: {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
         tp, key = hints[name], f"{prefix}{name}"
