@@ -40,10 +40,10 @@ class LatencyStats:
         )
 
 
-def measure(
+def time_rounds(
     runners: Mapping[str, Callable[[np.ndarray], object]], x: np.ndarray, warmup: int = 10, repeats: int = 50
-) -> dict[str, LatencyStats]:
-    """Median, p90 and spread of each runner's latency on ``x``, after ``warmup`` calls each."""
+) -> dict[str, list[float]]:
+    """Milliseconds of each call, per runner; entry i of every list comes from the same round."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats ≥ 1 and warmup ≥ 0; got {repeats}, {warmup}")
     names = list(runners)
@@ -56,4 +56,12 @@ def measure(
             start = time.perf_counter()
             runners[name](x)
             times[name].append(1000.0 * (time.perf_counter() - start))
+    return times
+
+
+def measure(
+    runners: Mapping[str, Callable[[np.ndarray], object]], x: np.ndarray, warmup: int = 10, repeats: int = 50
+) -> dict[str, LatencyStats]:
+    """Median, p90 and spread of each runner's latency on ``x``, after ``warmup`` calls each."""
+    times = time_rounds(runners, x, warmup, repeats)
     return {name: LatencyStats.from_ms(len(x), t) for name, t in times.items()}

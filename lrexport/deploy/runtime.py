@@ -39,7 +39,7 @@ class OrtRunner:
 
     name = "ort"
 
-    def __init__(self, model: str | Path | bytes, threads: int | None = None):
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -48,6 +48,10 @@ class OrtRunner:
         self.threads = threads or os.cpu_count() or 1
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        # idle worker threads busy-wait for the next op by default; with several sessions
+        # timed in turn, one session's spinning threads would steal cores from the next
+        self.spin = spin
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         source = model if isinstance(model, bytes) else str(model)
         try:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

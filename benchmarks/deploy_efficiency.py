@@ -1,0 +1,185 @@
+"""Wall-clock speedup of exported low-rank ResNet-18s over the dense one, on onnxruntime CPU.
+
+torchvision ResNet-18 at 224×224, every conv decomposed channel-wise and spatial-wise.
+Each layer gets a synthetic, exponentially decaying spectrum with its own decay rate,
+so energy pruning leaves uneven ranks as it does after SVD training; the energy
+threshold e is found by bisection so that the pruned model has ~``--target``× fewer MACs.
+Each low-rank model is exported twice, with ranks aligned up to multiples of 8 and with
+its exact ranks, next to the dense model (BN folded in all). All five ONNX models are
+timed in one process on the same onnxruntime settings, calls interleaved in alternating
+order; per round we take dense time / low-rank time, and report the median and p10–p90
+of those ratios beside the medians of the latencies themselves.
+
+    python benchmarks/deploy_efficiency.py [--threads 2] [--repeats 60] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+
+import numpy as np
+import onnxruntime
+import torch
+
+import lrexport
+from lrexport.deploy.latency import time_rounds
+from lrexport.deploy.onnx_graph import check_graph, to_onnx
+from lrexport.deploy.runtime import OrtRunner
+from lrexport.lowrank import count_macs, decompose, energy_rank, prune, svd_layers
+from lrexport.lowrank.rewrite import plan_layers, relative_error, to_plain
+
+INPUT = (3, 224, 224)
+MODES = ("channel", "spatial")
+
+
+def quantile(values, q):
+    return float(np.percentile(np.asarray(values), 100 * q))
+
+
+@torch.no_grad()
+def synthesize_spectra(model: torch.nn.Module, seed: int) -> None:
+    """s_i = s_0·exp(−i / (τ·r)) per layer, τ drawn log-uniformly in [0.04, 0.4]; the Frobenius norm is kept."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in svd_layers(model):
+        r = layer.rank
+        tau = math.exp(math.log(0.04) + (math.log(0.4) - math.log(0.04)) * torch.rand((), generator=gen).item())
+        s = torch.exp(-torch.arange(r, dtype=torch.float64) / (tau * r))
+        layer.s.copy_((s * layer.s.double().norm() / s.norm()).to(layer.s.dtype))
+
+
+def macs_at(model, plans, energy: float, other_macs: int) -> int:
+    """MACs the model would have after pruning at ``energy``, without pruning it."""
+    total = other_macs
+    for plan, (_, layer) in zip(plans, svd_layers(model)):
+        dense, factored = layer.macs(plan.in_hw, rank=energy_rank(layer.s, energy))
+        total += min(dense, factored)
+    return total
+
+
+def prune_to_target(model, target: float) -> tuple[float, dict]:
+    """Bisection on e so that dense MACs / pruned MACs ≈ ``target``; prunes ``model`` in place."""
+    report = count_macs(model, INPUT)
+    other = sum(layer.deployed for layer in report.layers if not layer.kind.startswith("svd"))
+    plans = plan_layers(model, INPUT, multiple_of=1)
+    goal = report.dense / target
+    lo, hi = 0.0, 0.999
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if macs_at(model, plans, mid, other) > goal:
+            lo = mid
+        else:
+            hi = mid
+    prune(model, hi)
+    return hi, {name: layer.rank for name, layer in svd_layers(model)}
+
+
+def build_models(seed: int, target: float):
+    """name -> (ONNX bytes, MACs as trained), plus per-mode details."""
+    torch.manual_seed(seed)
+    dense = lrexport.create_model("resnet18", num_classes=1000).eval()
+    x = torch.randn(2, *INPUT)
+    with torch.no_grad():
+        ref_dense = dense(x)
+    plain_dense, _ = to_plain(dense, INPUT, 1)
+    dense_macs = count_macs(dense, INPUT).deployed
+    models = {"dense": (to_onnx(plain_dense, INPUT), dense_macs)}
+    details = {}
+    for mode in MODES:
+        lowrank = decompose(copy.deepcopy(dense), mode)
+        synthesize_spectra(lowrank, seed)
+        energy, ranks = prune_to_target(lowrank, target)
+        lowrank.eval()
+        with torch.no_grad():
+            ref = lowrank(x)
+        macs = count_macs(lowrank, INPUT).deployed
+        details[mode] = {"energy": energy, "ranks": ranks, "macs": macs, "macs_speedup": dense_macs / macs}
+        for align in (8, 1):
+            plain, report = to_plain(lowrank, INPUT, align)
+            with torch.no_grad():
+                err = relative_error(plain(x), ref)
+            assert err < 1e-4, (mode, align, err)
+            name = f"{mode}/{'aligned8' if align == 8 else 'exact'}"
+            proto = to_onnx(plain, INPUT)
+            check_graph(proto)
+            models[name] = (proto, macs)
+            details[mode][f"dense_layers_{align}"] = sum(p.dense for p in report.layers)
+            details[mode][f"deployed_macs_{align}"] = count_macs(plain, INPUT).deployed
+    assert relative_error(plain_dense(x), ref_dense) < 1e-4
+    return models, details, dense_macs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=60, help="timed rounds at batch 1 (fewer at larger batches)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--target", type=float, default=3.0, help="MACs speedup to prune to")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    # torch only builds and checks the models; one thread avoids OpenMP contention on a shared machine
+    torch.set_num_threads(1)
+
+    models, details, dense_macs = build_models(args.seed, args.target)
+    for mode in MODES:
+        d = details[mode]
+        ranks = list(d["ranks"].values())
+        print(f"{mode}: e = {d['energy']:.4g}, MACs {d['macs'] / 1e9:.3f} G ({d['macs_speedup']:.2f}x), "
+              f"ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, "
+              f"dense fallbacks {d['dense_layers_8']} aligned / {d['dense_layers_1']} exact")
+    runners = {name: OrtRunner(proto.SerializeToString(), args.threads).run for name, (proto, _) in models.items()}
+    load_before = os.getloadavg()
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = rng.standard_normal((batch, *INPUT)).astype(np.float32)
+        repeats = max(15, args.repeats // max(1, batch // 2))
+        times = time_rounds(runners, x, args.warmup, repeats)
+        dense_med = statistics.median(times["dense"])
+        for name in models:
+            if name == "dense":
+                continue
+            per_round = [d / t for d, t in zip(times["dense"], times[name])]
+            wall = statistics.median(per_round)
+            macs_speedup = dense_macs / models[name][1]
+            rows.append({
+                "model": name, "batch": batch, "repeats": repeats,
+                "dense_ms": dense_med, "dense_p10_ms": quantile(times["dense"], 0.1), "dense_p90_ms": quantile(times["dense"], 0.9),
+                "lowrank_ms": statistics.median(times[name]), "lowrank_p10_ms": quantile(times[name], 0.1),
+                "lowrank_p90_ms": quantile(times[name], 0.9),
+                "wall_speedup": wall, "wall_p10": quantile(per_round, 0.1), "wall_p90": quantile(per_round, 0.9),
+                "macs_speedup": macs_speedup, "ratio": wall / macs_speedup,
+            })
+    load_after = os.getloadavg()
+
+    machine = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "threads": args.threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "loadavg_before": load_before, "loadavg_after": load_after,
+    }
+    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads, {machine['processor']}, {os.cpu_count()} CPUs, "
+          f"load average {load_before[0]:.1f} → {load_after[0]:.1f}; warm-up {args.warmup}, interleaved rounds")
+    header = f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}{'MACs x':>8}{'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<18}{r['batch']:>6}{r['repeats']:>7}"
+              f"{r['dense_ms']:>9.2f} ({r['dense_p90_ms']:>6.2f})"
+              f"{r['lowrank_ms']:>9.2f} ({r['lowrank_p90_ms']:>6.2f})"
+              f"{r['wall_speedup']:>8.2f} ({r['wall_p10']:.2f}–{r['wall_p90']:.2f})"
+              f"{r['macs_speedup']:>8.2f}{r['ratio']:>7.2f}")
+    print("dense/low-rank ms: median (p90); wall x: median over rounds of dense time / low-rank time; ratio = wall x / MACs x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "details": details, "dense_macs": dense_macs, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
