@@ -166,6 +166,19 @@ def test_without_gpu_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_tensorrt_11_refuses_weakly_typed_precisions(tmp_path, monkeypatch):
+    import torch
+
+    fake_tensorrt(monkeypatch, "11.4.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for precision in ("fp16", "int8"):
+        calib = CalibrationReader([np.zeros((3, 8, 8), np.float32)] * 2, batch_size=2) if precision == "int8" else None
+        with pytest.raises(RuntimeMissingError, match=r'tensorrt>=10,<11'):
+            build_engine(tiny_onnx(tmp_path / "m.onnx"), tmp_path / "art", precision, (1, 2), calib)
+    with pytest.raises(RuntimeMissingError, match="no CUDA GPU"):  # fp32 gets past the version check
+        build_engine(tiny_onnx(tmp_path / "m.onnx"), tmp_path / "art", "fp32")
+
+
 def test_old_tensorrt_is_refused(tmp_path, monkeypatch):
     fake_tensorrt(monkeypatch, "8.6.1")
     with pytest.raises(RuntimeMissingError, match="8.6.1 is too old"):

@@ -45,10 +45,23 @@ def import_tensorrt():
         raise RuntimeMissingError(f"{what}: {INSTALL_HINT}") from None
     except OSError as e:
         raise RuntimeMissingError(f"TensorRT cannot load its libraries ({e}): {INSTALL_HINT}") from None
-    major = int(str(getattr(tensorrt, "__version__", "0")).split(".")[0] or 0)
-    if major < 10:
+    if trt_major(tensorrt) < 10:
         raise RuntimeMissingError(f"TensorRT {tensorrt.__version__} is too old; lrexport needs TensorRT 10 or newer: {INSTALL_HINT}")
     return tensorrt
+
+
+def trt_major(trt) -> int:
+    head = str(getattr(trt, "__version__", "0")).split(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def check_precision_supported(trt, precision: str) -> None:
+    """TensorRT 11 removed the fp16/int8 builder flags (weak typing); this path needs TensorRT 10 for them."""
+    if precision != "fp32" and trt_major(trt) >= 11:
+        raise RuntimeMissingError(
+            f"TensorRT {trt.__version__} no longer builds {precision} from an fp32 ONNX (its {precision} builder flag is gone); "
+            'install TensorRT 10: pip install "tensorrt>=10,<11"'
+        )
 
 
 def require_gpu() -> None:
@@ -198,6 +211,7 @@ def build_engine(
     """
     plan = plan_build(onnx_path, out_dir, precision, batch_sizes, calibration, workspace_gb, engine_name, opt_batch, optimization_level)
     trt = import_tensorrt()
+    check_precision_supported(trt, plan.precision)
     require_gpu()
     return _build(trt, plan)
 
@@ -215,7 +229,8 @@ def _config(trt, builder, plan: BuildPlan):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     if plan.precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # true fp32, so verify can compare tightly
+        if hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # true fp32, so verify can compare tightly
     else:
         config.set_flag(trt.BuilderFlag.FP16)
     if plan.optimization_level is not None:
@@ -234,7 +249,10 @@ def _config(trt, builder, plan: BuildPlan):
         config.set_calibration_profile(calib_profile)
         config.int8_calibrator = trt_calibrator(plan.calibration, trt)
     cached = plan.timing_cache_path.read_bytes() if plan.timing_cache_path.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cached), False)  # a mismatched cache is an error, not ignored
+    cache = config.create_timing_cache(cached)
+    # a cache from another GPU or TensorRT version is refused (not merged); start afresh then
+    if cache is None or not config.set_timing_cache(cache, False):
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     return config
 
 
