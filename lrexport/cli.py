@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -33,6 +34,109 @@ def reports_errors(fn):
 @click.version_option(package_name="lrexport")
 def main():
     """Learn low-rank CNNs (SVD training, energy pruning, finetuning) and deploy them."""
+
+
+class TrainProgress:
+    """Draws the library's progress events with rich: one bar per phase, a line per epoch."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.fields[phase]:<9}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out, transient=False,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "phase_start" and data["epochs"]:
+            total = data["epochs"] * data["steps"]
+            self.task = self.bar.add_task("", total=total, phase=data["phase"], info="")
+        elif kind == "step" and self.task is not None:
+            self.bar.update(self.task, advance=1, info=f"epoch {data['epoch']} loss {data['loss']:.3f} ce {data['ce']:.3f}")
+        elif kind == "epoch_end":
+            acc = f" val top-1 {data['top1']:.2f}%" if "top1" in data else ""
+            extra = "".join(f" {k} {data[k]:.4g}" for k in ("ortho", "sparsity") if data.get(k))
+            self.bar.console.print(
+                f"  {data['phase']} epoch {data['epoch']}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
+                f" · {data['images_per_s']:.0f} img/s", highlight=False)
+        elif kind == "phase_end":
+            if self.task is not None:
+                self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+            self.task = None
+
+
+def summary_table(summary: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']} · {summary['run_dir']}")
+    for col in ("phase", "epochs", "top-1 %", "top-5 %", "MACs", "speedup"):
+        table.add_column(col, justify="right" if col != "phase" else "left")
+    dense_macs = summary["macs"]["dense_macs"]
+    for phase, res in summary["phases"].items():
+        if "top1" not in res:  # a skipped phase
+            continue
+        macs = res.get("macs", dense_macs if phase in ("dense", "decompose", "fullrank", "svd") else summary["macs"]["macs"])
+        top1 = res.get("best_top1", res.get("top1"))
+        table.add_row(
+            phase + (" (best)" if "best_top1" in res else ""), str(res.get("epochs", "")), f"{top1:.2f}", f"{res.get('top5', 0):.2f}",
+            f"{macs / 1e6:.2f} M", f"{dense_macs / macs:.2f}x",
+        )
+    return table
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. --set reg.decay=0.01 (repeatable).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="Run directory (default: <output_dir>/<name>-<time>).")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]",
+              help="Continue an interrupted run: the newest run of this recipe, or the run directory given.")
+@click.option("--previous", is_flag=True, help="With --resume: use the checkpoint before the last one (if the last is corrupt).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes on this machine (runs torchrun for you).")
+@reports_errors
+def train(recipe, overrides, output, resume, previous, nproc):
+    """Run a recipe: SVD training, energy pruning and low-rank finetuning."""
+    if nproc and nproc > 1:
+        sys.exit(_torchrun(nproc))
+    from .recipe import load_recipe
+    from .train import run_recipe
+
+    rec = load_recipe(recipe, overrides)
+    resume = True if resume == "latest" else resume
+    with TrainProgress() as progress:
+        result = run_recipe(rec, output, progress, resume=resume, previous=previous)
+    s = result.summary
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
+    out.print(summary_table(s))
+    out.print(
+        f"base top-1 {s['base_top1']:.2f}% → best finetuned {s['best_finetune_top1']:.2f}% "
+        f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir}/summary.json",
+        highlight=False,
+    )
+
+
+def _torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        if not skip:
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lrexport", *args]
+    return subprocess.call(cmd)
 
 
 @main.command()

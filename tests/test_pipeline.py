@@ -49,7 +49,8 @@ def test_hoyer_concentrates_the_spectrum(runs):
 
 def test_summary_has_every_field(runs):
     s = runs[0.5].summary
-    assert set(s["phases"]) == {"dense", "decompose", "svd", "prune", "finetune"}
+    assert list(s["phases"]) == ["dense", "decompose", "fullrank", "svd", "prune", "finetune"]
+    assert s["phases"]["fullrank"] == {"epochs": 0}  # skipped, and recorded as such
     for phase in ("dense", "decompose", "svd", "prune", "finetune"):
         assert 0 <= s["phases"][phase]["top1"] <= 100
     # exact SVD: decomposing does not change accuracy

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -54,31 +54,35 @@ class Loss:
 class EpochSampler(Sampler[int]):
     """A shuffle that depends only on (seed, epoch), sharded over ``world`` ranks.
 
-    Reseeding per epoch makes a resumed run see the same order as an uninterrupted one,
-    and every rank the same permutation (DistributedSampler's contract).
+    Reseeding per epoch makes a resumed run see the same order as an uninterrupted one, and
+    every rank the same permutation. ``start`` skips the batches a resumed epoch already did.
+    Training shards are padded to equal length (every rank must step together); evaluation
+    shards are not, so summed counts equal one process's.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
-        self.epoch = 0
-        self.per_rank = math.ceil(size / world)
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))[self.rank :: self.world]
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+        order += order[: math.ceil(self.size / self.world) * self.world - self.size]
+        return order[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
-        else:
-            order = list(range(self.size))
-        order += order[: self.per_rank * self.world - self.size]  # pad so every rank has the same count
-        return iter(order[self.rank :: self.world])
+        return iter(self._indices()[self.start :])
 
     def __len__(self) -> int:
-        return self.per_rank
+        return len(self._indices()) - self.start
 
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int, pin: bool, rank: int = 0, world: int = 1) -> DataLoader:
+    """``batch_size`` is per rank."""
     sampler = EpochSampler(len(ds), seed, shuffle, rank, world)
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
@@ -144,6 +148,16 @@ def _regularized_module(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+@dataclass
+class EpochState:
+    """Where an epoch stands: enough to stop after any step and resume it exactly."""
+
+    step: int = 0  # batches done
+    sums: list[float] = field(default_factory=lambda: [0.0] * 6)  # loss, ce, ortho, sparsity, correct, seen
+    elapsed: float = 0.0
+    done: bool = False
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -151,46 +165,53 @@ def train_one_epoch(
     loss: Loss,
     precision: Precision,
     scaler: torch.amp.GradScaler | None = None,
+    state: EpochState | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns mean loss terms, accuracy and images/s."""
+) -> dict[str, float] | None:
+    """Train over ``loader`` (from ``state.step`` on); mean loss terms, accuracy and images/s.
+
+    Returns None when ``should_stop()`` asked to stop early; ``state`` then says where.
+    Raises NonFiniteLoss, naming the step, before a NaN/inf loss touches the weights.
+    """
     model.train()
     scaler = scaler or precision.scaler()
-    sums = torch.zeros(5, dtype=torch.float64)  # total, ce, ortho, sparsity, correct
-    seen = 0
-    start = time.perf_counter()
-    for step, (x, y) in enumerate(loader):
+    state = state or EpochState()
+    sums = torch.tensor(state.sums, dtype=torch.float64)
+    steps = state.step + len(loader)
+    start = time.perf_counter() - state.elapsed
+    for x, y in loader:
         x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
             terms = loss.terms(_regularized_module(model), logits.float(), y)
             total = loss.total(terms)
         if not torch.isfinite(total):
-            raise NonFiniteLoss(f"loss became {total.item()} at step {step + 1} (terms: "
+            raise NonFiniteLoss(f"loss became {total.item()} at step {state.step + 1} of the epoch ("
                                 + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()) + "); lower the learning rate or λ")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
         n = y.shape[0]
-        seen += n
-        batch = torch.tensor([total.item(), terms["ce"].item(), terms.get("ortho", torch.zeros(())).item(),
-                              terms.get("sparsity", torch.zeros(())).item(), 0.0], dtype=torch.float64)
-        batch[:4] *= n
-        batch[4] = (logits.argmax(1) == y).sum().item()
-        sums += batch
+        sums += torch.tensor([
+            total.item() * n, terms["ce"].item() * n, terms.get("ortho", torch.zeros(())).item() * n,
+            terms.get("sparsity", torch.zeros(())).item() * n, (logits.argmax(1) == y).sum().item(), n,
+        ], dtype=torch.float64)
+        state.step += 1
+        state.sums, state.elapsed = sums.tolist(), time.perf_counter() - start
         if on_step:
-            on_step(step + 1, len(loader), {"loss": total.item(), "ce": terms["ce"].item()})
-    elapsed = time.perf_counter() - start
-    stats = torch.cat([sums, torch.tensor([seen], dtype=torch.float64)])
-    if reduce is not None:
-        stats = reduce(stats)
-    seen_all = max(1.0, stats[5].item())
+            on_step(state.step, steps, {"loss": total.item(), "ce": terms["ce"].item()})
+        if should_stop and should_stop() and state.step < steps:
+            return None
+    state.done = True
+    stats = reduce(sums) if reduce is not None else sums
+    seen = max(1.0, stats[5].item())
     return {
-        "loss": stats[0].item() / seen_all, "ce": stats[1].item() / seen_all, "ortho": stats[2].item() / seen_all,
-        "sparsity": stats[3].item() / seen_all, "train_top1": 100.0 * stats[4].item() / seen_all,
-        "images_per_s": seen_all / max(elapsed, 1e-9),
+        "loss": stats[0].item() / seen, "ce": stats[1].item() / seen, "ortho": stats[2].item() / seen,
+        "sparsity": stats[3].item() / seen, "train_top1": 100.0 * stats[4].item() / seen,
+        "images_per_s": seen / max(state.elapsed, 1e-9),
     }
 
 

@@ -1,14 +1,22 @@
 """The whole method as phases: dense → decompose → full-rank → SVD training → prune → finetune.
 
-Each phase writes its checkpoint into the run directory; the summary records what each
-phase achieved. The library reports progress through a callback and never draws a UI.
+Each phase writes its checkpoint into the run directory and ``checkpoints/last.pt`` holds
+everything needed to continue (model, optimizer, scheduler, phase, epoch, step, ranks, RNG,
+summary so far), so a run resumes inside any phase, and a sweep can branch a new run from
+another's completed phases. The library reports progress through a callback and never
+draws a UI. Under torchrun only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import random
+import shutil
+import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,18 +27,27 @@ from torch import nn
 
 from .. import __version__
 from ..data import build_datasets
-from ..errors import DataError
+from ..errors import CheckpointError, DataError, LrexportError
 from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers
 from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
-from .checkpoint import atomic_write_text, model_arch, save_checkpoint
-from .loop import Loss, Precision, build_optimizer, build_scheduler, evaluate, make_loader, resolve_device, train_one_epoch
+from .checkpoint import atomic_write_text, build_model, load_checkpoint, model_arch, save_checkpoint
+from .distributed import Dist, any_rank, init_distributed, shutdown
+from .loop import (EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate, make_loader,
+                   resolve_device, train_one_epoch)
 
+PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
 Progress = Callable[[str, dict], None]
 
 
 def _quiet(kind: str, data: dict) -> None:
     pass
+
+
+class Interrupted(LrexportError):
+    """SIGINT/SIGTERM: the state was saved; ``--resume`` continues from it."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -51,82 +68,186 @@ def new_run_dir(recipe: Recipe, output: str | Path | None = None) -> Path:
     return path
 
 
+def latest_run(recipe: Recipe) -> Path:
+    """The newest run directory of this recipe's name under its output_dir (for --resume)."""
+    runs = sorted(Path(recipe.output_dir).glob(f"{recipe.name}-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise CheckpointError(f"nothing to resume: no {recipe.output_dir}/{recipe.name}-*/checkpoints/last.pt")
+    return runs[-1].parent.parent
+
+
 def spectra(model: nn.Module) -> dict[str, list[float]]:
     """Each SVD layer's singular values, largest first."""
     return {name: sorted(layer.s.detach().abs().float().cpu().tolist(), reverse=True) for name, layer in svd_layers(model)}
 
 
-class Pipeline:
-    """Runs one recipe into one run directory. ``run()`` executes the phases in order."""
+class _StopSignals:
+    """While active, SIGINT/SIGTERM set a flag instead of killing: the loop saves, then stops."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = _quiet):
-        self.recipe, self.run_dir, self.progress = recipe, Path(run_dir), progress
-        self.device = resolve_device(recipe.device)
-        self.precision = Precision.from_recipe(recipe, self.device)
-        if self.device.type == "cuda":
+    def __init__(self):
+        self.raised: int | None = None
+
+    def __enter__(self):
+        self._old = {}
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Pipeline:
+    """Runs one recipe into one run directory, phase by phase."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = _quiet, dist: Dist | None = None):
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+        self.dist = dist or Dist()
+        self.progress = progress if self.dist.is_main else _quiet
+        device = resolve_device(recipe.device)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        self.precision = Precision.from_recipe(recipe, device)
+        if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.summary: dict = {}
+        self.completed: list[str] = []
         self.model: nn.Module | None = None
+        self.stop = _StopSignals()
 
     # -- setup -------------------------------------------------------------------------
-    def _setup(self) -> None:
-        r = self.recipe
-        torch.manual_seed(r.seed)
+    def _setup_data(self) -> None:
+        r, d = self.recipe, self.dist
         train_ds, val_ds, self.info = build_datasets(r.data)
         num_classes = r.model.num_classes or self.info.num_classes
         if num_classes != self.info.num_classes:
             raise DataError(f"model.num_classes = {num_classes} but the {r.data.dataset} data has {self.info.num_classes} classes")
+        if r.data.batch_size % d.world:
+            raise LrexportError(f"data.batch_size = {r.data.batch_size} (the global batch) is not divisible by {d.world} processes")
         self.num_classes = num_classes
         pin = self.device.type == "cuda"
         eval_bs = r.data.eval_batch_size or r.data.batch_size
-        self.train_loader = make_loader(train_ds, r.data.batch_size, shuffle=True, seed=r.seed, workers=r.data.workers, pin=pin)
-        self.val_loader = make_loader(val_ds, eval_bs, shuffle=False, seed=r.seed, workers=r.data.workers, pin=pin)
-        self.model = create_model(r.model.name, num_classes=num_classes, weights=r.model.weights or None, **r.model.kwargs)
-        self.model.to(self.device, memory_format=torch.channels_last if r.channels_last else torch.preserve_format)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "recipe.toml", r.to_toml())
-        self.summary = {
+        kw = dict(seed=r.seed, workers=r.data.workers, pin=pin, rank=d.rank, world=d.world)
+        self.train_loader = make_loader(train_ds, r.data.batch_size // d.world, shuffle=True, **kw)
+        self.val_loader = make_loader(val_ds, max(1, eval_bs // d.world), shuffle=False, **kw)
+
+    def _new_summary(self) -> dict:
+        r = self.recipe
+        return {
             "name": r.name, "run_dir": str(self.run_dir), "recipe_hash": r.hash(), "lrexport_version": __version__,
-            "torch_version": torch.__version__, "device": str(self.device), "started": datetime.now().isoformat(timespec="seconds"),
-            "model": {"name": r.model.name, "num_classes": num_classes, "kwargs": r.model.kwargs, "weights": r.model.weights},
+            "torch_version": torch.__version__, "device": str(self.device), "processes": self.dist.world,
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "model": {"name": r.model.name, "num_classes": self.num_classes, "kwargs": r.model.kwargs, "weights": r.model.weights},
             "data_config": dataclasses.asdict(r.data), "data_info": self.info.to_dict(),
             "decomposition": dataclasses.asdict(r.decompose), "reg": dataclasses.asdict(r.reg),
             "prune": dataclasses.asdict(r.prune), "phases": {},
         }
 
+    def _place(self, model: nn.Module) -> nn.Module:
+        fmt = torch.channels_last if self.recipe.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=fmt)
+
+    def _trained(self) -> nn.Module:
+        """The module to train: DDP-wrapped under torchrun (rewrapped after every rank change)."""
+        if not self.dist.enabled:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
     def _arch(self) -> dict:
         r = self.recipe
         return model_arch(self.model, r.model.name, self.num_classes, self.info.input_size, r.model.kwargs)
 
-    def _save(self, name: str, **state) -> Path:
-        path = self.ckpt_dir / f"{name}.pt"
-        save_checkpoint(path, self.model, self._arch(), **state)
-        return path
+    # -- files (rank 0 only) -----------------------------------------------------------
+    def _save(self, name: str, **state) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / f"{name}.pt", self.model, self._arch(), **state)
 
+    def _save_last(self, phase: str | None = None, epoch: int = 0, epoch_state: EpochState | None = None,
+                   optimizer=None, scaler=None, best=None) -> None:
+        """The resume point. The previous one is kept as last.prev.pt until the new one is whole."""
+        if not self.dist.is_main:
+            return
+        last, prev = self.ckpt_dir / "last.pt", self.ckpt_dir / "last.prev.pt"
+        state = {
+            "completed": list(self.completed), "phase": phase, "epoch": epoch,
+            "epoch_state": dataclasses.asdict(epoch_state) if epoch_state else None,
+            "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
+            "best": best, "summary": json.dumps(self.summary), "recipe_hash": self.recipe.hash(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()[1]},
+        }
+        tmp = self.ckpt_dir / "last.next.pt"
+        save_checkpoint(tmp, self.model, self._arch(), **state)
+        if last.exists():
+            last.replace(prev)
+        tmp.replace(last)
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _write_summary(self) -> None:
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
+
+    def _complete(self, phase: str, result: dict) -> None:
+        self.summary["phases"][phase] = result
+        self.completed.append(phase)
+        self._write_summary()
+        self._save_last()
+
+    # -- evaluation --------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val_loader, self.precision)
+        return evaluate(self.model, self.val_loader, self.precision, reduce=self.dist.all_sum)
 
     def _macs(self) -> dict:
         return count_macs(self.model, tuple(self.info.input_size)).to_dict()
 
-    def _log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    # -- phases --------------------------------------------------------------------------
-    def _train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, track_best: bool = False) -> dict:
-        """Train ``cfg.epochs`` epochs; the checkpoint ``<phase>.pt`` holds the final model."""
+    # -- a training phase ------------------------------------------------------------------
+    def _train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, resume: dict | None = None, track_best: bool = False) -> dict:
+        """Train ``cfg.epochs`` epochs, from ``resume`` (a last.pt state inside this phase) if given."""
+        trained = self._trained()
         optimizer = build_optimizer(self.model.parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg)
         scaler = self.precision.scaler()
-        best, best5, best_epoch, metrics = -1.0, -1.0, 0, {}
-        self.progress("phase_start", {"phase": phase, "epochs": cfg.epochs, "steps": len(self.train_loader)})
+        start_epoch, epoch_state, best = 0, None, {"top1": -1.0, "top5": -1.0, "epoch": 0}
+        if resume:
+            start_epoch, best = resume["epoch"], resume["best"] or best
+            with warnings.catch_warnings():  # replaying the schedule before any optimizer step
+                warnings.simplefilter("ignore")
+                for _ in range(start_epoch):
+                    scheduler.step()
+            optimizer.load_state_dict(resume["optimizer"])
+            if resume["scaler"]:
+                scaler.load_state_dict(resume["scaler"])
+            if resume["epoch_state"]:
+                epoch_state = EpochState(**resume["epoch_state"])
+        metrics: dict = {}
+        self.progress("phase_start", {"phase": phase, "epochs": cfg.epochs, "steps": len(self.train_loader),
+                                      "start_epoch": start_epoch, "start_step": epoch_state.step if epoch_state else 0})
         started = time.perf_counter()
-        for epoch in range(cfg.epochs):
-            self.train_loader.sampler.set_epoch(epoch)
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_state = epoch_state or EpochState()
+            self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
             on_step = lambda step, steps, terms: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **terms})
-            stats = train_one_epoch(self.model, self.train_loader, optimizer, loss, self.precision, scaler, on_step)
+            should_stop = lambda: any_rank(self.dist, self.stop.raised is not None)
+            try:
+                stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
+                                        on_step, should_stop, self.dist.all_sum)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: {e}; the last good checkpoint is {self.ckpt_dir / 'last.pt'}") from None
+            if stats is None:
+                self._save_last(phase, epoch, epoch_state, optimizer, scaler, best)
+                raise Interrupted(f"stopped by signal {self.stop.raised} in the {phase} phase (epoch {epoch + 1}, step {epoch_state.step}); "
+                                  f"state saved to {self.ckpt_dir / 'last.pt'}; continue with --resume {self.run_dir}")
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             last = epoch + 1 == cfg.epochs
@@ -134,82 +255,162 @@ class Pipeline:
             record = {"phase": phase, "epoch": epoch + 1, "lr": lr, **stats, **metrics}
             self._log(record)
             if track_best and metrics:
-                best5 = max(best5, metrics["top5"])  # the paper's ImageNet tables report top-5
-            if track_best and metrics and metrics["top1"] > best:
-                best, best_epoch = metrics["top1"], epoch + 1
-                self._save(f"{phase}_best", phase=phase, epoch=epoch + 1, metrics=metrics)
+                best["top5"] = max(best["top5"], metrics["top5"])  # the paper's ImageNet tables report top-5
+                if metrics["top1"] > best["top1"]:
+                    best.update(top1=metrics["top1"], epoch=epoch + 1)
+                    self._save(f"{phase}_best", phase=phase, epoch=epoch + 1, metrics=metrics)
+            epoch_state = None
+            if last or (epoch + 1) % self.recipe.checkpoint.every == 0:
+                self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
             self.progress("epoch_end", record)
         result = {"epochs": cfg.epochs, **metrics, "seconds": round(time.perf_counter() - started, 2)}
         if track_best:
-            result.update(best_top1=best, best_top5=best5, best_epoch=best_epoch)
+            result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
         self._save(phase, phase=phase, epoch=cfg.epochs, metrics=metrics)
         self.progress("phase_end", {"phase": phase, **result})
         return result
 
-    def _record(self, phase: str, result: dict) -> None:
-        self.summary["phases"][phase] = result
-        self._write_summary()
-
-    def _write_summary(self) -> None:
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
-
-    def run(self) -> RunResult:
-        r = self.recipe
-        self._setup()
-        no_reg = Loss()
-        if r.phases.dense.epochs:
-            self._record("dense", self._train_phase("dense", r.phases.dense, no_reg))
+    # -- the phases ----------------------------------------------------------------------
+    def _phase_dense(self, resume):
+        if self.recipe.phases.dense.epochs:
+            result = self._train_phase("dense", self.recipe.phases.dense, Loss(), resume)
         else:
-            self._record("dense", {"epochs": 0, **self._evaluate()})
-        # the dense model the decomposition starts from: export's baseline
-        self._save("dense", phase="dense")
+            result = {"epochs": 0, **self._evaluate()}
+        self._save("dense", phase="dense")  # the dense model the decomposition starts from: export's baseline
+        return result
 
-        decompose(self.model, r.decompose.mode, r.decompose.include, r.decompose.exclude, r.decompose.linear)
-        if r.decompose.init == "scratch":
+    def _phase_decompose(self, resume):
+        d = self.recipe.decompose
+        decompose(self.model, d.mode, d.include, d.exclude, d.linear)
+        if d.init == "scratch":
             for _, layer in svd_layers(self.model):
                 layer.reset_parameters()
-        self.model.to(self.device)
-        self._record("decompose", {"mode": r.decompose.mode, "layers": len(svd_layers(self.model)), **self._evaluate()})
+        self._place(self.model)
+        return {"mode": d.mode, "layers": len(svd_layers(self.model)), **self._evaluate()}
 
-        ortho_only = Loss(ortho=r.reg.ortho)
-        if r.phases.fullrank.epochs:
-            self._record("fullrank", self._train_phase("fullrank", r.phases.fullrank, ortho_only))
-        base = self.summary["phases"].get("fullrank") or self.summary["phases"]["decompose"]
+    def _phase_fullrank(self, resume):
+        cfg = self.recipe.phases.fullrank
+        if not cfg.epochs:
+            return {"epochs": 0}
+        return self._train_phase("fullrank", cfg, Loss(ortho=self.recipe.reg.ortho), resume)
 
-        before = spectra(self.model)
-        self._record("svd", self._train_phase("svd", r.phases.svd, Loss(r.reg.ortho, r.reg.type, r.reg.decay)))
-        atomic_write_text(self.run_dir / "spectra.json", json.dumps({"before": before, "after": spectra(self.model)}))
+    def _phase_svd(self, resume):
+        r = self.recipe
+        if not resume and self.dist.is_main:
+            atomic_write_text(self.run_dir / "spectra.json", json.dumps({"before": spectra(self.model)}))
+        result = self._train_phase("svd", r.phases.svd, Loss(r.reg.ortho, r.reg.type, r.reg.decay), resume)
+        if self.dist.is_main:
+            before = json.loads((self.run_dir / "spectra.json").read_text())["before"]
+            atomic_write_text(self.run_dir / "spectra.json", json.dumps({"before": before, "after": spectra(self.model)}))
+        return result
 
-        full = {name: layer.full_rank for name, layer in svd_layers(self.model)}
-        pruned = prune(self.model, r.prune.energy, r.prune.multiple_of)
+    def _phase_prune(self, resume):
+        p = self.recipe.prune
+        pruned = prune(self.model, p.energy, p.multiple_of)
         self._save("pruned", phase="prune")
         macs = self._macs()
-        self._record("prune", {"energy": r.prune.energy, "multiple_of": r.prune.multiple_of, **self._evaluate(),
-                               "macs": macs["macs"], "speedup": macs["speedup"]})
+        self.summary["ranks"] = {res.name: {"full": res.full_rank, "pruned": res.after} for res in pruned}
+        self.summary["macs"] = macs
+        return {"energy": p.energy, "multiple_of": p.multiple_of, **self._evaluate(), "macs": macs["macs"], "speedup": macs["speedup"]}
 
-        ft = self._train_phase("finetune", r.phases.finetune, ortho_only, track_best=True)
+    def _phase_finetune(self, resume):
+        r = self.recipe
+        ft = self._train_phase("finetune", r.phases.finetune, Loss(ortho=r.reg.ortho), resume, track_best=True)
         if r.phases.finetune.epochs == 0:  # nothing trained: the pruned model is the result
-            self._save("finetune_best", phase="finetune", metrics=self._evaluate())
-            pruned_acc = self.summary["phases"]["prune"]
-            ft.update(best_top1=pruned_acc["top1"], best_top5=pruned_acc["top5"], best_epoch=0)
-        self._record("finetune", ft)
+            pruned = self.summary["phases"]["prune"]
+            self._save("finetune_best", phase="finetune", metrics={"top1": pruned["top1"], "top5": pruned["top5"]})
+            ft.update(best_top1=pruned["top1"], best_top5=pruned["top5"], best_epoch=0)
+        return ft
 
-        ranks = layer_ranks(self.model)
-        self.summary.update(
-            ranks={name: {"full": full[name], "pruned": res.after, "final": ranks[name]} for name, res in zip(full, pruned)},
-            macs=macs,
-            base_top1=base["top1"],
-            best_finetune_top1=ft["best_top1"],
-            best_finetune_top5=ft["best_top5"],
-            accuracy_gain=ft["best_top1"] - base["top1"],
-            macs_speedup=macs["speedup"],
+    def _finish(self) -> None:
+        s, final = self.summary, layer_ranks(self.model)
+        for name, ranks in s["ranks"].items():
+            ranks["final"] = final[name]
+        base = s["phases"]["fullrank"] if s["phases"].get("fullrank", {}).get("epochs") else s["phases"]["decompose"]
+        ft = s["phases"]["finetune"]
+        s.update(
+            base_top1=base["top1"], base_top5=base["top5"], best_finetune_top1=ft["best_top1"], best_finetune_top5=ft["best_top5"],
+            accuracy_gain=ft["best_top1"] - base["top1"], macs_speedup=s["macs"]["speedup"],
             finished=datetime.now().isoformat(timespec="seconds"),
         )
         self._write_summary()
-        self.progress("done", self.summary)
+
+    # -- driver ------------------------------------------------------------------------
+    def _restore(self, source: Path, previous: bool) -> dict:
+        """Load a last.pt (this run's, or another run's for a branch); returns its state."""
+        path = source / "checkpoints" / ("last.prev.pt" if previous else "last.pt")
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            hint = "" if previous or not (source / "checkpoints" / "last.prev.pt").exists() else "; add --previous to use the one before it"
+            raise CheckpointError(f"{e}{hint}") from None
+        self.model = self._place(build_model(state["arch"]))
+        self.model.load_state_dict(state["model"])
+        self.summary = json.loads(state["summary"])
+        self.summary["run_dir"] = str(self.run_dir)
+        self.completed = list(state["completed"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate((3, tuple(state["rng"]["python"]), None))
+        return state
+
+    def run(self, resume: bool = False, previous: bool = False, start_from: Path | None = None, stop_after: str | None = None) -> RunResult:
+        """Run the phases not yet done.
+
+        ``resume``: continue this run directory from checkpoints/last.pt (``previous``: from
+        the one before it). ``start_from``: branch from another run directory's completed
+        phases. ``stop_after``: stop once that phase is complete (last.pt is the branch point).
+        """
+        if stop_after is not None and stop_after not in PHASES:
+            raise LrexportError(f"stop_after must be one of {', '.join(PHASES)}; got {stop_after!r}")
+        self._setup_data()
+        state = None
+        if resume or start_from is not None:
+            source = self.run_dir if resume else Path(start_from)
+            state = self._restore(source, previous)
+            if start_from is not None:
+                state = dict(state, phase=None)  # a branch starts at a phase boundary
+                if self.dist.is_main:
+                    shutil.copytree(source / "checkpoints", self.ckpt_dir, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("last*.pt"))
+                    if (source / "spectra.json").exists():
+                        shutil.copy2(source / "spectra.json", self.run_dir / "spectra.json")
+        else:
+            torch.manual_seed(self.recipe.seed)
+            random.seed(self.recipe.seed)
+            self.model = self._place(create_model(self.recipe.model.name, num_classes=self.num_classes,
+                                                  weights=self.recipe.model.weights or None, **self.recipe.model.kwargs))
+            self.summary = self._new_summary()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
+        self.summary["recipe_hash"] = self.recipe.hash()
+        with self.stop:
+            for phase in PHASES:
+                if phase in self.completed:
+                    continue
+                inside = state if state and state.get("phase") == phase else None
+                self._complete(phase, getattr(self, f"_phase_{phase}")(inside))
+                if phase == stop_after:
+                    break
+        if "finetune" in self.completed:
+            self._finish()
+            self.progress("done", self.summary)
+        self.dist.barrier()
         return RunResult(self.run_dir, self.summary)
 
 
-def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = _quiet) -> RunResult:
-    """Run every phase of ``recipe``; returns the run directory and its summary."""
-    return Pipeline(recipe, new_run_dir(recipe, output), progress).run()
+def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = _quiet, *, resume: str | Path | bool | None = None,
+               previous: bool = False, start_from: str | Path | None = None, stop_after: str | None = None) -> RunResult:
+    """Run every phase of ``recipe``; returns the run directory and its summary.
+
+    ``resume=True`` continues the newest run of this recipe, a path continues that run.
+    Under torchrun (WORLD_SIZE > 1) each process calls this; rank 0 writes the files.
+    """
+    dist = init_distributed(recipe.device)
+    try:
+        if resume:
+            run_dir = latest_run(recipe) if resume is True else Path(resume)
+            return Pipeline(recipe, run_dir, progress, dist).run(resume=True, previous=previous, stop_after=stop_after)
+        return Pipeline(recipe, new_run_dir(recipe, output), progress, dist).run(start_from=start_from, stop_after=stop_after)
+    finally:
+        shutdown(dist)
