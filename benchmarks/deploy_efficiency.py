@@ -79,8 +79,8 @@ def prune_to_target(model, target: float) -> tuple[float, dict]:
     return hi, {name: layer.rank for name, layer in svd_layers(model)}
 
 
-def build_models(seed: int, target: float):
-    """name -> (ONNX bytes, MACs as trained), plus per-mode details."""
+def build_models(seed: int, target: float, aligns=(8, 1)):
+    """name -> (ONNX proto, MACs as trained, MACs as deployed), plus per-mode details."""
     torch.manual_seed(seed)
     dense = lrexport.create_model("resnet18", num_classes=1000).eval()
     x = torch.randn(2, *INPUT)
@@ -88,7 +88,7 @@ def build_models(seed: int, target: float):
         ref_dense = dense(x)
     plain_dense, _ = to_plain(dense, INPUT, 1)
     dense_macs = count_macs(dense, INPUT).deployed
-    models = {"dense": (to_onnx(plain_dense, INPUT), dense_macs)}
+    models = {"dense": (to_onnx(plain_dense, INPUT), dense_macs, dense_macs)}
     details = {}
     for mode in MODES:
         lowrank = decompose(copy.deepcopy(dense), mode)
@@ -99,17 +99,18 @@ def build_models(seed: int, target: float):
             ref = lowrank(x)
         macs = count_macs(lowrank, INPUT).deployed
         details[mode] = {"energy": energy, "ranks": ranks, "macs": macs, "macs_speedup": dense_macs / macs}
-        for align in (8, 1):
+        for align in aligns:
             plain, report = to_plain(lowrank, INPUT, align)
             with torch.no_grad():
                 err = relative_error(plain(x), ref)
             assert err < 1e-4, (mode, align, err)
-            name = f"{mode}/{'aligned8' if align == 8 else 'exact'}"
+            name = f"{mode}/{f'aligned{align}' if align > 1 else 'exact'}"
             proto = to_onnx(plain, INPUT)
             check_graph(proto)
-            models[name] = (proto, macs)
+            deployed = count_macs(plain, INPUT).deployed
+            models[name] = (proto, macs, deployed)
             details[mode][f"dense_layers_{align}"] = sum(p.dense for p in report.layers)
-            details[mode][f"deployed_macs_{align}"] = count_macs(plain, INPUT).deployed
+            details[mode][f"deployed_macs_{align}"] = deployed
     assert relative_error(plain_dense(x), ref_dense) < 1e-4
     return models, details, dense_macs
 
@@ -122,19 +123,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--target", type=float, default=3.0, help="MACs speedup to prune to")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aligns", default="8,1", help="rank multiples to export (1: exact ranks)")
+    ap.add_argument("--spin", action="store_true", help="let idle onnxruntime threads busy-wait (off: sessions timed in turn would steal each other's cores)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     # torch only builds and checks the models; one thread avoids OpenMP contention on a shared machine
     torch.set_num_threads(1)
 
-    models, details, dense_macs = build_models(args.seed, args.target)
+    aligns = tuple(int(a) for a in args.aligns.split(","))
+    models, details, dense_macs = build_models(args.seed, args.target, aligns)
     for mode in MODES:
         d = details[mode]
         ranks = list(d["ranks"].values())
         print(f"{mode}: e = {d['energy']:.4g}, MACs {d['macs'] / 1e9:.3f} G ({d['macs_speedup']:.2f}x), "
               f"ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, "
-              f"dense fallbacks {d['dense_layers_8']} aligned / {d['dense_layers_1']} exact")
-    runners = {name: OrtRunner(proto.SerializeToString(), args.threads).run for name, (proto, _) in models.items()}
+              "dense fallbacks " + ", ".join(f"{d[f'dense_layers_{a}']} at ×{a}" for a in aligns))
+    runners = {name: OrtRunner(proto.SerializeToString(), args.threads, spin=args.spin).run for name, (proto, *_) in models.items()}
     load_before = os.getloadavg()
     rows = []
     rng = np.random.default_rng(args.seed)
@@ -149,24 +153,27 @@ def main() -> None:
             per_round = [d / t for d, t in zip(times["dense"], times[name])]
             wall = statistics.median(per_round)
             macs_speedup = dense_macs / models[name][1]
+            deployed_speedup = dense_macs / models[name][2]
             rows.append({
                 "model": name, "batch": batch, "repeats": repeats,
                 "dense_ms": dense_med, "dense_p10_ms": quantile(times["dense"], 0.1), "dense_p90_ms": quantile(times["dense"], 0.9),
                 "lowrank_ms": statistics.median(times[name]), "lowrank_p10_ms": quantile(times[name], 0.1),
                 "lowrank_p90_ms": quantile(times[name], 0.9),
                 "wall_speedup": wall, "wall_p10": quantile(per_round, 0.1), "wall_p90": quantile(per_round, 0.9),
-                "macs_speedup": macs_speedup, "ratio": wall / macs_speedup,
+                "macs_speedup": macs_speedup, "deployed_macs_speedup": deployed_speedup, "ratio": wall / macs_speedup,
             })
     load_after = os.getloadavg()
 
     machine = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "threads": args.threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "threads": args.threads, "ort_spinning": args.spin, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
         "loadavg_before": load_before, "loadavg_after": load_after,
     }
-    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads, {machine['processor']}, {os.cpu_count()} CPUs, "
+    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads (spinning {'on' if args.spin else 'off'}), "
+          f"{machine['processor']}, {os.cpu_count()} CPUs, "
           f"load average {load_before[0]:.1f} → {load_after[0]:.1f}; warm-up {args.warmup}, interleaved rounds")
-    header = f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}{'MACs x':>8}{'ratio':>7}"
+    header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"
+              f"{'MACs x':>8}{'deployed':>9}{'ratio':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -174,8 +181,9 @@ def main() -> None:
               f"{r['dense_ms']:>9.2f} ({r['dense_p90_ms']:>6.2f})"
               f"{r['lowrank_ms']:>9.2f} ({r['lowrank_p90_ms']:>6.2f})"
               f"{r['wall_speedup']:>8.2f} ({r['wall_p10']:.2f}–{r['wall_p90']:.2f})"
-              f"{r['macs_speedup']:>8.2f}{r['ratio']:>7.2f}")
-    print("dense/low-rank ms: median (p90); wall x: median over rounds of dense time / low-rank time; ratio = wall x / MACs x")
+              f"{r['macs_speedup']:>8.2f}{r['deployed_macs_speedup']:>9.2f}{r['ratio']:>7.2f}")
+    print("dense/low-rank ms: median (p90); wall x: median over rounds of dense time / low-rank time;\n"
+          "MACs x: dense MACs / MACs at the trained ranks; deployed: counting the zero-padded ranks; ratio = wall x / MACs x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "details": details, "dense_macs": dense_macs, "rows": rows}, f, indent=2)

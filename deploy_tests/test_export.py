@@ -142,3 +142,13 @@ def test_cli_export_defaults_to_newest_run(channel_export, tmp_path, monkeypatch
     assert "MACs speedup" in res.output
     res = CliRunner().invoke(main, ["export", str(tmp_path)])  # not a run directory
     assert res.exit_code == 1 and "no summary.json" in res.output
+
+
+def test_run_without_finetuned_checkpoint_is_clear(channel_export, tmp_path):
+    run, _ = channel_export
+    partial = tmp_path / "partial"
+    (partial / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "summary.json", partial)
+    shutil.copy(run / "checkpoints/dense.pt", partial / "checkpoints")
+    res = CliRunner().invoke(main, ["export", str(partial)])
+    assert res.exit_code == 1 and "finetune_best.pt" in res.output

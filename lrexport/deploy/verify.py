@@ -47,7 +47,8 @@ class TorchRunner:
 def open_runners(runtime: str, artifacts_dir: Path, meta: dict, threads: int, run=None) -> dict:
     """One runner per model ("lowrank", "dense") on ``runtime``."""
     if runtime == "ort":
-        return {m: OrtRunner(artifacts_dir / meta["models"][m]["file"], threads) for m in MODELS}
+        # no busy-waiting: the two sessions run in turn, and one's spinning threads would slow the other
+        return {m: OrtRunner(artifacts_dir / meta["models"][m]["file"], threads, spin=False) for m in MODELS}
     if runtime == "trt":
         from .trt import TrtRunner, import_tensorrt, require_gpu
 
@@ -212,6 +213,7 @@ def verify_artifacts(
         import onnxruntime
 
         report["runtime_version"] = onnxruntime.__version__
+        report["ort_spinning"] = False
     elif runtime == "torch":
         report["runtime_version"] = torch.__version__
     atomic_write_text(artifacts_dir / VERIFY_FILE, json.dumps(report, indent=2))

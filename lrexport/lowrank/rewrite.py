@@ -179,7 +179,8 @@ def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
 
     param = next(gm.parameters(), None)
     with torch.no_grad():
-        Recorder(gm).run(torch.zeros(2, *input_size, dtype=param.dtype if param is not None else torch.float32))
+        like = dict(dtype=param.dtype, device=param.device) if param is not None else {}
+        Recorder(gm).run(torch.zeros(2, *input_size, **like))
 
     def static_dim(node: fx.Node) -> bool:
         if node.op == "call_function" and node.target is operator.getitem:
@@ -188,8 +189,10 @@ def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
                 (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
                 or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
             )
-            ndim = len(values.get(src, ()))
-            return is_shape and isinstance(idx, int) and ndim > 0 and idx % ndim != 0
+            if not (is_shape and isinstance(idx, int)):
+                return False
+            ndim = len(values[src])
+            return ndim > 0 and idx % ndim != 0
         if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
             return node.args[1] % values[node.args[0]].dim() != 0
         return False
