@@ -66,7 +66,7 @@ class TrainProgress:
             extra = "".join(f" {k} {data[k]:.4g}" for k in ("ortho", "sparsity") if data.get(k))
             self.bar.console.print(
                 f"  {data['phase']} epoch {data['epoch']}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
-                f" · {data['images_per_s']:.0f} img/s", highlight=False)
+                f" · {data['images_per_s']:.0f} img/s", highlight=False, soft_wrap=True)
         elif kind == "phase_end":
             if self.task is not None:
                 self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
@@ -106,9 +106,10 @@ def train(recipe, overrides, output, resume, previous, nproc):
     if nproc and nproc > 1:
         sys.exit(_torchrun(nproc))
     from .recipe import load_recipe
+
+    rec = load_recipe(recipe, overrides)  # before importing torch: a bad recipe fails in a blink
     from .train import run_recipe
 
-    rec = load_recipe(recipe, overrides)
     resume = True if resume == "latest" else resume
     with TrainProgress() as progress:
         result = run_recipe(rec, output, progress, resume=resume, previous=previous)
@@ -258,6 +259,78 @@ def infer(artifacts, images, top_k, threads):
         out.print(pred.image, style="bold", highlight=False, soft_wrap=True)
         for name, prob in pred.top:
             out.print(f"  {100 * prob:6.2f}%  {name}", highlight=False)
+
+
+# -- exploring the trade-off: sweep, report ----------------------------------------------------
+class SweepProgress:
+    """Draws a sweep: an overall bar of runs, and a bar for the phase being trained."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out)
+        self.overall = self.phase = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "sweep_start":
+            counts = ", ".join(f"{p} {n}" for p, n in data["phase_runs"].items() if n)
+            self.bar.console.print(f"sweep into {data['output']}: {data['runs']} runs, {data['leaves']} results; phase runs: {counts}",
+                                   highlight=False, soft_wrap=True)
+            self.overall = self.bar.add_task("runs", total=data["runs"], info="")
+        elif kind == "run_start":
+            self.bar.update(self.overall, info=data["name"])
+            what = "finished, skipped" if data["skipped"] else " → ".join(data["phases"])
+            self.bar.console.print(f"[{data['index']}/{data['runs']}] {data['name']}: {what}", highlight=False, soft_wrap=True)
+        elif kind == "run_end":
+            self.bar.advance(self.overall)
+        elif kind == "phase_start" and data["epochs"]:
+            self.phase = self.bar.add_task(data["phase"], total=data["epochs"] * data["steps"], info="")
+        elif kind == "step" and self.phase is not None:
+            self.bar.update(self.phase, advance=1, info=f"epoch {data['epoch']} loss {data['loss']:.3f}")
+        elif kind == "phase_end" and self.phase is not None:
+            acc = f" · val top-1 {data['top1']:.2f}%" if "top1" in data else ""
+            self.bar.console.print(f"    {data['phase']} done{acc}", highlight=False)
+            self.bar.remove_task(self.phase)
+            self.phase = None
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep, e.g. --grid reg.decay=0.001,0.01 (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value in every run (repeatable).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="Sweep directory (default: <output_dir>/<name>-sweep-<time>).")
+@reports_errors
+def sweep(recipe, grid, overrides, output):
+    """Run RECIPE over a grid of values, training each shared phase once."""
+    from .sweep import run_sweep
+
+    with SweepProgress() as progress:
+        result = run_sweep(recipe, grid, overrides, output, progress)
+    out.print(_sweep_table(result))
+    skipped = len(result.plan.runs) - len(result.ran)
+    out.print(f"ran {len(result.ran)} runs, skipped {skipped} finished runs · lrexport report {result.output}", highlight=False, soft_wrap=True)
+
+
+def _sweep_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"sweep · {result.output}")
+    keys = list(result.plan.grid)
+    for col in ("run", *keys, "base top-1 %", "best top-1 %", "gain", "MACs speedup"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for leaf in result.plan.leaves:
+        s = result.summaries[leaf.name]
+        table.add_row(leaf.name, *(str(leaf.values[k]) for k in keys), f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}",
+                      f"{s['accuracy_gain']:+.2f}", f"{s['macs_speedup']:.2f}x")
+    return table
 
 
 if __name__ == "__main__":
