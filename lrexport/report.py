@@ -1,0 +1,272 @@
+"""Tables and figures of finished runs: the seed's Table 3 columns, plus wall-clock speedup.
+
+Reads only what runs wrote: summary.json (measurements), recipe.toml (the effective recipe:
+model, data, decomposition, regularizer), spectra.json, and artifacts/verify.json where
+``lrexport verify`` has run. Writes report.md, report.csv, one trade-off plot per model and
+data set (with the paper's own points and its baselines), and per run its spectra, ranks
+and MACs (and the energy ladder, if the energy was searched).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import tomllib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import seed_results
+from .errors import LrexportError
+from .sweep import SWEEP_FILE, sweep_leaves
+from .train.checkpoint import atomic_write_bytes, atomic_write_text
+
+VERIFY_FILE = "artifacts/verify.json"
+
+
+@dataclass
+class RunRow:
+    """One finished run, as a row of the report."""
+
+    run: str  # unique display name
+    path: Path
+    model: str
+    dataset: str
+    decomposition: str
+    regularizer: str
+    decay: float
+    energy: float
+    base_top1: float
+    best_top1: float
+    gain_top1: float
+    base_top5: float
+    best_top5: float
+    gain_top5: float
+    dense_macs: int
+    macs: int
+    macs_speedup: float
+    wall: dict[int, float] = field(default_factory=dict)  # batch size -> wall-clock speedup
+    wall_runtime: str = ""
+    deployed_macs_speedup: float | None = None  # with the ranks aligned at export
+    summary: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def seed(self) -> tuple[str, str] | None:
+        return seed_results.seed_model(self.model)
+
+    @property
+    def metric(self) -> str:
+        """The accuracy the paper's gains for this model measure (top-5 on ImageNet)."""
+        return seed_results.METRIC[self.seed[1]] if self.seed else "top1"
+
+    @property
+    def gain(self) -> float:
+        return self.gain_top5 if self.metric == "top5" else self.gain_top1
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LrexportError(f"{path} ({what}) is not valid JSON: {e}") from None
+
+
+def read_run(path: str | Path) -> RunRow:
+    """The report row of the finished run in ``path``."""
+    path = Path(path)
+    if not (path / "summary.json").is_file():
+        raise LrexportError(f"{path} is not a run directory (no summary.json)")
+    s = _read_json(path / "summary.json", "run summary")
+    if "best_finetune_top1" not in s:
+        raise LrexportError(f"run {path} has not finished (its summary has no finetuning result)")
+    try:
+        recipe = tomllib.loads((path / "recipe.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise LrexportError(f"{path / 'recipe.toml'} cannot be read: {e}") from None
+    reg, prune = recipe.get("reg", {}), s["phases"].get("prune", {})
+    decay = float(reg.get("decay", 0.0))
+    row = RunRow(
+        run=path.name, path=path, model=recipe.get("model", {}).get("name", s["model"]["name"]),
+        dataset=recipe.get("data", {}).get("dataset", "?"), decomposition=recipe.get("decompose", {}).get("mode", "?"),
+        # the paper's "None" rows are λ_s = 0; a Hoyer recipe with decay 0 is one of them
+        regularizer=reg.get("type", "none") if decay > 0 else "none", decay=decay,
+        energy=float(prune.get("energy", recipe.get("prune", {}).get("energy", float("nan")))),
+        base_top1=s["base_top1"], best_top1=s["best_finetune_top1"], gain_top1=s["accuracy_gain"],
+        base_top5=s["base_top5"], best_top5=s["best_finetune_top5"], gain_top5=s["best_finetune_top5"] - s["base_top5"],
+        dense_macs=s["macs"]["dense_macs"], macs=s["macs"]["macs"], macs_speedup=s["macs_speedup"], summary=s,
+    )
+    verify = path / VERIFY_FILE
+    if verify.is_file():
+        v = _read_json(verify, "verify report")
+        row.wall = {int(r["batch"]): float(r["wall_speedup"]) for r in v.get("latency", [])}
+        row.wall_runtime = f"{v.get('runtime', '?')}, {v.get('threads', '?')} threads"
+        row.deployed_macs_speedup = v.get("macs", {}).get("deployed_speedup")
+    return row
+
+
+def expand_runs(paths) -> tuple[list[Path], list[Path]]:
+    """Run directories from ``paths`` (a sweep directory stands for its leaves); (runs, unfinished sweep leaves)."""
+    runs, unfinished = [], []
+    for p in map(Path, paths):
+        if (p / SWEEP_FILE).is_file():
+            for leaf in sweep_leaves(p):
+                finished = (leaf / "summary.json").is_file() and "finished" in _read_json(leaf / "summary.json", "run summary")
+                (runs if finished else unfinished).append(leaf)
+        else:
+            runs.append(p)
+    return runs, unfinished
+
+
+def _unique_names(rows: list[RunRow]) -> None:
+    seen: dict[str, int] = defaultdict(int)
+    for row in rows:
+        seen[row.run] += 1
+        if seen[row.run] > 1:
+            row.run = f"{row.run}-{seen[row.run]}"
+
+
+# -- tables ------------------------------------------------------------------------------------
+def _batches(rows: list[RunRow]) -> list[int]:
+    return sorted({b for r in rows for b in r.wall})
+
+
+def csv_text(rows: list[RunRow]) -> str:
+    batches = _batches(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "path", "model", "dataset", "decomposition", "regularizer", "decay", "energy", "base_top1", "best_top1",
+                "accuracy_gain", "base_top5", "best_top5", "top5_gain", "dense_macs", "macs", "macs_speedup",
+                "deployed_macs_speedup", "wall_runtime", *(f"wall_speedup_b{b}" for b in batches)])
+    for r in rows:
+        w.writerow([r.run, str(r.path), r.model, r.dataset, r.decomposition, r.regularizer, repr(r.decay), repr(r.energy),
+                    repr(r.base_top1), repr(r.best_top1), repr(r.gain_top1), repr(r.base_top5), repr(r.best_top5), repr(r.gain_top5),
+                    r.dense_macs, r.macs, repr(r.macs_speedup), "" if r.deployed_macs_speedup is None else repr(r.deployed_macs_speedup),
+                    r.wall_runtime, *("" if b not in r.wall else repr(r.wall[b]) for b in batches)])
+    return buf.getvalue()
+
+
+def _wall_cell(r: RunRow) -> str:
+    if not r.wall:
+        return "–"
+    return ", ".join(f"{s:.2f}× (b{b})" for b, s in sorted(r.wall.items())) + f" · {r.wall_runtime}"
+
+
+def _model_label(model: str) -> str:
+    seed = seed_results.seed_model(model)
+    return seed[0] if seed else model
+
+
+def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished: list[Path]) -> str:
+    lines = ["# lrexport report", "",
+             "Accuracy gain is best finetuned accuracy minus the full-rank decomposed model's (the paper's *base*), in points; "
+             "MACs speedup is dense MACs over low-rank MACs as deployed; wall-clock speedup is measured by `lrexport verify` "
+             "through the runtime, per batch size.", "",
+             "| run | model | data | decomposition | regularizer | λ_s | e | base top-1 % | best top-1 % | gain | top-5 gain | "
+             "MACs speedup | wall-clock speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.run} | {_model_label(r.model)} | {r.dataset} | {r.decomposition} | {r.regularizer} | {r.decay:g} | {r.energy:.1e} | "
+                     f"{r.base_top1:.2f} | {r.best_top1:.2f} | {r.gain_top1:+.2f} | {r.gain_top5:+.2f} | {r.macs_speedup:.2f}× | {_wall_cell(r)} |")
+    if unfinished:
+        lines += ["", "Not finished (left out): " + ", ".join(f"`{p}`" for p in unfinished)]
+    for title, files in figures.items():
+        lines += ["", f"## {title}", ""] + [f"![{Path(f).stem}]({f})" for f in files]
+    return "\n".join(lines) + "\n"
+
+
+# -- figures -----------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def tradeoff_figure(rows: list[RunRow]) -> bytes:
+    """One model on one data set: its runs, with the paper's points and baselines for that model."""
+    from .plots import tradeoff_png
+
+    first = rows[0]
+    seed = first.seed
+    paper = [vars(p) for p in seed_results.paper_points(seed[0])] if seed else []
+    base = [vars(b) for b in seed_results.baselines(seed[0])] if seed else []
+    runs = []
+    for r in rows:
+        batch = min(r.wall) if r.wall else None
+        runs.append({"label": f"λ {r.decay:g}, e {r.energy:.0e}", "decomposition": r.decomposition, "regularizer": r.regularizer,
+                     "gain": r.gain, "macs_speedup": r.macs_speedup, "wall_speedup": r.wall.get(batch) if batch else None})
+    metric = "top-5" if first.metric == "top5" else "top-1"
+    note = ""
+    if seed:
+        note = f"faint: the paper's {seed[0]} on {seed[1]} (seed Tables 3–5); grey: baselines (Tables 6–8)."
+        if first.dataset.lower().replace("-", "") not in seed[1].lower().replace("-", ""):
+            note += f" These runs are on {first.dataset} data: compare the shape, not the values."
+    if any(r["wall_speedup"] for r in runs):
+        note += " Hollow: wall-clock speedup at the smallest batch verified."
+    return tradeoff_png(f"{_model_label(first.model)} on {first.dataset}: {metric} gain vs speedup", runs, paper, base,
+                        f"{metric} accuracy gain (points)", note.strip())
+
+
+def run_figures(row: RunRow) -> dict[str, bytes]:
+    """The pictures of one run: spectra, ranks, MACs, and the energy ladder if it was searched."""
+    from . import plots
+
+    s, figs = row.summary, {}
+    spectra_path = row.path / "spectra.json"
+    if spectra_path.is_file():
+        spectra = _read_json(spectra_path, "spectra")
+        figs["spectra.png"] = plots.spectra_png(spectra.get("before", {}), spectra.get("after", {}), s.get("ranks"))
+    if s.get("ranks"):
+        figs["ranks.png"] = plots.ranks_png(s["ranks"])
+    if s.get("macs", {}).get("layers"):
+        figs["macs.png"] = plots.macs_png(s["macs"]["layers"])
+    search = s["phases"].get("prune", {}).get("search")
+    if search:
+        figs["energy.png"] = plots.ladder_png(search)
+    return figs
+
+
+# -- the whole report --------------------------------------------------------------------------
+@dataclass
+class Report:
+    output: Path
+    rows: list[RunRow]
+    files: list[Path]  # everything written
+    unfinished: list[Path] = field(default_factory=list)
+
+
+def default_output(paths) -> Path:
+    """One run or sweep: ``<it>/report``; several: ``./report``."""
+    paths = [Path(p) for p in paths]
+    return paths[0] / "report" if len(paths) == 1 else Path("report")
+
+
+def build_report(paths, output: str | Path | None = None) -> Report:
+    """Read the runs (or sweeps) in ``paths`` and write report.md, report.csv and the PNGs into ``output``."""
+    paths = list(paths)
+    if not paths:
+        raise LrexportError("name at least one run or sweep directory")
+    run_dirs, unfinished = expand_runs(paths)
+    if not run_dirs:
+        raise LrexportError(f"no finished run in {', '.join(map(str, paths))}")
+    rows = sorted((read_run(p) for p in run_dirs), key=lambda r: (r.model, r.dataset, r.decomposition, r.regularizer, r.decay, r.energy))
+    _unique_names(rows)
+    output = Path(output) if output is not None else default_output(paths)
+    files: list[Path] = []
+
+    def write(rel: str, data: bytes) -> str:
+        atomic_write_bytes(output / rel, data)
+        files.append(output / rel)
+        return rel
+
+    figures: dict[str, list[str]] = {"Accuracy gain against speedup": []}
+    groups: dict[tuple[str, str], list[RunRow]] = defaultdict(list)
+    for r in rows:
+        groups[(r.model, r.dataset)].append(r)
+    for (model, dataset), group in groups.items():
+        figures["Accuracy gain against speedup"].append(write(f"tradeoff-{_slug(model)}-{_slug(dataset)}.png", tradeoff_figure(group)))
+    for r in rows:
+        figures[f"Run {r.run}"] = [write(f"runs/{_slug(r.run)}/{name}", png) for name, png in run_figures(r).items()]
+    atomic_write_text(output / "report.csv", csv_text(rows))
+    atomic_write_text(output / "report.md", markdown_text(rows, figures, unfinished))
+    files = [output / "report.md", output / "report.csv", *files]
+    return Report(output, rows, files, unfinished)
