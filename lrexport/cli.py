@@ -333,5 +333,34 @@ def _sweep_table(result):
     return table
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Report directory (default: RUN/report for one run or sweep, ./report for several).")
+@reports_errors
+def report(runs, output):
+    """Tables (Markdown, CSV) and plots of finished RUNS (run or sweep directories): accuracy gain vs speedup."""
+    from .report import build_report
+
+    result = build_report(runs, output)
+    out.print(_report_table(result.rows))
+    for path in result.unfinished:
+        out.print(f"not finished, left out: {path}", highlight=False, soft_wrap=True)
+    out.print(f"{len(result.files)} files in {result.output}: report.md, report.csv, plots", highlight=False, soft_wrap=True)
+
+
+def _report_table(rows):
+    from rich.table import Table
+
+    table = Table(title="accuracy gain vs speedup")
+    for col in ("run", "model", "dec.", "reg.", "λ_s", "e", "base top-1 %", "gain", "MACs speedup", "wall speedup"):
+        table.add_column(col, justify="left" if col in ("run", "model", "dec.", "reg.") else "right")
+    for r in rows:
+        wall = ", ".join(f"{s:.2f}x (b{b})" for b, s in sorted(r.wall.items())) or "-"
+        table.add_row(r.run, r.model, r.decomposition, r.regularizer, f"{r.decay:g}", f"{r.energy:.1e}", f"{r.base_top1:.2f}",
+                      f"{r.gain_top1:+.2f}", f"{r.macs_speedup:.2f}x", wall)
+    return table
+
+
 if __name__ == "__main__":
     main()
