@@ -176,10 +176,17 @@ def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance
     """Export RUN (default: newest under ./runs) to ONNX (and TensorRT): model.onnx, dense.onnx, meta.json."""
     from .deploy.export import export_run
 
-    result = export_run(run, out_dir, fmt, batch, multiple_of, opset, check_images, tolerance, precision, trt_batch_sizes)
+    result = export_run(
+        run, out_dir, format=fmt, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
+        tolerance=tolerance, precision=precision, trt_batch_sizes=trt_batch_sizes,
+    )
     out.print(_export_table(result.meta))
     for c in result.checks:
         out.print(f"  {c.what}: rel. error {c.rel_err:.1e}, max |diff| {c.max_abs:.1e}", highlight=False)
+    engines = result.meta.get("engines")
+    if engines:
+        out.print(f"  TensorRT {engines['precision']} engines for batches {engines['batch_sizes']}: "
+                  f"{engines['lowrank']}, {engines['dense']}", highlight=False)
     out.print(f"artifacts: {result.out_dir}", highlight=False, soft_wrap=True)
 
 
@@ -215,7 +222,10 @@ def verify(artifacts, runtime, threads, batch_sizes, warmup, repeats, limit, tol
     """Accuracy and latency of ARTIFACTS (default: newest run's) through a runtime; writes verify.json."""
     from .deploy.verify import verify_artifacts
 
-    result = verify_artifacts(artifacts, runtime, threads, batch_sizes, warmup, repeats, limit, tolerance, run_dir=run_dir)
+    result = verify_artifacts(
+        artifacts, runtime=runtime, threads=threads, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
+        limit=limit, tolerance=tolerance, run_dir=run_dir,
+    )
     for table in _verify_tables(result.report):
         out.print(table)
     out.print(f"{result.artifacts_dir}/verify.json", highlight=False, soft_wrap=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
 
 
 @dataclass
@@ -64,3 +67,45 @@ def any_rank(d: Dist, flag: bool) -> bool:
     if not d.enabled:
         return flag
     return bool(d.all_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+class _GlooSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span every process, for CPU (gloo) process groups.
+
+    torch's SyncBatchNorm runs on GPUs only; without this, two CPU processes would each
+    normalise over half the global batch and drift from a one-process run.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        c = x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=x.dtype)
+        with warnings.catch_warnings():  # its deprecation names a private successor; keep the public API
+            warnings.simplefilter("ignore", FutureWarning)
+            # two passes (mean, then squared deviations) as BatchNorm does: E[x²] − E[x]² cancels badly
+            stats = dist_nn.all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+            n = stats[-1]
+            mean = stats[:c] / n
+            centred = x - mean[None, :, None, None]
+            var = dist_nn.all_reduce((centred * centred).sum((0, 2, 3))) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.0
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+                self.num_batches_tracked += 1
+        y = centred * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+
+def sync_batchnorm(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """Make BatchNorm statistics global over processes (in place; parameter names unchanged)."""
+    if not d.enabled:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = _GlooSyncBatchNorm  # same state, global statistics
+    return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import shutil
 import signal
@@ -31,8 +32,8 @@ from ..errors import CheckpointError, DataError, LrexportError
 from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers
 from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
-from .checkpoint import atomic_write_text, build_model, load_checkpoint, model_arch, save_checkpoint
-from .distributed import Dist, any_rank, init_distributed, shutdown
+from .checkpoint import atomic_write_text, build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
+from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
 from .loop import (EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate, make_loader,
                    resolve_device, train_one_epoch)
 
@@ -159,6 +160,7 @@ class Pipeline:
         if not self.dist.enabled:
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = sync_batchnorm(self.model, self.dist, self.device)
         return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def _arch(self) -> dict:
@@ -252,6 +254,9 @@ class Pipeline:
             scheduler.step()
             last = epoch + 1 == cfg.epochs
             metrics = self._evaluate() if (last or (epoch + 1) % self.recipe.eval.every == 0) else {}
+            if metrics and not math.isfinite(metrics["val_loss"]):  # finite training losses, yet weights that overflow
+                raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: validation loss became {metrics['val_loss']} after the "
+                                    f"epoch's last step; lower the learning rate or λ; the last good checkpoint is {self.ckpt_dir / 'last.pt'}")
             record = {"phase": phase, "epoch": epoch + 1, "lr": lr, **stats, **metrics}
             self._log(record)
             if track_best and metrics:
@@ -341,11 +346,15 @@ class Pipeline:
         path = source / "checkpoints" / ("last.prev.pt" if previous else "last.pt")
         try:
             state = load_checkpoint(path)
+            missing = [k for k in ("completed", "phase", "summary", "rng") if k not in state]
+            if missing:
+                raise CheckpointError(f"{path} is not a resume checkpoint (it lacks {', '.join(missing)})")
+            model = build_model(state["arch"])
+            load_weights(model, state["model"], path)
         except CheckpointError as e:
             hint = "" if previous or not (source / "checkpoints" / "last.prev.pt").exists() else "; add --previous to use the one before it"
             raise CheckpointError(f"{e}{hint}") from None
-        self.model = self._place(build_model(state["arch"]))
-        self.model.load_state_dict(state["model"])
+        self.model = self._place(model)
         self.summary = json.loads(state["summary"])
         self.summary["run_dir"] = str(self.run_dir)
         self.completed = list(state["completed"])
