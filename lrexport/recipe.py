@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,12 @@ from .data import DATASETS, DataConfig
 from .errors import RecipeError
 
 
-def _check(*choices: Any, ge: float | None = None, gt: float | None = None, lt: float | None = None) -> dict:
-    """Field metadata: allowed choices and bounds, checked on load."""
-    return {"choices": choices, "ge": ge, "gt": gt, "lt": lt}
+FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 (or narrower)
+
+
+def _check(*choices: Any, ge: float | None = None, gt: float | None = None, lt: float | None = None, words: tuple = ()) -> dict:
+    """Field metadata: allowed choices, numeric bounds, and the words a number field also takes."""
+    return {"choices": choices, "ge": ge, "gt": gt, "lt": lt, "words": words}
 
 
 @dataclass
@@ -53,8 +58,12 @@ class RegConfig:
 
 @dataclass
 class PruneConfig:
-    energy: float = field(default=1e-3, metadata=_check(ge=0, lt=1))  # e: fraction of energy removed per layer
+    # e: fraction of energy removed per layer, or "auto": the largest e of ``ladder`` whose
+    # accuracy right after pruning stays within ``tolerance`` points (the paper's line search)
+    energy: float | str = field(default=1e-3, metadata=_check(ge=0, lt=1, words=("auto",)))
     multiple_of: int = field(default=1, metadata=_check(ge=1))  # round ranks to this (before finetuning)
+    ladder: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3])
+    tolerance: float = field(default=1.0, metadata=_check(ge=0))  # accuracy points, for energy = "auto"
 
 
 @dataclass
@@ -92,7 +101,7 @@ class CheckpointConfig:
 class Recipe:
     name: str = "run"
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(ge=0, lt=2**32))  # seed·100003 + epoch seeds a 64-bit torch generator
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = field(default="none", metadata=_check("none", "bf16", "fp16"))
     channels_last: bool = False
@@ -119,11 +128,14 @@ class Recipe:
 _DATA_CHECKS = {
     "dataset": _check(*DATASETS), "batch_size": _check(ge=1), "eval_batch_size": _check(ge=0), "workers": _check(ge=0),
     "image_size": _check(ge=0), "num_classes": _check(ge=2), "train_size": _check(ge=1), "val_size": _check(ge=1),
+    "seed": _check(ge=0, lt=2**32),
 }
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
+    if origin is types.UnionType:
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -137,7 +149,20 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is types.UnionType:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as it appears in an error: repr (so never a line break), cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _key(text: str) -> str:
+    """A key path as it appears in an error; quoted TOML keys may hold line breaks."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _build(cls, raw: dict, where: str, prefix: str) -> Any:
@@ -145,25 +170,40 @@ def _build(cls, raw: dict, where: str, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise RecipeError(f"{where}: unknown key '{prefix}{key}'; known keys: {', '.join(fields)}")
+            raise RecipeError(f"{where}: unknown key '{_key(prefix + key)}'; known keys: {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
         tp, key = hints[name], f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise RecipeError(f"{where}: {key} must be a table, got {value!r}")
+                raise RecipeError(f"{where}: {key} must be a table, got {_show(value)}")
             values[name] = _build(tp, value, where, key + ".")
             continue
         if not _type_ok(value, tp):
-            raise RecipeError(f"{where}: {key} must be of type {_type_name(tp)}, got {value!r}")
+            raise RecipeError(f"{where}: {key} must be of type {_type_name(tp)}, got {_show(value)}")
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(t, str) and not t.isprintable() for t in texts):  # names become paths: no NUL, no line breaks
+            raise RecipeError(f"{where}: {key} must be printable text (no control characters), got {_show(value)}")
         if tp is float:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # a TOML integer may have any number of digits
+                value = math.inf
+            if not abs(value) <= FLOAT32_MAX:  # inf and 1e300 pass "≥ 0", then break float32 training
+                raise RecipeError(f"{where}: {key} must be a finite float32 number (at most {FLOAT32_MAX:.4g} in size), got {value!r}")
         meta = fields[name].metadata or (_DATA_CHECKS.get(name, {}) if cls is DataConfig else {})
+        if isinstance(value, str) and meta.get("words"):  # a number field that also takes a word ("auto")
+            if value not in meta["words"]:
+                raise RecipeError(f"{where}: {key} must be a number or one of {', '.join(meta['words'])}, got {_show(value)}")
+            values[name] = value
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and float in typing.get_args(tp):
+            value = float(value)
         if meta.get("choices") and value not in meta["choices"]:
-            raise RecipeError(f"{where}: {key} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+            raise RecipeError(f"{where}: {key} must be one of {', '.join(map(str, meta['choices']))}, got {_show(value)}")
         for bound, ok, word in (("ge", lambda a, b: a >= b, "≥"), ("gt", lambda a, b: a > b, ">"), ("lt", lambda a, b: a < b, "<")):
             if meta.get(bound) is not None and not ok(value, meta[bound]):
-                raise RecipeError(f"{where}: {key} must be {word} {meta[bound]}, got {value!r}")
+                raise RecipeError(f"{where}: {key} must be {word} {meta[bound]}, got {_show(value)}")
         values[name] = value
     return cls(**values)
 
@@ -175,7 +215,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {text!r}: expected key.path=value")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer of over 4300 digits
         parsed = value.strip()
     return key.strip().split("."), parsed
 
@@ -201,11 +241,13 @@ def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recip
     """Read and validate a recipe file; ``overrides`` are ``key.path=value`` strings."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a text (UTF-8) file: byte {e.start} is {e.object[e.start:e.start + 1]!r}") from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     return recipe_from_dict(raw, str(path), overrides)

@@ -93,3 +93,15 @@ def test_dense_checkpoint_is_the_starting_model(runs):
 def test_num_classes_mismatch_is_clear(tmp_path):
     with pytest.raises(DataError, match="num_classes = 7 but the synthetic data has 10 classes"):
         run_recipe(tiny(**{"model.num_classes": 7}), tmp_path / "r")
+
+
+def test_auto_energy_picks_largest_threshold_within_tolerance(tmp_path):
+    recipe = tiny(**{"reg.decay": 0.5, "prune.energy": '"auto"', "prune.ladder": "[1e-4, 1e-2, 0.1, 0.5, 0.9]", "prune.tolerance": 2.0})
+    s = run_recipe(recipe, tmp_path / "auto").summary
+    search = s["energy_search"]
+    assert [step["energy"] for step in search["ladder"]] == [1e-4, 1e-2, 0.1, 0.5, 0.9]
+    assert search["base_top1"] == s["phases"]["svd"]["top1"]
+    passing = [step["energy"] for step in search["ladder"] if search["base_top1"] - step["top1"] <= 2.0]
+    assert search["energy"] == s["phases"]["prune"]["energy"] == max(passing)
+    chosen = next(step for step in search["ladder"] if step["energy"] == search["energy"])
+    assert chosen["top1"] == s["phases"]["prune"]["top1"] and chosen["ranks"] == {k: v["pruned"] for k, v in s["ranks"].items()}

@@ -30,6 +30,7 @@ from .. import __version__
 from ..data import build_datasets
 from ..errors import CheckpointError, DataError, LrexportError
 from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers
+from ..lowrank.energy_search import search_energy
 from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
 from .checkpoint import atomic_write_text, build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
@@ -311,12 +312,22 @@ class Pipeline:
 
     def _phase_prune(self, resume):
         p = self.recipe.prune
-        pruned = prune(self.model, p.energy, p.multiple_of)
+        energy = p.energy
+        if energy == "auto":
+            choice = search_energy(
+                self.model, lambda m: evaluate(m, self.val_loader, self.precision, reduce=self.dist.all_sum)["top1"],
+                p.ladder, p.tolerance, p.multiple_of, input_size=tuple(self.info.input_size),
+                base_top1=self.summary["phases"]["svd"].get("top1"),
+                progress=lambda kind, data: self.progress(kind, {"phase": "prune", **data}),
+            )
+            energy = choice.energy
+            self.summary["energy_search"] = choice.to_dict()
+        pruned = prune(self.model, energy, p.multiple_of)
         self._save("pruned", phase="prune")
         macs = self._macs()
         self.summary["ranks"] = {res.name: {"full": res.full_rank, "pruned": res.after} for res in pruned}
         self.summary["macs"] = macs
-        return {"energy": p.energy, "multiple_of": p.multiple_of, **self._evaluate(), "macs": macs["macs"], "speedup": macs["speedup"]}
+        return {"energy": energy, "multiple_of": p.multiple_of, **self._evaluate(), "macs": macs["macs"], "speedup": macs["speedup"]}
 
     def _phase_finetune(self, resume):
         r = self.recipe
