@@ -21,6 +21,10 @@ class CheckpointError(LrexportError):
     """A checkpoint that is missing, corrupt, or does not match the model."""
 
 
+class WriteError(LrexportError):
+    """A file that could not be written (disk full, no permission); its previous version is intact."""
+
+
 class RuntimeMissingError(LrexportError):
     """An optional runtime (TensorRT, a GPU) that this machine lacks."""
 

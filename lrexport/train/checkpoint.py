@@ -11,36 +11,41 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LrexportError, WriteError
 from ..lowrank import decompose, layer_ranks, svd_layers
 from ..models import create_model
 
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash or a full disk leaves the previous file intact.
+    A crash or a full disk leaves the previous file intact; a failed write is a WriteError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; nothing was overwritten, the previous {what}s are intact") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -64,23 +69,45 @@ def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_
 
 def build_model(arch: dict) -> nn.Module:
     """Rebuild the (possibly decomposed) model described by ``arch``, weights uninitialised."""
-    model = create_model(arch["model"], num_classes=arch["num_classes"], **arch.get("model_kwargs", {}))
-    dec = arch.get("decomposition")
-    if dec:
-        decompose(model, mode=dec["mode"], ranks=dec["ranks"])
+    try:
+        model = create_model(arch["model"], num_classes=arch["num_classes"], **arch.get("model_kwargs", {}))
+        dec = arch.get("decomposition")
+        if dec:
+            decompose(model, mode=dec["mode"], ranks=dec["ranks"])
+    except LrexportError as e:
+        raise CheckpointError(f"the model a checkpoint describes cannot be built: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # an arch entry of the wrong shape
+        raise CheckpointError(f"a checkpoint's model description is damaged ({e.__class__.__name__}: {str(e)[:100]})") from None
     return model
 
 
+def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
+    """``model.load_state_dict(state)``; a mismatch is one CheckpointError naming ``path``."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match its model: {' '.join(str(e).split())[:300]}") from None
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, arch: dict, **state: Any) -> None:
+    """Write a checkpoint atomically: a failed write (WriteError) leaves the previous one whole."""
     buf = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, "arch": arch, "model": model.state_dict(), **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), "checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if zipfile.is_zipfile(path):  # torch.load reads damaged tensor bytes without complaint; the zip CRCs catch them
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt ({e.__class__.__name__})") from None
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its entry {bad} fails its checksum")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -96,8 +123,5 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes, load its weights; returns (model, checkpoint)."""
     ckpt = load_checkpoint(path)
     model = build_model(ckpt["arch"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not match its model: {str(e).splitlines()[0][:200]}") from None
+    load_weights(model, ckpt["model"], path)
     return model, ckpt
