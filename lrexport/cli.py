@@ -93,7 +93,7 @@ def summary_table(summary: dict):
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("recipe", type=click.Path(path_type=str))  # load_recipe judges it: one line, exit 2
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. --set reg.decay=0.01 (repeatable).")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Run directory (default: <output_dir>/<name>-<time>).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]",
@@ -313,7 +313,7 @@ class SweepProgress:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("recipe", type=click.Path(path_type=str))  # load_recipe judges it: one line, exit 2
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep, e.g. --grid reg.decay=0.001,0.01 (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value in every run (repeatable).")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Sweep directory (default: <output_dir>/<name>-sweep-<time>).")
@@ -333,12 +333,14 @@ def _sweep_table(result):
     from rich.table import Table
 
     table = Table(title=f"sweep · {result.output}")
-    keys = list(result.plan.grid)
-    for col in ("run", *keys, "base top-1 %", "best top-1 %", "gain", "MACs speedup"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    keys = list(result.plan.grid) or ["run"]  # the grid values name each run
+    for key in keys:
+        table.add_column(key, justify="right", min_width=len(key))
+    for col in ("base top-1 %", "best top-1 %", "gain", "MACs speedup"):
+        table.add_column(col, justify="right")
     for leaf in result.plan.leaves:
         s = result.summaries[leaf.name]
-        table.add_row(leaf.name, *(str(leaf.values[k]) for k in keys), f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}",
+        table.add_row(*(str(leaf.values.get(k, leaf.name)) for k in keys), f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}",
                       f"{s['accuracy_gain']:+.2f}", f"{s['macs_speedup']:.2f}x")
     return table
 

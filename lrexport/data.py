@@ -7,14 +7,18 @@ RandomResizedCrop(224) + flip, validation Resize(256) + CenterCrop(224).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch.utils.data import Dataset, TensorDataset
-from torchvision import datasets, transforms as T
+from typing import TYPE_CHECKING
 
 from .errors import DataError
+
+if TYPE_CHECKING:  # torch loads on first use: recipe validation (and its errors) stays fast
+    import torch
+    from torch.utils.data import Dataset, TensorDataset
+    from torchvision import transforms as T
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,6 +65,8 @@ class DataInfo:
 # -- synthetic ---------------------------------------------------------------------------
 def _class_templates(num_classes: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """Per class: a colour and a sum of three oriented sinusoids (procedural, seeded)."""
+    import torch
+
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     templates = torch.empty(num_classes, 3, size, size)
     for k in range(num_classes):
@@ -80,6 +86,9 @@ def synthetic_split(cfg: DataConfig, train: bool) -> TensorDataset:
 
     Classes and samples depend only on ``cfg.seed``: the same recipe sees the same data.
     """
+    import torch
+    from torch.utils.data import TensorDataset
+
     size = cfg.image_size or 32
     gen = torch.Generator().manual_seed(cfg.seed)
     templates = _class_templates(cfg.num_classes, size, gen)
@@ -100,6 +109,8 @@ def synthetic_split(cfg: DataConfig, train: bool) -> TensorDataset:
 
 # -- real data sets ----------------------------------------------------------------------
 def _cifar10(cfg: DataConfig):
+    from torchvision import datasets, transforms as T
+
     root = Path(cfg.root)
     norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
     train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if cfg.augment else []
@@ -118,6 +129,8 @@ def _cifar10(cfg: DataConfig):
 
 
 def imagenet_transforms(size: int, augment: bool) -> tuple[T.Compose, T.Compose, int]:
+    from torchvision import transforms as T
+
     resize = int(round(size * 256 / 224))
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else [T.Resize(resize), T.CenterCrop(size)]
@@ -126,6 +139,8 @@ def imagenet_transforms(size: int, augment: bool) -> tuple[T.Compose, T.Compose,
 
 
 def _image_folders(cfg: DataConfig, what: str):
+    from torchvision import datasets
+
     root = Path(cfg.root)
     size = cfg.image_size or 224
     train_tf, val_tf, resize = imagenet_transforms(size, cfg.augment)
@@ -157,9 +172,31 @@ def _image_folders(cfg: DataConfig, what: str):
     return train, val, info
 
 
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return None
+
+
+def _check_synthetic_fits(cfg: DataConfig) -> None:
+    """The synthetic set lives in memory: a size that cannot fit is one DataError, not an allocator crash."""
+    size = cfg.image_size or 32
+    # float32 class templates, then one split's images with about two temporaries of them
+    need = 4 * 3 * size * size * (cfg.num_classes + 3 * max(cfg.train_size, cfg.val_size))
+    memory = _memory_bytes()
+    if memory and need > memory // 2:
+        raise DataError(
+            f"the synthetic set ({cfg.train_size} + {cfg.val_size} images of {size}×{size}, {cfg.num_classes} classes) needs about "
+            f"{need / 2**30:.3g} GiB, over half of this machine's {memory / 2**30:.3g} GiB; lower data.train_size, "
+            f"data.val_size, data.image_size or data.num_classes"
+        )
+
+
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
     """(train, val, info) for a data config; missing data raises one clear DataError."""
     if cfg.dataset == "synthetic":
+        _check_synthetic_fits(cfg)
         size = cfg.image_size or 32
         info = DataInfo(cfg.num_classes, [f"class{k}" for k in range(cfg.num_classes)], (3, size, size), SYNTHETIC_MEAN, SYNTHETIC_STD)
         return synthetic_split(cfg, True), synthetic_split(cfg, False), info

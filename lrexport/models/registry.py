@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +52,7 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
     if name in _REGISTRY:
         if weights is not None and not local:
             raise LrexportError(f"model {name!r} has no built-in weights; give a state-dict file (.pt/.pth), got {weights!r}")
-        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+        model = _build(name, _REGISTRY[name], num_classes=num_classes, **kwargs)
     elif name in torchvision.models.list_models(module=torchvision.models):
         tv_weights = None
         if weights is not None and not local:
@@ -65,7 +66,7 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
                     f"weights {weights!r} of {name} have {len(tv_weights.meta['categories'])} classes, recipe asks for {num_classes}"
                 )
         try:
-            model = torchvision.models.get_model(name, weights=tv_weights, num_classes=num_classes, **kwargs)
+            model = _build(name, torchvision.models.get_model, name, weights=tv_weights, num_classes=num_classes, **kwargs)
         except (OSError, RuntimeError) as e:  # download failed
             raise LrexportError(f"could not fetch torchvision weights {weights!r} for {name}: {e}") from None
     else:
@@ -75,20 +76,34 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
     return model
 
 
+def _build(name: str, builder: Callable[..., nn.Module], *args, **kwargs) -> nn.Module:
+    """Call a model builder; keyword arguments it refuses (recipe model.kwargs) are one clear error."""
+    try:
+        return builder(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        shown = {k: v for k, v in kwargs.items() if k not in ("weights", "num_classes")}
+        raise LrexportError(f"model {name!r} cannot be built with model.kwargs = {shown}: {str(e).splitlines()[0][:200]}") from None
+
+
 def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
     """Load a dense state dict (plain, or wrapped under 'model'/'state_dict') into ``model``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read weights file {path}: {e.__class__.__name__}: {e}") from None
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn before it refuses it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own message runs to many lines and suggests weights_only=False
+        raise CheckpointError(f"cannot read weights file {path}: not a torch.save'd state dict, or a damaged one "
+                              f"({e.__class__.__name__})") from None
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state)

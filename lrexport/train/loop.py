@@ -96,9 +96,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise LrexportError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise LrexportError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LrexportError(f"device {name!r} asked for, but this machine has no usable CUDA GPU; use device = \"auto\" or \"cpu\"")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LrexportError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 
