@@ -305,6 +305,10 @@ class SweepProgress:
             self.phase = self.bar.add_task(data["phase"], total=data["epochs"] * data["steps"], info="")
         elif kind == "step" and self.phase is not None:
             self.bar.update(self.phase, advance=1, info=f"epoch {data['epoch']} loss {data['loss']:.3f}")
+        elif kind == "energy_step":
+            mark = "" if data["within"] else " (beyond tolerance)"
+            self.bar.console.print(f"    e = {data['energy']:g}: top-1 {data['top1']:.2f}%, MACs speedup {data['speedup']:.2f}x{mark}",
+                                   highlight=False)
         elif kind == "phase_end" and self.phase is not None:
             acc = f" · val top-1 {data['top1']:.2f}%" if "top1" in data else ""
             self.bar.console.print(f"    {data['phase']} done{acc}", highlight=False)
@@ -364,15 +368,22 @@ def report(runs, output):
 def _report_table(rows):
     from rich.table import Table
 
-    table = Table(title="accuracy gain vs speedup")
-    for col in ("run", "model", "dec.", "reg.", "λ_s", "e", "base top-1 %", "gain", "MACs speedup", "wall speedup"):
-        table.add_column(col, justify="left" if col in ("run", "model", "dec.", "reg.") else "right")
+    cells = {
+        "run": lambda r: r.run, "model": lambda r: r.model, "data": lambda r: r.dataset, "dec.": lambda r: r.decomposition,
+        "reg.": lambda r: r.regularizer, "λ_s": lambda r: f"{r.decay:g}", "e": lambda r: f"{r.energy:.1e}",
+        "base top-1 %": lambda r: f"{r.base_top1:.2f}", "gain": lambda r: f"{r.gain_top1:+.2f}",
+        "MACs speedup": lambda r: f"{r.macs_speedup:.2f}x",
+        "wall speedup": lambda r: ", ".join(f"{s:.2f}x (b{b})" for b, s in sorted(r.wall.items())) or "-",
+    }
+    # settings shared by every row go to the title, so the table fits a terminal
+    shared = [c for c in ("model", "data", "dec.", "reg.", "λ_s", "e") if len(rows) > 1 and len({cells[c](r) for r in rows}) == 1]
+    table = Table(title="accuracy gain vs speedup" + "".join(f" · {c} {cells[c](rows[0])}" for c in shared))
+    columns = [c for c in cells if c not in shared]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("run", "model", "data", "dec.", "reg.") else "right")
     for r in rows:
-        wall = ", ".join(f"{s:.2f}x (b{b})" for b, s in sorted(r.wall.items())) or "-"
-        table.add_row(r.run, r.model, r.decomposition, r.regularizer, f"{r.decay:g}", f"{r.energy:.1e}", f"{r.base_top1:.2f}",
-                      f"{r.gain_top1:+.2f}", f"{r.macs_speedup:.2f}x", wall)
+        table.add_row(*(cells[c](r) for c in columns))
     return table
-
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,7 @@ def tradeoff_png(title: str, runs: list[dict], paper: list[dict] = (), baselines
     fig = _figure(TRADEOFF_PX)
     ax = fig.add_axes((0.08, 0.1, 0.6, 0.8))
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+    ax.axvline(1.0, color="0.6", lw=0.8, ls="--", zorder=0)  # below 1×: slower than the dense model
     for p in paper:
         ax.scatter(p["speedup"], p["gain"], marker=DEC_MARKERS.get(p["decomposition"], "o"), s=30,
                    color=REG_COLOURS.get(p["regularizer"], "0.5"), alpha=0.3, lw=0, zorder=1)

@@ -4,7 +4,7 @@ Reads only what runs wrote: summary.json (measurements), recipe.toml (the effect
 model, data, decomposition, regularizer), spectra.json, and artifacts/verify.json where
 ``lrexport verify`` has run. Writes report.md, report.csv, one trade-off plot per model and
 data set (with the paper's own points and its baselines), and per run its spectra, ranks
-and MACs (and the energy ladder, if the energy was searched).
+and MACs (and the energy ladder, if the energy was searched: summary "energy_search").
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def run_figures(row: RunRow) -> dict[str, bytes]:
         figs["ranks.png"] = plots.ranks_png(s["ranks"])
     if s.get("macs", {}).get("layers"):
         figs["macs.png"] = plots.macs_png(s["macs"]["layers"])
-    search = s["phases"].get("prune", {}).get("search")
+    search = s.get("energy_search")  # prune.energy = "auto": the line search's ladder
     if search:
         figs["energy.png"] = plots.ladder_png(search)
     return figs

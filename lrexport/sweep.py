@@ -187,13 +187,26 @@ class SweepResult:
         return [self.output / r.name for r in self.plan.leaves]
 
 
+def _same_recipe(stored: Path, recipe: Recipe) -> bool:
+    """Whether a run's recipe.toml has ``recipe``'s settings.
+
+    Re-validated with today's defaults, so keys added to the recipe schema since that run
+    (with their defaults) do not make it a different recipe.
+    """
+    try:
+        return recipe_from_dict(tomllib.loads(stored.read_text()), str(stored)).hash() == recipe.hash()
+    except (RecipeError, tomllib.TOMLDecodeError):
+        return False
+
+
 def _state(run_dir: Path, run: SweepRun) -> str:
     """"done", "partial" (resume it) or "new"; a run dir of another recipe is an error."""
+    stored = run_dir / "recipe.toml"
+    if stored.is_file() and not _same_recipe(stored, run.recipe):
+        raise LrexportError(f"{run_dir} holds a run of a different recipe; sweep into a new --output")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if summary.get("recipe_hash") != run.recipe.hash():
-            raise LrexportError(f"{run_dir} holds a run of a different recipe; sweep into a new --output")
         finished = "finished" in summary if run.leaf else all(p in summary.get("phases", {}) for p in run.phases)
         if finished:
             return "done"

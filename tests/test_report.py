@@ -35,7 +35,7 @@ VERIFY = {  # the keys lrexport.deploy.verify writes that the report reads
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A finished run with a verify.json, a second one branched from its SVD phase, and the unfinished stem."""
+    """Runs branched from one SVD-trained stem (left unfinished): with a verify.json, a larger e, e searched."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make tiny runs many times slower
     try:
@@ -43,16 +43,18 @@ def runs(tmp_path_factory):
         stem = run_recipe(recipe_from_dict(RAW), root / "stem", stop_after="svd").run_dir
         a = run_recipe(recipe_from_dict(RAW), root / "a", start_from=stem).run_dir
         b = run_recipe(recipe_from_dict(RAW, overrides=["prune.energy=0.3"]), root / "b", start_from=stem).run_dir
+        auto = ['prune.energy="auto"', "prune.ladder=[0.001, 0.3]", "prune.tolerance=100.0"]  # every rung passes: 0.3
+        c = run_recipe(recipe_from_dict(RAW, overrides=auto), root / "c", start_from=stem).run_dir
     finally:
         torch.set_num_threads(threads)
     (a / "artifacts").mkdir()
     (a / "artifacts" / "verify.json").write_text(json.dumps(VERIFY))
-    return {"stem": stem, "a": a, "b": b}
+    return {"stem": stem, "a": a, "b": b, "c": c}
 
 
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory):
-    return build_report([runs["a"], runs["b"]], tmp_path_factory.mktemp("report") / "out")
+    return build_report([runs["a"], runs["b"], runs["c"]], tmp_path_factory.mktemp("report") / "out")
 
 
 def _summary(run):
@@ -61,8 +63,8 @@ def _summary(run):
 
 def test_csv_numbers_are_the_summaries(runs, report):
     rows = {r["run"]: r for r in csv.DictReader((report.output / "report.csv").open())}
-    assert set(rows) == {"a", "b"}
-    for name in ("a", "b"):
+    assert set(rows) == {"a", "b", "c"}
+    for name in ("a", "b", "c"):
         s, row = _summary(runs[name]), rows[name]
         recipe = tomllib.loads((runs[name] / "recipe.toml").read_text())
         assert float(row["base_top1"]) == s["base_top1"]
@@ -71,13 +73,16 @@ def test_csv_numbers_are_the_summaries(runs, report):
         assert float(row["top5_gain"]) == s["best_finetune_top5"] - s["base_top5"]
         assert float(row["macs_speedup"]) == s["macs_speedup"]
         assert int(row["macs"]) == s["macs"]["macs"] and int(row["dense_macs"]) == s["macs"]["dense_macs"]
-        assert float(row["energy"]) == s["phases"]["prune"]["energy"] == recipe["prune"]["energy"]
+        assert float(row["energy"]) == s["phases"]["prune"]["energy"]
+        assert recipe["prune"]["energy"] in (float(row["energy"]), "auto")
         assert float(row["decay"]) == recipe["reg"]["decay"] == 0.5
         assert (row["model"], row["dataset"], row["decomposition"], row["regularizer"]) == ("cifar_resnet20", "synthetic", "channel", "hoyer")
     assert float(rows["b"]["energy"]) == 0.3 and float(rows["b"]["macs_speedup"]) > float(rows["a"]["macs_speedup"])
     # wall-clock speedup only where verify ran
     assert (rows["a"]["wall_speedup_b1"], rows["a"]["wall_speedup_b8"], rows["a"]["deployed_macs_speedup"]) == ("1.5", "2.25", "2.9")
     assert rows["b"]["wall_speedup_b1"] == rows["b"]["deployed_macs_speedup"] == ""
+    # a searched e is reported as the value chosen
+    assert float(rows["c"]["energy"]) == _summary(runs["c"])["energy_search"]["energy"] == 0.3
 
 
 def test_markdown_table_and_links(runs, report):
@@ -93,7 +98,7 @@ def test_markdown_table_and_links(runs, report):
     assert links and all((report.output / link).is_file() for link in links)
     assert {p.relative_to(report.output).as_posix() for p in report.files} == {
         "report.md", "report.csv", "tradeoff-cifar_resnet20-synthetic.png",
-        *(f"runs/{r}/{f}.png" for r in "ab" for f in ("spectra", "ranks", "macs"))}
+        *(f"runs/{r}/{f}.png" for r in "abc" for f in ("spectra", "ranks", "macs")), "runs/c/energy.png"}
 
 
 def _image(path):
@@ -115,7 +120,7 @@ def test_pngs_are_real_images_of_the_expected_size(runs, report):
     expected = {
         "tradeoff-cifar_resnet20-synthetic.png": plots.TRADEOFF_PX,
         "runs/a/spectra.png": plots.spectra_px(layers), "runs/a/ranks.png": plots.bars_px(layers),
-        "runs/a/macs.png": plots.bars_px(len(s["macs"]["layers"])),
+        "runs/a/macs.png": plots.bars_px(len(s["macs"]["layers"])), "runs/c/energy.png": plots.LADDER_PX,
     }
     assert plots.TRADEOFF_PX == (880, 600) and plots.spectra_px(21) == (1200, 660) and plots.bars_px(21) == (900, 486)
     for rel, size in expected.items():

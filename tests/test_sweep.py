@@ -5,12 +5,13 @@ import tomllib
 from collections import Counter
 
 import pytest
+import tomli_w
 import torch
 from click.testing import CliRunner
 
 from lrexport.cli import main
-from lrexport.errors import RecipeError
-from lrexport.sweep import PHASES, first_phase, parse_grid, plan_sweep, run_sweep
+from lrexport.errors import LrexportError, RecipeError
+from lrexport.sweep import PHASES, _same_recipe, first_phase, parse_grid, plan_sweep, run_sweep
 
 TINY = """
 name = "tiny"
@@ -122,6 +123,25 @@ def test_rerun_skips_finished_runs(swept, recipe):
     assert "skipped 7 finished runs" in " ".join(cli.output.split())
     for d in DECAYS:
         assert f"reg.decay={d},prune.energy=0.3" in cli.output
+
+
+def test_rerun_with_another_recipe_is_refused(swept, recipe):
+    result, _ = swept
+    with pytest.raises(LrexportError, match="shared/stem holds a run of a different recipe"):
+        run_sweep(recipe, GRID, ["phases.finetune.lr=0.02"], output=result.output)
+
+
+def test_recipe_keys_added_since_a_run_do_not_make_it_different(swept, tmp_path):
+    result, _ = swept
+    leaf = result.plan.leaves[0]
+    stored = tomllib.loads((result.output / leaf.name / "recipe.toml").read_text())
+    del stored["prune"]["tolerance"]  # as written by an lrexport that had no such key
+    old = tmp_path / "recipe.toml"
+    old.write_text(tomli_w.dumps(stored))
+    assert _same_recipe(old, leaf.recipe)
+    stored["prune"]["multiple_of"] = 8
+    old.write_text(tomli_w.dumps(stored))
+    assert not _same_recipe(old, leaf.recipe)
 
 
 def test_plan_shapes():
