@@ -42,7 +42,7 @@ GRID = ["reg.decay=0.0,0.5", "prune.energy=0.01,0.3"]
 DECAYS, ENERGIES = (0.0, 0.5), (0.01, 0.3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # 2 shared cores: more threads than cores makes tiny runs many times slower
     threads = torch.get_num_threads()
@@ -59,7 +59,7 @@ def recipe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def swept(recipe, tmp_path_factory, one_thread):
+def swept(recipe, tmp_path_factory):
     events = []
     out = tmp_path_factory.mktemp("sweep") / "out"
     result = run_sweep(recipe, GRID, output=out, progress=lambda kind, data: events.append((kind, data)))
