@@ -65,10 +65,10 @@ def decompose(
         elif isinstance(dense, nn.Conv2d):
             new = SVDConv2d(
                 dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding, dense.dilation,
-                bias=dense.bias is not None, mode=mode, rank=ranks[name],
+                bias=dense.bias is not None, mode=mode, rank=ranks[name], init=False,
             )
         elif isinstance(dense, nn.Linear):
-            new = SVDLinear(dense.in_features, dense.out_features, bias=dense.bias is not None, rank=ranks[name])
+            new = SVDLinear(dense.in_features, dense.out_features, bias=dense.bias is not None, rank=ranks[name], init=False)
         else:
             raise LrexportError(f"layer {name!r} is a {type(dense).__name__}, not a Conv2d or Linear")
         _set_submodule(model, name, new)

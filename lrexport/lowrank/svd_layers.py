@@ -42,6 +42,7 @@ class SVDConv2d(nn.Module):
         bias: bool = True,
         mode: str = "channel",
         rank: int | None = None,
+        init: bool = True,
     ):
         super().__init__()
         if mode not in MODES:
@@ -59,7 +60,8 @@ class SVDConv2d(nn.Module):
         self.s = nn.Parameter(torch.empty(rank))
         self.V = nn.Parameter(torch.empty(rank, cols))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.reset_parameters()
+        if init:  # skipped when a state dict will fill the factors anyway (an SVD per layer is not free)
+            self.reset_parameters()
 
     # -- construction -------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -71,7 +73,7 @@ class SVDConv2d(nn.Module):
     def from_dense(cls, conv: nn.Conv2d, mode: str = "channel") -> "SVDConv2d":
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            bias=conv.bias is not None, mode=mode,
+            bias=conv.bias is not None, mode=mode, init=False,
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
         layer.load_dense(conv.weight.data, None if conv.bias is None else conv.bias.data)
         return layer
@@ -155,7 +157,7 @@ class SVDLinear(nn.Module):
 
     mode = "linear"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int | None = None, init: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.full_rank = min(in_features, out_features)
@@ -166,7 +168,8 @@ class SVDLinear(nn.Module):
         self.s = nn.Parameter(torch.empty(rank))
         self.V = nn.Parameter(torch.empty(rank, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -174,7 +177,7 @@ class SVDLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mode: str | None = None) -> "SVDLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None).to(
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, init=False).to(
             device=linear.weight.device, dtype=linear.weight.dtype
         )
         layer.load_dense(linear.weight.data, None if linear.bias is None else linear.bias.data)
