@@ -137,7 +137,25 @@ def _torchrun(nproc: int) -> int:
         if not skip:
             args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lrexport", *args]
-    return subprocess.call(cmd)
+    import signal
+
+    proc, stopped = subprocess.Popen(cmd), []
+
+    def forward(signum, frame):  # torchrun hands a SIGTERM to the workers: they save last.pt and stop
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun and the workers too: wait while they save
+                stopped.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return 130 if stopped and code else code  # as one process exits when a signal stopped it (torchrun says 1)
 
 
 @main.command()
