@@ -106,8 +106,6 @@ def test_leaves_carry_their_values(swept):
     assert spectra[0.0]["before"] == spectra[0.5]["before"] and spectra[0.0]["after"] != spectra[0.5]["after"]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline: a branch (start_from) keeps its source's summary['reg'] and "
-                   "summary['prune']; the leaf's recipe.toml and phases.prune.energy are right")
 def test_leaf_summaries_record_their_own_regularizer(swept):
     result, _ = swept
     for d in DECAYS:

@@ -25,6 +25,10 @@ from ..models import create_model
 FORMAT_VERSION = 1
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``.
 
@@ -35,6 +39,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> Non
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

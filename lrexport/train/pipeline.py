@@ -389,6 +389,9 @@ class Pipeline:
             state = self._restore(source, previous)
             if start_from is not None:
                 state = dict(state, phase=None)  # a branch starts at a phase boundary
+                # the branch's own settings, not its source's (the phases it copied are the source's)
+                fresh = self._new_summary()
+                self.summary.update({k: fresh[k] for k in ("name", "started", "decomposition", "reg", "prune")})
                 if self.dist.is_main:
                     shutil.copytree(source / "checkpoints", self.ckpt_dir, dirs_exist_ok=True,
                                     ignore=shutil.ignore_patterns("last*.pt"))
