@@ -79,8 +79,15 @@ def _input_sizes(model: nn.Module, input_size) -> dict[str, tuple[int, int] | No
     return sizes
 
 
-def plan_layers(model: nn.Module, input_size, multiple_of: int = 8) -> list[LayerPlan]:
-    """Deployment decision for every SVD layer of ``model`` at ``input_size`` (C, H, W)."""
+def plan_layers(model: nn.Module, input_size, multiple_of: int = 8, plan: dict | None = None) -> list[LayerPlan]:
+    """Deployment decision for every SVD layer of ``model`` at ``input_size`` (C, H, W).
+
+    By default a layer's rank is aligned up to ``multiple_of`` and merged to dense at or
+    above break-even. ``plan`` (name → deployed rank or "dense", e.g. from measured
+    latency) overrides that per layer; a rank must be ≥ the layer's own (zero-padding
+    changes no output, dropping values would change the model).
+    """
+    plan = dict(plan or {})
     was_training = model.training
     model.eval()
     try:
@@ -88,16 +95,34 @@ def plan_layers(model: nn.Module, input_size, multiple_of: int = 8) -> list[Laye
     finally:
         model.train(was_training)
     plans = []
-    for name, layer in svd_layers(model):
+    layers = svd_layers(model)
+    unknown = sorted(set(plan) - {name for name, _ in layers})
+    if unknown:
+        raise ValueError(f"plan names layers that are not SVD layers of the model: {unknown}")
+    for name, layer in layers:
         if name not in sizes:
             raise ValueError(f"SVD layer {name!r} is not used in the forward pass")
         in_hw = sizes[name]
         kind = "svd-linear" if isinstance(layer, SVDLinear) else f"svd-{layer.mode}"
         even = layer.break_even_rank(in_hw)
-        rank = aligned_rank(layer.rank, multiple_of)
-        # padding up to or past break-even would cost more than the dense layer
-        plans.append(LayerPlan(name, kind, layer.rank, layer.full_rank, even, None if rank >= even else rank, in_hw))
+        if name in plan:
+            deployed = _planned_rank(name, plan[name], layer.rank)
+        else:
+            rank = aligned_rank(layer.rank, multiple_of)
+            # padding up to or past break-even would cost more than the dense layer
+            deployed = None if rank >= even else rank
+        plans.append(LayerPlan(name, kind, layer.rank, layer.full_rank, even, deployed, in_hw))
     return plans
+
+
+def _planned_rank(name: str, value, rank: int) -> int | None:
+    if value == "dense":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"plan for {name!r} must be a rank or 'dense', got {value!r}")
+    if value < rank:
+        raise ValueError(f"plan deploys {name!r} at rank {value}, below its rank {rank}: that would change the model")
+    return value
 
 
 def _pad_rank(w1: torch.Tensor, w2: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,13 +236,16 @@ def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
     return frozen
 
 
-def to_plain(model: nn.Module, input_size, multiple_of: int = 8) -> tuple[fx.GraphModule, RewriteReport]:
+def to_plain(
+    model: nn.Module, input_size, multiple_of: int = 8, plan: dict | None = None
+) -> tuple[fx.GraphModule, RewriteReport]:
     """A plain copy of ``model`` for export: thin conv pairs or dense convs, BN folded, eval mode.
 
     ``input_size`` is (C, H, W) of one image: break-even ranks depend on each layer's input
-    size. The original model is left untouched. Works on dense models too (BN folding only).
+    size. ``plan`` (name → rank or "dense") overrides the default decision per layer (see
+    ``plan_layers``). The original model is left untouched. Works on dense models too (BN folding only).
     """
-    plans = plan_layers(model, input_size, multiple_of)
+    plans = plan_layers(model, input_size, multiple_of, plan)
     plain = copy.deepcopy(model).eval()
     for plan in plans:
         layer = plain.get_submodule(plan.name)

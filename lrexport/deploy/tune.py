@@ -1,0 +1,388 @@
+"""Per-layer deployment chosen by measured latency (DESIGN §6: MACs do not predict time).
+
+For every decomposed conv the candidates are: the dense conv, and the thin pair at the
+energy rule's rank r_e and at r_e rounded up to multiples of 8, 16 and 32 (below
+break-even). Each candidate is built as a one-layer ONNX model with the geometry the
+export gives it (conv1 → conv2 of the pair, or one conv, bias as after BN folding) and
+timed on the target runtime at the deployment's batch and input shape: warm-up, then
+rounds interleaved across the layer's candidates, median per candidate.
+
+``choose`` then keeps the fastest candidate that does not change the model: dense, or a
+pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Going below r_e would
+change the model and is not done here.
+
+Times are cached in a JSON file keyed by layer geometry, candidate, runtime, provider,
+runtime version, CPU, threads and batch, so a second export (or another model with the
+same layer shapes) times nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LrexportError, RuntimeMissingError
+from ..train.checkpoint import atomic_write_text
+from .latency import LatencyStats, time_rounds
+
+CACHE_FILE = "tune_cache.json"
+CACHE_VERSION = 1
+DENSE = "dense"
+RUNTIMES = ("ort",)
+MULTIPLES = (8, 16, 32)
+
+
+# -- the layers and their candidates ----------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """Geometry of one decomposed conv as deployed: what its time depends on."""
+
+    mode: str  # "channel" or "spatial"
+    c: int
+    n: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    in_hw: tuple[int, int]
+
+    def key(self) -> str:
+        return (f"{self.mode}:c{self.c}:n{self.n}:k{self.kh}x{self.kw}:s{self.stride[0]}x{self.stride[1]}"
+                f":p{self.padding[0]}x{self.padding[1]}:d{self.dilation[0]}x{self.dilation[1]}:hw{self.in_hw[0]}x{self.in_hw[1]}")
+
+    def macs(self, rank: int | None) -> int:
+        """MACs per image of the dense conv (``rank=None``) or the pair at ``rank``."""
+        from ..lowrank import macs as M
+
+        out_hw = tuple(M.conv_out(self.in_hw[i], (self.kh, self.kw)[i], self.stride[i], self.padding[i], self.dilation[i])
+                       for i in (0, 1))
+        if rank is None:
+            return M.dense_conv_macs(self.c, self.n, self.kh, self.kw, out_hw)
+        if self.mode == "channel":
+            return M.channel_macs(self.c, self.n, self.kh, self.kw, rank, out_hw)
+        return M.spatial_macs(self.c, self.n, self.kh, self.kw, rank, out_hw, mid_w=self.in_hw[1])
+
+
+@dataclass
+class TuneLayer:
+    """One decomposed conv: its shape, the energy rule's rank and the untuned export's choice."""
+
+    name: str
+    shape: LayerShape
+    energy_rank: int  # the rank as trained (the energy rule's)
+    full_rank: int
+    break_even: int
+    default: str | int  # what the export does without tuning: DENSE or the aligned rank
+
+    def candidates(self, multiples=MULTIPLES) -> list[str | int]:
+        """DENSE, r_e and r_e rounded up to each multiple, pairs only below break-even; the default always."""
+        ranks = {self.energy_rank} | {math.ceil(self.energy_rank / m) * m for m in multiples}
+        ranks = sorted(r for r in ranks if r < self.break_even and r <= self.full_rank)
+        out: list[str | int] = [DENSE, *ranks]
+        if self.default not in out:
+            out.append(self.default)
+        return out
+
+    def macs(self, candidate: str | int) -> int:
+        return self.shape.macs(None if candidate == DENSE else int(candidate))
+
+
+def tune_layers_of(model, input_size, multiple_of: int = 8) -> list[TuneLayer]:
+    """The decomposed convs of ``model`` (SVD linears are left to the default rule)."""
+    from ..lowrank.rewrite import plan_layers
+    from ..lowrank.svd_layers import SVDConv2d
+
+    modules = dict(model.named_modules())
+    layers = []
+    for plan in plan_layers(model, input_size, multiple_of):
+        layer = modules[plan.name]
+        if not isinstance(layer, SVDConv2d):
+            continue
+        shape = LayerShape(layer.mode, layer.in_channels, layer.out_channels, *layer.kernel_size,
+                           tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), tuple(plan.in_hw))
+        default = DENSE if plan.dense else plan.deployed_rank
+        layers.append(TuneLayer(plan.name, shape, plan.rank, plan.full_rank, plan.break_even, default))
+    return layers
+
+
+# -- choosing ---------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    name: str
+    choice: str | int  # DENSE or the deployed rank
+    ms: float
+    default: str | int
+    default_ms: float
+    macs: int
+    reason: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def dense(self) -> bool:
+        return self.choice == DENSE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _label(c: str | int) -> str:
+    return DENSE if c == DENSE else f"pair r={c}"
+
+
+def choose(times: dict, layer: TuneLayer, margin: float = 0.02) -> Choice:
+    """The deployment of ``layer`` given ``times`` (candidate → ms; keys DENSE or ranks, str or int).
+
+    Eligible: DENSE, and pairs at ranks ≥ the energy rank (lower ranks change the model).
+    The fastest eligible candidate wins, unless the untuned default is within ``margin``
+    (relative) of it: a change must be measurably faster, not noise. Pure: no timing here.
+    """
+    table: dict[str | int, float] = {}
+    for key, ms in times.items():
+        cand = DENSE if key == DENSE else int(key)
+        if cand == DENSE or cand >= layer.energy_rank:
+            table[cand] = float(ms)
+    if not table:
+        raise LrexportError(f"no timed candidate for layer {layer.name} (need dense or a rank ≥ {layer.energy_rank})")
+    best = min(table, key=lambda c: (table[c], layer.macs(c)))
+    default_ms = table.get(layer.default, math.nan)
+    others = sorted((c for c in table if c != best), key=lambda c: table[c])
+    if layer.default in table and default_ms <= table[best] * (1 + margin):
+        pick = layer.default
+        if pick == best:
+            nxt = f"; next {_label(others[0])} {table[others[0]]:.3f} ms" if others else ""
+            reason = f"default {_label(pick)} fastest of {len(table)} at {default_ms:.3f} ms{nxt}"
+        else:
+            reason = (f"default {_label(pick)} kept at {default_ms:.3f} ms: within {100 * margin:g}% of the fastest, "
+                      f"{_label(best)} {table[best]:.3f} ms")
+    else:
+        pick = best
+        if layer.default in table:
+            vs = f"default {_label(layer.default)} {default_ms:.3f} ms ({100 * (1 - table[pick] / default_ms):.0f}% faster)"
+        else:
+            vs = f"default {_label(layer.default)} not timed"
+        reason = f"{_label(pick)} fastest of {len(table)} at {table[pick]:.3f} ms vs {vs}"
+    return Choice(
+        layer.name, pick, table[pick], layer.default, default_ms, layer.macs(pick), reason,
+        {str(c): table[c] for c in sorted(table, key=lambda c: (c != DENSE, 0 if c == DENSE else c))},
+    )
+
+
+# -- one-layer ONNX models ----------------------------------------------------------------------
+def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int = 17, seed: int = 0):
+    """A one-layer ONNX model: the dense conv, or the thin pair at ``candidate`` rank, as exported.
+
+    The last conv carries a bias, as every conv has after BatchNorm folding.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c, n, kh, kw = shape.c, shape.n, shape.kh, shape.kw
+    (sh, sw), (ph, pw), (dh, dw) = shape.stride, shape.padding, shape.dilation
+    inits, nodes = [], []
+
+    def conv(name, x, out, w_shape, strides, pads, dilations, bias):
+        w = rng.standard_normal(w_shape, dtype=np.float32) * 0.05
+        inits.append(numpy_helper.from_array(w, f"{name}.w"))
+        inputs = [x, f"{name}.w"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(w_shape[0], dtype=np.float32), f"{name}.b"))
+            inputs.append(f"{name}.b")
+        nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=list(w_shape[2:]), strides=list(strides),
+                                      pads=[pads[0], pads[1], pads[0], pads[1]], dilations=list(dilations)))
+
+    if candidate == DENSE:
+        conv("conv", "x", "y", (n, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), True)
+    else:
+        r = int(candidate)
+        if shape.mode == "channel":
+            conv("conv1", "x", "mid", (r, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), False)
+            conv("conv2", "mid", "y", (n, r, 1, 1), (1, 1), (0, 0), (1, 1), True)
+        else:
+            conv("conv1", "x", "mid", (r, c, kh, 1), (sh, 1), (ph, 0), (dh, 1), False)
+            conv("conv2", "mid", "y", (n, r, 1, kw), (1, sw), (0, pw), (1, dw), True)
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, *shape.in_hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n, None, None])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 8)
+    onnx.checker.check_model(model)
+    return model
+
+
+# -- timing on the runtime -----------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+@dataclass
+class Target:
+    """Where the deployment runs: what a cached time is only valid for."""
+
+    runtime: str = "ort"
+    threads: int = 1
+    batch: int = 1
+    precision: str = "fp32"
+    provider: str = "CPUExecutionProvider"
+    version: str = ""
+    device: str = ""
+
+    def key(self) -> str:
+        return f"{self.runtime}-{self.version}:{self.provider}:{self.device}:{self.precision}:t{self.threads}:b{self.batch}"
+
+
+def ort_target(threads: int | None = None, batch: int = 1) -> Target:
+    import onnxruntime
+
+    return Target("ort", threads or os.cpu_count() or 1, batch, "fp32", "CPUExecutionProvider", onnxruntime.__version__, cpu_name())
+
+
+def time_candidates(shape: LayerShape, candidates, target: Target, warmup: int = 3, budget_ms: float = 1500.0,
+                    min_repeats: int = 9, max_repeats: int = 40) -> dict[str | int, LatencyStats]:
+    """Latency of each candidate deployment of one layer on ``target`` (onnxruntime).
+
+    Rounds are interleaved across candidates (a slow spell of a shared machine hits all
+    alike); their number fits ``budget_ms`` of timed calls, within [min_repeats, max_repeats].
+    """
+    if target.runtime != "ort":
+        raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
+    from .runtime import OrtRunner
+
+    runners = {}
+    for cand in candidates:
+        runner = OrtRunner(layer_onnx(shape, cand, target.batch).SerializeToString(), target.threads, spin=False)
+        runners[cand] = runner.run
+    x = np.random.default_rng(1).standard_normal((target.batch, shape.c, *shape.in_hw), dtype=np.float32)
+    probe = time_rounds(runners, x, warmup=warmup, repeats=1)
+    round_ms = sum(t[0] for t in probe.values())
+    repeats = int(min(max_repeats, max(min_repeats, budget_ms / max(round_ms, 1e-3))))
+    times = time_rounds(runners, x, warmup=0, repeats=repeats)
+    return {cand: LatencyStats.from_ms(target.batch, t) for cand, t in times.items()}
+
+
+# -- cache ------------------------------------------------------------------------------------------
+class TuneCache:
+    """Timed candidates in a JSON file: key "target|layer shape|candidate" → latency stats."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, dict] = {}
+        self.hits = self.misses = 0
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, OSError):
+                data = {}  # a damaged cache only costs a re-time
+            if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+                self.entries = dict(data.get("entries", {}))
+
+    @staticmethod
+    def key(target: Target, shape: LayerShape, candidate) -> str:
+        return f"{target.key()}|{shape.key()}|{candidate}"
+
+    def get(self, target: Target, shape: LayerShape, candidate) -> dict | None:
+        return self.entries.get(self.key(target, shape, candidate))
+
+    def put(self, target: Target, shape: LayerShape, candidate, stats: LatencyStats) -> None:
+        self.entries[self.key(target, shape, candidate)] = {
+            "median_ms": stats.median_ms, "min_ms": stats.min_ms, "p90_ms": stats.p90_ms, "repeats": stats.repeats,
+        }
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1, sort_keys=True))
+
+
+# -- the whole model ------------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    target: Target
+    choices: list[Choice]
+    cache_hits: int
+    cache_misses: int
+    seconds: float
+    margin: float
+
+    @property
+    def plan(self) -> dict[str, str | int]:
+        """name → DENSE or rank, for ``to_plain(..., plan=...)``."""
+        return {c.name: c.choice for c in self.choices}
+
+    def predicted(self) -> dict:
+        """Sums of per-layer times (decomposed convs only) of the tuned, default and dense deployments."""
+        return {
+            "batch": self.target.batch,
+            "lowrank_ms": sum(c.ms for c in self.choices),
+            "untuned_ms": sum(c.default_ms for c in self.choices),
+            "dense_ms": sum(c.times_ms[DENSE] for c in self.choices),
+            "layers": len(self.choices),
+            "note": "sum of the decomposed convs' one-layer times; other ops (pooling, adds, fc, undecomposed convs) not included",
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "target": asdict(self.target), "margin": self.margin, "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses, "seconds": self.seconds, "predicted": self.predicted(),
+            "rule": "fastest of dense and pairs at ranks ≥ the energy rank; the default kept within the margin",
+            "layers": [c.to_dict() for c in self.choices],
+        }
+
+
+def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None, margin: float = 0.02,
+         multiples=MULTIPLES, progress=None, **timing) -> TuneResult:
+    """Time every candidate of every layer on ``target`` (cached ones excepted) and choose per layer.
+
+    ``progress(name, choice)`` is called after each layer (the CLI draws it). ``timing`` goes
+    to ``time_candidates`` (warmup, budget_ms, min_repeats, max_repeats).
+    """
+    cache = cache if cache is not None else TuneCache(None)
+    start = time.perf_counter()
+    hits = misses = 0
+    choices = []
+    for layer in layers:
+        cands = layer.candidates(multiples)
+        times, todo = {}, []
+        for cand in cands:
+            entry = cache.get(target, layer.shape, cand)
+            if entry is None:
+                todo.append(cand)
+            else:
+                times[cand] = entry["median_ms"]
+        hits += len(cands) - len(todo)
+        misses += len(todo)
+        if todo:
+            for cand, stats in time_candidates(layer.shape, todo, target, **timing).items():
+                cache.put(target, layer.shape, cand, stats)
+                times[cand] = stats.median_ms
+        choice = choose(times, layer, margin)
+        choices.append(choice)
+        if progress is not None:
+            progress(layer.name, choice)
+    cache.save()
+    return TuneResult(target, choices, hits, misses, time.perf_counter() - start, margin)
+
+
+def tune_model(model, input_size, batch: int = 1, threads: int | None = None, runtime: str = "ort",
+               cache_path: str | Path | None = None, multiple_of: int = 8, margin: float = 0.02, progress=None,
+               **timing) -> TuneResult:
+    """Tune every decomposed conv of ``model`` at ``input_size`` (C, H, W) and ``batch`` on ``runtime``."""
+    if runtime not in RUNTIMES:
+        raise RuntimeMissingError(f"--tune supports runtime {', '.join(RUNTIMES)} here; {runtime!r} is not implemented")
+    if batch < 1:
+        raise LrexportError(f"tune batch must be ≥ 1; got {batch}")
+    target = ort_target(threads, batch)
+    return tune(tune_layers_of(model, input_size, multiple_of), target, TuneCache(cache_path), margin,
+                progress=progress, **timing)

@@ -1,0 +1,172 @@
+"""Latency-tuned deployment: candidates, the selection rule on given tables, the cache, plans in to_plain.
+
+No timing is asserted: selection is tested on hand-written latency tables, and the timer is
+replaced by a fake wherever only the bookkeeping matters.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrexport
+from lrexport.deploy import tune as T
+from lrexport.lowrank import SVDConv2d, decompose, prune
+from lrexport.lowrank.rewrite import plan_layers, relative_error, to_plain
+
+torch.set_num_threads(1)
+
+SHAPE = T.LayerShape("channel", 64, 64, 3, 3, (1, 1), (1, 1), (1, 1), (56, 56))
+
+
+def layer(energy_rank=27, default=32, break_even=200, full_rank=64, name="l"):
+    return T.TuneLayer(name, SHAPE, energy_rank, full_rank, break_even, default)
+
+
+def test_candidates_are_dense_energy_rank_and_aligned_ranks_below_break_even():
+    assert layer(27, 32).candidates() == ["dense", 27, 32]
+    assert layer(41, 48, full_rank=576).candidates() == ["dense", 41, 48, 64]
+    assert layer(41, 48, break_even=60, full_rank=576).candidates() == ["dense", 41, 48]
+    assert layer(16, 16).candidates() == ["dense", 16, 32]
+    assert layer(70, "dense", break_even=70, full_rank=576).candidates() == ["dense"]  # nothing below break-even
+    assert set(layer(27, 32).candidates(multiples=(8,))) == {"dense", 27, 32}
+
+
+def test_choose_fastest_eligible_candidate():
+    times = {"dense": 2.0, "27": 1.5, "32": 1.4, "48": 1.0}
+    c = T.choose(times, layer())
+    assert c.choice == 48 and c.ms == 1.0 and c.default == 32 and c.default_ms == 1.4
+    assert "pair r=48" in c.reason and "default pair r=32" in c.reason
+    assert c.macs == SHAPE.macs(48)
+
+
+def test_choose_dense_when_the_pair_is_slower():
+    c = T.choose({"dense": 0.9, 27: 1.5, 32: 1.4}, layer())
+    assert c.dense and c.choice == "dense" and "dense" in c.reason
+
+
+def test_choose_never_goes_below_the_energy_rank():
+    # a faster rank below r_e would change the model: not eligible
+    c = T.choose({"dense": 2.0, 16: 0.5, 27: 1.5, 32: 1.4}, layer())
+    assert c.choice == 32
+    assert "16" not in c.times_ms
+
+
+def test_choose_keeps_the_default_within_the_margin():
+    c = T.choose({"dense": 2.0, 32: 1.01, 48: 1.0}, layer(), margin=0.02)
+    assert c.choice == 32 and "within 2%" in c.reason
+    assert T.choose({"dense": 2.0, 32: 1.01, 48: 1.0}, layer(), margin=0.0).choice == 48
+
+
+def test_choose_without_eligible_candidates_is_an_error():
+    with pytest.raises(lrexport.errors.LrexportError):
+        T.choose({16: 0.5}, layer())
+
+
+def fake_timer(table: dict, calls: list):
+    """time_candidates stand-in: the times of ``table`` (by candidate), every call recorded."""
+
+    def time_candidates(shape, candidates, target, **kw):
+        calls.append((shape, list(candidates)))
+        return {c: T.LatencyStats.from_ms(target.batch, [table(shape, c)]) for c in candidates}
+
+    return time_candidates
+
+
+def small_model(mode="channel"):
+    torch.manual_seed(0)
+    model = lrexport.create_model("cifar_resnet20", num_classes=10).eval()
+    decompose(model, mode)
+    prune(model, 0.2)
+    return model
+
+
+def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
+    calls = []
+    # pairs cost their rank, dense a constant: a deterministic "runtime"
+    monkeypatch.setattr(T, "time_candidates", fake_timer(lambda s, c: 40.5 if c == "dense" else float(c), calls))
+    model = small_model()
+    target = T.Target("ort", 2, 1, "fp32", "CPUExecutionProvider", "x", "cpu")
+    layers = T.tune_layers_of(model, (3, 16, 16))
+    cache_path = tmp_path / "cache.json"
+    first = T.tune(layers, target, T.TuneCache(cache_path))
+    n_candidates = sum(len(l.candidates()) for l in layers)
+    assert first.cache_misses + first.cache_hits == n_candidates and first.cache_misses > 0
+    assert cache_path.is_file() and len(json.loads(cache_path.read_text())["entries"]) == first.cache_misses
+    timed = len(calls)
+    second = T.tune(layers, target, T.TuneCache(cache_path))
+    assert len(calls) == timed and second.cache_misses == 0 and second.cache_hits == n_candidates
+    assert second.plan == first.plan
+    # another batch (or thread count, runtime, CPU) is another key: timed afresh
+    third = T.tune(layers, T.Target("ort", 2, 8, "fp32", "CPUExecutionProvider", "x", "cpu"), T.TuneCache(cache_path))
+    assert third.cache_misses == first.cache_misses and len(calls) > timed  # hits: layers of equal shape
+    # the fake runtime makes the smallest eligible pair fastest wherever one is below 40.5
+    for lay, choice in zip(layers, first.choices):
+        pairs = [c for c in lay.candidates() if c != "dense" and c < 40.5]
+        assert choice.choice == (min(pairs) if pairs else "dense")
+    pred = first.predicted()
+    assert pred["lowrank_ms"] == pytest.approx(sum(c.ms for c in first.choices))
+    assert pred["dense_ms"] == pytest.approx(40.5 * len(layers))
+
+
+def test_damaged_cache_is_ignored(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text("{not json")
+    assert T.TuneCache(path).entries == {}
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_plan_pads_ranks_or_merges_and_changes_no_output(mode):
+    model = small_model(mode)
+    plans = {p.name: p for p in plan_layers(model, (3, 16, 16), 1)}
+    names = [n for n, p in plans.items() if p.rank + 5 < p.break_even][:3]
+    assert len(names) >= 2
+    plan = {names[0]: "dense", names[1]: plans[names[1]].rank + 5}
+    if len(names) > 2:
+        plan[names[2]] = plans[names[2]].rank  # exact rank, no padding
+    plain, report = to_plain(model, (3, 16, 16), 8, plan)
+    got = {p.name: p for p in report.layers}
+    assert got[names[0]].dense
+    assert got[names[1]].deployed_rank == plans[names[1]].rank + 5
+    other = next(n for n in plans if n not in plan and not got[n].dense)
+    assert got[other].deployed_rank % 8 == 0  # layers outside the plan keep the default rule
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert relative_error(plain(x), model(x)) < 1e-4
+
+
+def test_plan_below_the_rank_or_unknown_layer_is_refused():
+    model = small_model()
+    name, lay = next((n, m) for n, m in model.named_modules() if isinstance(m, SVDConv2d) and m.rank > 1)
+    with pytest.raises(ValueError, match="below its rank"):
+        to_plain(model, (3, 16, 16), 8, {name: lay.rank - 1})
+    with pytest.raises(ValueError, match="not SVD layers"):
+        to_plain(model, (3, 16, 16), 8, {"nope": 4})
+    with pytest.raises(ValueError, match="rank or 'dense'"):
+        to_plain(model, (3, 16, 16), 8, {name: "fast"})
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+@pytest.mark.parametrize("candidate", ["dense", 12])
+def test_one_layer_model_has_the_exported_geometry(mode, candidate):
+    """The timed model computes what a conv of that geometry computes: same output shape as torch's."""
+    import onnxruntime as ort
+
+    shape = T.LayerShape(mode, 8, 16, 3, 5, (2, 1), (1, 2), (1, 1), (11, 13))
+    proto = T.layer_onnx(shape, candidate, batch=2)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.zeros((2, 8, 11, 13), np.float32)})[0]
+    ref = nn.Conv2d(8, 16, (3, 5), (2, 1), (1, 2))(torch.zeros(2, 8, 11, 13))
+    assert y.shape == tuple(ref.shape)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) == (1 if candidate == "dense" else 2)
+
+
+def test_real_timing_of_a_tiny_layer_returns_stats():
+    """onnxruntime end to end on a tiny layer: stats per candidate (values not asserted)."""
+    target = T.ort_target(1, 1)
+    shape = T.LayerShape("channel", 8, 8, 3, 3, (1, 1), (1, 1), (1, 1), (8, 8))
+    stats = T.time_candidates(shape, ["dense", 4, 8], target, warmup=1, budget_ms=5, min_repeats=3, max_repeats=3)
+    assert set(stats) == {"dense", 4, 8} and all(s.repeats == 3 and s.median_ms > 0 for s in stats.values())
