@@ -189,16 +189,31 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative error of the logits.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True, help="TensorRT only.")
 @click.option("--trt-batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="TensorRT only, with a dynamic batch.")
+@click.option("--tune", is_flag=True, help="Time each decomposed layer on onnxruntime (dense, pairs at aligned ranks) and deploy the fastest.")
+@click.option("--tune-batch", type=click.IntRange(min=1), default=None, help="Batch to tune at (default: --batch, else 1).")
+@click.option("--tune-threads", type=click.IntRange(min=1), default=None, help="Threads to tune with (default: all CPUs, as verify).")
+@click.option("--tune-cache", type=click.Path(dir_okay=False), default=None, help="Layer timing cache (default: OUT/tune_cache.json).")
 @reports_errors
-def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance, precision, trt_batch_sizes):
+def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance, precision, trt_batch_sizes,
+           tune, tune_batch, tune_threads, tune_cache):
     """Export RUN (default: newest under ./runs) to ONNX (and TensorRT): model.onnx, dense.onnx, meta.json."""
     from .deploy.export import export_run
+
+    def progress(name, choice):
+        out.print(f"  tuned {name}: {choice.reason}", highlight=False, soft_wrap=True)
 
     result = export_run(
         run, out_dir, format=fmt, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
         tolerance=tolerance, precision=precision, trt_batch_sizes=trt_batch_sizes,
+        tune=tune, tune_batch=tune_batch, tune_threads=tune_threads, tune_cache=tune_cache, progress=progress,
     )
     out.print(_export_table(result.meta))
+    tuned = result.meta.get("tune")
+    if tuned:
+        p, t = tuned["predicted"], tuned["target"]
+        out.print(f"  tuned on {t['runtime']} {t['version']} ({t['threads']} threads, batch {t['batch']}) in {tuned['seconds']:.1f} s, "
+                  f"{tuned['cache_hits']} cached / {tuned['cache_misses']} timed; sum of layer times: tuned {p['lowrank_ms']:.3f} ms, "
+                  f"untuned {p['untuned_ms']:.3f} ms, dense {p['dense_ms']:.3f} ms", highlight=False, soft_wrap=True)
     for c in result.checks:
         out.print(f"  {c.what}: rel. error {c.rel_err:.1e}, max |diff| {c.max_abs:.1e}", highlight=False)
     engines = result.meta.get("engines")
@@ -270,7 +285,17 @@ def _verify_tables(r: dict):
             str(row["batch"]), f"{d['median_ms']:.3f} ({d['p90_ms']:.3f})", f"{lr['median_ms']:.3f} ({lr['p90_ms']:.3f})",
             f"{row['wall_speedup']:.2f}x", f"{r['macs']['speedup']:.2f}x", f"{row['ratio']:.2f}",
         )
-    return t1, t2
+    p = r.get("predicted")
+    if not p:
+        return t1, t2
+    t3 = Table(title=f"predicted (sum of tuned per-layer times, decomposed convs only) vs measured · batch {p['batch']}")
+    for col in ("model", "predicted ms", "measured ms", "predicted / measured"):
+        t3.add_column(col, justify="left" if col == "model" else "right")
+    for m in ("lowrank", "dense"):
+        measured = p.get(f"measured_{m}_ms")
+        t3.add_row(m, f"{p[f'{m}_ms']:.3f}", "not timed" if measured is None else f"{measured:.3f}",
+                   "" if measured is None else f"{p[f'{m}_ms'] / measured:.2f}")
+    return t1, t2, t3
 
 
 @main.command()

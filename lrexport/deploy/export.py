@@ -100,12 +100,24 @@ def export_run(
     precision: str = "fp16",
     trt_batch_sizes: tuple[int, ...] = (1, 8, 32),
     runs_root: str | Path = "runs",
+    tune: bool = False,
+    tune_batch: int | None = None,
+    tune_threads: int | None = None,
+    tune_cache: str | Path | None = None,
+    tune_margin: float = 0.02,
+    progress=None,
 ) -> ExportResult:
     """Export a run's finetuned low-rank model and its dense baseline; returns meta and checks.
 
     ``run_dir`` defaults to the newest run under ``runs_root``, ``out_dir`` to RUN/artifacts.
     ``batch=None`` exports a dynamic batch dimension. ``multiple_of`` aligns deployed ranks
     upward (1: exact ranks). ``tolerance`` bounds the relative error of the logits.
+
+    ``tune`` times every decomposed conv on onnxruntime (dense and pairs at aligned ranks
+    ≥ the energy rank, lrexport.deploy.tune) at ``tune_batch`` (default: ``batch``, else 1)
+    and ``tune_threads`` (default: all CPUs, as verify) and deploys the fastest per layer;
+    times are cached in ``tune_cache`` (default: OUT/tune_cache.json) for the next export.
+    ``progress(name, choice)`` is called per tuned layer.
     """
     if format not in FORMATS:
         raise LrexportError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
@@ -118,7 +130,20 @@ def export_run(
     input_size = run.input_size
     lowrank, dense = run.load_models()
 
-    plain_lr, report = to_plain(lowrank, input_size, multiple_of)
+    tuned = None
+    if tune:
+        from .tune import CACHE_FILE, tune_model
+
+        tune_cache = Path(tune_cache) if tune_cache is not None else out_dir / CACHE_FILE
+        tb = tune_batch or batch or 1
+        if batch is not None and tb != batch:
+            raise LrexportError(f"--tune-batch {tb} differs from the fixed export batch {batch}")
+        tuned = tune_model(
+            lowrank, input_size, batch=tb, threads=tune_threads, multiple_of=multiple_of, margin=tune_margin,
+            cache_path=tune_cache, progress=progress,
+        )
+    plan = tuned.plan if tuned is not None else None
+    plain_lr, report = to_plain(lowrank, input_size, multiple_of, plan)
     plain_dense, dense_report = to_plain(dense, input_size, 1)
     protos = {
         "lowrank": to_onnx(plain_lr, input_size, batch, opset),
@@ -164,9 +189,12 @@ def export_run(
             "run_dir": str(run.path.resolve()), "name": run.name, "recipe_hash": run.summary.get("recipe_hash"),
             "checkpoints": {"lowrank": str(run.checkpoint("lowrank").resolve()), "dense": str(run.checkpoint("dense").resolve())},
         },
-        "export": {"format": format, "opset": opset, "multiple_of": multiple_of, "dynamic_batch": batch is None},
+        "export": {"format": format, "opset": opset, "multiple_of": multiple_of, "dynamic_batch": batch is None,
+                   "plan": plan},
         "versions": tool_versions(),
     }
+    if tuned is not None:
+        meta["tune"] = tuned.to_dict() | {"cache": str(tune_cache)}
     meta = json.loads(json.dumps(meta))  # the dict returned is exactly what meta.json holds
     atomic_write_bytes(out_dir / LOWRANK_FILE, protos["lowrank"].SerializeToString())
     atomic_write_bytes(out_dir / DENSE_FILE, protos["dense"].SerializeToString())

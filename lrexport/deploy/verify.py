@@ -64,7 +64,7 @@ def open_runners(runtime: str, artifacts_dir: Path, meta: dict, threads: int, ru
         lowrank, dense = run.load_models()
         size = tuple(meta["input"]["shape"][1:])
         return {
-            "lowrank": TorchRunner(to_plain(lowrank, size, meta["export"]["multiple_of"])[0]),
+            "lowrank": TorchRunner(to_plain(lowrank, size, meta["export"]["multiple_of"], meta["export"].get("plan"))[0]),
             "dense": TorchRunner(to_plain(dense, size, 1)[0]),
         }
     raise LrexportError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
@@ -136,6 +136,26 @@ def _latency_inputs(val, batch: int) -> np.ndarray:
     return np.resize(x, (batch, *x.shape[1:])) if n < batch else x
 
 
+def predicted_latency(meta: dict, latency: list[dict]) -> dict | None:
+    """The tuned export's predicted latency (sum of per-layer times) beside the measured one.
+
+    None when the artifacts were not tuned. ``measured_*`` are filled where verify timed
+    the batch the layers were tuned at; the prediction covers the decomposed convs only.
+    """
+    tune = meta.get("tune")
+    if not tune:
+        return None
+    pred = dict(tune["predicted"])
+    pred["target"] = tune["target"]
+    row = next((r for r in latency if r["batch"] == pred["batch"]), None)
+    if row is not None:
+        pred["measured_lowrank_ms"] = row["lowrank"]["median_ms"]
+        pred["measured_dense_ms"] = row["dense"]["median_ms"]
+        pred["lowrank_ratio"] = pred["lowrank_ms"] / pred["measured_lowrank_ms"]
+        pred["dense_ratio"] = pred["dense_ms"] / pred["measured_dense_ms"]
+    return pred
+
+
 def verify_artifacts(
     artifacts_dir: str | Path | None = None,
     runtime: str = "ort",
@@ -176,6 +196,9 @@ def verify_artifacts(
             val = torch.utils.data.Subset(val, range(min(limit, len(val))))
         accuracy = _accuracy(runners, {"lowrank": lowrank, "dense": dense}, val, meta, eval_batch)
         sizes = [meta["batch"]] if meta.get("batch") else list(batch_sizes)
+        tuned_at = (meta.get("tune") or {}).get("target", {}).get("batch")
+        if tuned_at and tuned_at not in sizes and not meta.get("batch"):
+            sizes.append(tuned_at)  # the predicted latency is compared at the batch it was tuned for
         latency = []
         for b in sizes:
             stats, clock = _time_models(runners, _latency_inputs(val, b), warmup, repeats)
@@ -194,6 +217,7 @@ def verify_artifacts(
             if abs(got - ref) > tolerance:
                 failures.append(f"{m} {key} through {runtime} is {got:.2f}%, PyTorch's {ref:.2f}% (tolerance {tolerance:g} points)")
     lr, dn = meta["models"]["lowrank"], meta["models"]["dense"]
+    predicted = predicted_latency(meta, latency)
     report = {
         "runtime": runtime,
         "threads": threads,
@@ -205,6 +229,7 @@ def verify_artifacts(
             "dense": dn["macs"], "lowrank": lr["macs"], "lowrank_deployed": lr["deployed_macs"], "speedup": meta["macs_speedup"],
             "deployed_speedup": dn["macs"] / lr["deployed_macs"],
         },
+        "predicted": predicted,
         "tolerance": tolerance,
         "failures": failures,
         "passed": not failures,
