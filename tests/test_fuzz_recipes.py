@@ -151,11 +151,10 @@ def structural(base: dict, rng: random.Random) -> Mutant:
             parent[k] = str(old).lower()
             must_fail = True
         elif kind == "out_of_range":
-            pool = {str: STRINGS, list: LISTS, dict: KWARGS}.get(type(old), NUMBERS)
-            parent[k] = rng.choice(pool)
-            # a non-finite number is never a valid setting; NaN/inf only count where a number goes
-            must_fail = isinstance(parent[k], float) and parent[k] != parent[k] or parent[k] in (float("inf"), float("-inf"))
-            must_fail = must_fail and isinstance(old, (int, float)) and not isinstance(old, bool)
+            parent[k] = rng.choice({str: STRINGS, list: LISTS, dict: KWARGS}.get(type(old), NUMBERS))
+            # where a number goes, NaN, inf and floats beyond float32 are never valid
+            numeric = isinstance(old, (int, float)) and not isinstance(old, bool)
+            must_fail = numeric and isinstance(parent[k], float) and not abs(parent[k]) <= 3.4e38
         else:
             parent[k] = rng.choice(WRONG_VALUES)
             must_fail = False
