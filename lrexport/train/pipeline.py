@@ -354,7 +354,10 @@ class Pipeline:
     # -- driver ------------------------------------------------------------------------
     def _restore(self, source: Path, previous: bool) -> dict:
         """Load a last.pt (this run's, or another run's for a branch); returns its state."""
-        path = source / "checkpoints" / ("last.prev.pt" if previous else "last.pt")
+        ckpts = source / "checkpoints"
+        path = ckpts / ("last.prev.pt" if previous else "last.pt")
+        if not previous and not path.exists() and (ckpts / "last.next.pt").exists():
+            path = ckpts / "last.next.pt"  # stopped between _save_last's two renames: the new one is whole
         try:
             state = load_checkpoint(path)
             missing = [k for k in ("completed", "phase", "summary", "rng") if k not in state]
