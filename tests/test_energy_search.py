@@ -18,14 +18,6 @@ def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return q
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: more threads than cores makes small models many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def model():

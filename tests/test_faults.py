@@ -57,13 +57,6 @@ def finite_and_good(path, recipe_path) -> dict:
     return ckpt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):

@@ -5,7 +5,6 @@ import json
 import tomllib
 
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image, ImageStat
 
@@ -30,14 +29,6 @@ VERIFY = {  # the keys lrexport.deploy.verify writes that the report reads
     "macs": {"speedup": 3.0, "deployed_speedup": 2.9},
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: more threads than cores makes tiny runs many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import lrexport
 from lrexport.lowrank import SVDConv2d, decompose, truncate
 from lrexport.lowrank.rewrite import aligned_rank, plan_layers, relative_error, to_plain
 
-torch.set_num_threads(1)  # tiny convs: a second thread only adds contention
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

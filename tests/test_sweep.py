@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 import tomli_w
-import torch
 from click.testing import CliRunner
 
 from lrexport.cli import main
@@ -41,14 +40,6 @@ lr = 0.01
 GRID = ["reg.decay=0.0,0.5", "prune.energy=0.01,0.3"]
 DECAYS, ENERGIES = (0.0, 0.5), (0.01, 0.3)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: more threads than cores makes tiny runs many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
