@@ -21,7 +21,8 @@ from test_export import expected_conv_shapes
 def tuned(build, tmp_path_factory):
     run, _ = build("channel")
     out = tmp_path_factory.mktemp("tuned")
-    return run, export_run(run, out, tune=True, tune_batch=2, tune_threads=1, check_images=16)
+    # no whole-model guard here, so that the export follows the per-layer choices (tested below)
+    return run, export_run(run, out, tune=True, tune_batch=2, tune_threads=1, check_images=16, tune_guard=False)
 
 
 def test_tuned_export_records_each_choice_and_follows_it(tuned):
@@ -29,6 +30,7 @@ def test_tuned_export_records_each_choice_and_follows_it(tuned):
     meta = json.loads((result.out_dir / "meta.json").read_text())
     assert meta == result.meta
     tune = meta["tune"]
+    assert tune["deployed"] == "tuned" and tune["end_to_end"] is None
     assert tune["target"]["runtime"] == "ort" and tune["target"]["batch"] == 2 and tune["target"]["threads"] == 1
     layers = meta["models"]["lowrank"]["layers"]
     by_name = {layer["name"]: layer for layer in layers}
@@ -63,6 +65,33 @@ def test_second_export_reuses_the_cache(tuned, tmp_path):
     assert other.meta["tune"]["target"]["batch"] == 4 and other.meta["tune"]["cache_misses"] > 0
 
 
+def test_whole_model_guard_keeps_the_untuned_model_when_it_is_faster(tuned, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from lrexport.deploy import tune as T
+
+    run, first = tuned
+    real_choose = T.choose
+    # every layer "chooses" dense, so the plan surely differs from the default one
+    monkeypatch.setattr(T, "choose", lambda times, layer, margin=0.02: replace(
+        real_choose(times, layer, margin), choice="dense", ms=times["dense"]))
+    monkeypatch.setattr(T, "end_to_end", lambda *a, **k: T.EndToEnd(2.0, 1.0, 2.0, 1.0, 0.5, 3))
+    res = export_run(run, tmp_path / "guard", tune=True, tune_batch=2, tune_threads=1, check_images=16,
+                     tune_cache=first.out_dir / "tune_cache.json")
+    t = res.meta["tune"]
+    assert t["deployed"] == "untuned" and t["end_to_end"]["speedup"] == 0.5 and res.meta["export"]["plan"] is None
+    assert all(c["choice"] == "dense" for c in t["layers"])
+    assert t["predicted"]["lowrank_ms"] == t["predicted"]["untuned_ms"]
+    untuned = export_run(run, tmp_path / "plain", check_images=16)
+    assert res.meta["models"]["lowrank"]["layers"] == untuned.meta["models"]["lowrank"]["layers"]
+    # a faster whole model is deployed as tuned
+    monkeypatch.setattr(T, "end_to_end", lambda *a, **k: T.EndToEnd(1.0, 2.0, 1.0, 2.0, 2.0, 3))
+    res = export_run(run, tmp_path / "guard2", tune=True, tune_batch=2, tune_threads=1, check_images=16,
+                     tune_cache=first.out_dir / "tune_cache.json")
+    assert res.meta["tune"]["deployed"] == "tuned"
+    assert all(layer["dense"] for layer in res.meta["models"]["lowrank"]["layers"])
+
+
 def test_verify_prints_predicted_beside_measured(tuned):
     _, result = tuned
     res = verify_artifacts(result.out_dir, runtime="ort", threads=1, batch_sizes=(1,), warmup=1, repeats=3)
@@ -91,3 +120,5 @@ def test_cli_export_tune(tuned, tmp_path):
     assert "tuned layer1.0.conv1" in r.output and "0 timed" in r.output
     bad = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "bad"), "--batch", "2", "--tune", "--tune-batch", "3"])
     assert bad.exit_code == 1 and "differs from the fixed export batch" in bad.output
+    trt = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "trt"), "--format", "trt", "--tune"])
+    assert trt.exit_code == 2 and "onnxruntime only" in trt.output and not (tmp_path / "trt").exists()

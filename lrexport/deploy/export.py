@@ -105,6 +105,7 @@ def export_run(
     tune_threads: int | None = None,
     tune_cache: str | Path | None = None,
     tune_margin: float = 0.02,
+    tune_guard: bool = True,
     progress=None,
 ) -> ExportResult:
     """Export a run's finetuned low-rank model and its dense baseline; returns meta and checks.
@@ -117,12 +118,16 @@ def export_run(
     ≥ the energy rank, lrexport.deploy.tune) at ``tune_batch`` (default: ``batch``, else 1)
     and ``tune_threads`` (default: all CPUs, as verify) and deploys the fastest per layer;
     times are cached in ``tune_cache`` (default: OUT/tune_cache.json) for the next export.
+    ``tune_guard`` then times the whole tuned and untuned models and keeps the untuned one
+    if the tuned one is slower (meta.json's tune.deployed says which went out).
     ``progress(name, choice)`` is called per tuned layer.
     """
     if format not in FORMATS:
         raise LrexportError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     if batch is not None and batch < 1:
         raise LrexportError(f"batch must be ≥ 1 (or dynamic); got {batch}")
+    if tune and format == "trt":
+        raise RuntimeMissingError("--tune times layers on onnxruntime only; tuning for TensorRT engines is not implemented")
     if multiple_of < 1:
         raise LrexportError(f"multiple_of must be ≥ 1; got {multiple_of}")
     run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
@@ -149,6 +154,16 @@ def export_run(
         "lowrank": to_onnx(plain_lr, input_size, batch, opset),
         "dense": to_onnx(plain_dense, input_size, batch, opset),
     }
+    if tuned is not None and tune_guard and plan != tuned.default_plan:
+        # one-layer times miss what happens between layers: the tuned model must also win whole
+        from .tune import end_to_end
+
+        plain_default, default_report = to_plain(lowrank, input_size, multiple_of)
+        default_proto = to_onnx(plain_default, input_size, batch, opset)
+        tuned.end_to_end = end_to_end(protos["lowrank"].SerializeToString(), default_proto.SerializeToString(),
+                                      input_size, tuned.target)
+        if tuned.deployed == "untuned":
+            plan, plain_lr, report, protos["lowrank"] = None, plain_default, default_report, default_proto
     ops = {name: check_graph(proto) for name, proto in protos.items()}
 
     x = validation_sample(run, check_images)

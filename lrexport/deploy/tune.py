@@ -315,18 +315,30 @@ class TuneResult:
     cache_misses: int
     seconds: float
     margin: float
+    end_to_end: "EndToEnd | None" = None  # whole-model check of the tuned plan against the untuned one
 
     @property
     def plan(self) -> dict[str, str | int]:
-        """name → DENSE or rank, for ``to_plain(..., plan=...)``."""
+        """name → DENSE or rank, for ``to_plain(..., plan=...)``: the per-layer choices."""
         return {c.name: c.choice for c in self.choices}
 
+    @property
+    def default_plan(self) -> dict[str, str | int]:
+        return {c.name: c.default for c in self.choices}
+
+    @property
+    def deployed(self) -> str:
+        """"tuned", or "untuned" where the whole tuned model measured slower than the untuned one."""
+        return self.end_to_end.deployed if self.end_to_end is not None else "tuned"
+
     def predicted(self) -> dict:
-        """Sums of per-layer times (decomposed convs only) of the tuned, default and dense deployments."""
+        """Sums of per-layer times (decomposed convs only): the deployed, tuned, untuned and dense models."""
+        tuned, untuned = sum(c.ms for c in self.choices), sum(c.default_ms for c in self.choices)
         return {
             "batch": self.target.batch,
-            "lowrank_ms": sum(c.ms for c in self.choices),
-            "untuned_ms": sum(c.default_ms for c in self.choices),
+            "lowrank_ms": tuned if self.deployed == "tuned" else untuned,
+            "tuned_ms": tuned,
+            "untuned_ms": untuned,
             "dense_ms": sum(c.times_ms[DENSE] for c in self.choices),
             "layers": len(self.choices),
             "note": "sum of the decomposed convs' one-layer times; other ops (pooling, adds, fc, undecomposed convs) not included",
@@ -337,8 +349,47 @@ class TuneResult:
             "target": asdict(self.target), "margin": self.margin, "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses, "seconds": self.seconds, "predicted": self.predicted(),
             "rule": "fastest of dense and pairs at ranks ≥ the energy rank; the default kept within the margin",
+            "deployed": self.deployed,
+            "end_to_end": None if self.end_to_end is None else self.end_to_end.to_dict(),
             "layers": [c.to_dict() for c in self.choices],
         }
+
+
+@dataclass
+class EndToEnd:
+    """The whole tuned and untuned low-rank models timed side by side: one-layer times miss the
+    layout changes (reorders) between neighbouring convs, so a plan must also win as a whole."""
+
+    tuned_ms: float
+    untuned_ms: float
+    tuned_min_ms: float
+    untuned_min_ms: float
+    speedup: float  # median over interleaved rounds of untuned time / tuned time
+    repeats: int
+
+    @property
+    def deployed(self) -> str:
+        return "tuned" if self.speedup >= 1.0 else "untuned"
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"deployed": self.deployed}
+
+
+def end_to_end(tuned_model: bytes, untuned_model: bytes, input_size, target: Target, warmup: int = 5,
+               budget_ms: float = 3000.0, min_repeats: int = 11, max_repeats: int = 60) -> EndToEnd:
+    """Time the two whole ONNX models (serialized) at ``target``'s batch, interleaved."""
+    if target.runtime != "ort":
+        raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
+    from .runtime import OrtRunner
+
+    runners = {name: OrtRunner(m, target.threads, spin=False).run for name, m in (("tuned", tuned_model), ("untuned", untuned_model))}
+    x = np.random.default_rng(2).standard_normal((target.batch, *input_size), dtype=np.float32)
+    probe = time_rounds(runners, x, warmup=warmup, repeats=1)
+    round_ms = sum(t[0] for t in probe.values())
+    repeats = int(min(max_repeats, max(min_repeats, budget_ms / max(round_ms, 1e-3))))
+    times = time_rounds(runners, x, warmup=0, repeats=repeats)
+    t, u = np.asarray(times["tuned"]), np.asarray(times["untuned"])
+    return EndToEnd(float(np.median(t)), float(np.median(u)), float(t.min()), float(u.min()), float(np.median(u / t)), repeats)
 
 
 def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None, margin: float = 0.02,
@@ -367,11 +418,12 @@ def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None
             for cand, stats in time_candidates(layer.shape, todo, target, **timing).items():
                 cache.put(target, layer.shape, cand, stats)
                 times[cand] = stats.median_ms
+        if todo:
+            cache.save()  # per layer: an interrupted tune keeps what it timed
         choice = choose(times, layer, margin)
         choices.append(choice)
         if progress is not None:
             progress(layer.name, choice)
-    cache.save()
     return TuneResult(target, choices, hits, misses, time.perf_counter() - start, margin)
 
 
