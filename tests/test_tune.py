@@ -70,7 +70,9 @@ def fake_timer(table: dict, calls: list):
 
     def time_candidates(shape, candidates, target, **kw):
         calls.append((shape, list(candidates)))
-        return {c: T.LatencyStats.from_ms(target.batch, [table(shape, c)]) for c in candidates}
+        # the depthwise stand-ins for the neighbours cost 1 ms each: half of each is taken off every candidate
+        ms = {c: 1.0 if c in (T.CONTEXT_IN, T.CONTEXT_OUT) else table(shape, c) + 0.5 * len(T.contexts(shape)) for c in candidates}
+        return {c: T.LatencyStats.from_ms(target.batch, [ms[c]]) for c in candidates}
 
     return time_candidates
 
@@ -94,7 +96,8 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     first = T.tune(layers, target, T.TuneCache(cache_path))
     n_candidates = sum(len(l.candidates()) for l in layers)
     assert first.cache_misses + first.cache_hits == n_candidates and first.cache_misses > 0
-    assert cache_path.is_file() and len(json.loads(cache_path.read_text())["entries"]) == first.cache_misses
+    contexts = len({(l.shape, c) for l in layers for c in T.contexts(l.shape)})
+    assert cache_path.is_file() and len(json.loads(cache_path.read_text())["entries"]) == first.cache_misses + contexts
     timed = len(calls)
     second = T.tune(layers, target, T.TuneCache(cache_path))
     assert len(calls) == timed and second.cache_misses == 0 and second.cache_hits == n_candidates
@@ -106,6 +109,7 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     for lay, choice in zip(layers, first.choices):
         pairs = [c for c in lay.candidates() if c != "dense" and c < 40.5]
         assert choice.choice == (min(pairs) if pairs else "dense")
+    assert all(c.ms == pytest.approx(40.5 if c.dense else c.choice) for c in first.choices)  # contexts taken off
     pred = first.predicted()
     assert pred["lowrank_ms"] == pytest.approx(sum(c.ms for c in first.choices))
     assert pred["dense_ms"] == pytest.approx(40.5 * len(layers))
@@ -161,12 +165,21 @@ def test_one_layer_model_has_the_exported_geometry(mode, candidate):
     ref = nn.Conv2d(8, 16, (3, 5), (2, 1), (1, 2))(torch.zeros(2, 8, 11, 13))
     assert y.shape == tuple(ref.shape)
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    assert len(convs) == (1 if candidate == "dense" else 2)
+    # the layer, then a depthwise stand-in for the next layer (16 output channels; 8 input channels: none before)
+    assert T.contexts(shape) == [T.CONTEXT_OUT]
+    assert len(convs) == (1 if candidate == "dense" else 2) + 1
+    assert [a.i for a in convs[-1].attribute if a.name == "group"] == [16]
+    ctx = T.layer_onnx(shape, T.CONTEXT_OUT, batch=2)
+    sess = ort.InferenceSession(ctx.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.zeros((2, 16, *shape.out_hw), np.float32)})[0].shape == y.shape
+    bare = T.layer_onnx(shape, candidate, batch=2, context=False)
+    assert len([n for n in bare.graph.node if n.op_type == "Conv"]) == len(convs) - 1
 
 
 def test_real_timing_of_a_tiny_layer_returns_stats():
     """onnxruntime end to end on a tiny layer: stats per candidate (values not asserted)."""
     target = T.ort_target(1, 1)
     shape = T.LayerShape("channel", 8, 8, 3, 3, (1, 1), (1, 1), (1, 1), (8, 8))
-    stats = T.time_candidates(shape, ["dense", 4, 8], target, warmup=1, budget_ms=5, min_repeats=3, max_repeats=3)
-    assert set(stats) == {"dense", 4, 8} and all(s.repeats == 3 and s.median_ms > 0 for s in stats.values())
+    cands = ["dense", 4, 8, T.CONTEXT_OUT]
+    stats = T.time_candidates(shape, cands, target, warmup=1, budget_ms=5, min_repeats=3, max_repeats=3)
+    assert set(stats) == set(cands) and all(s.repeats == 3 and s.median_ms > 0 for s in stats.values())

@@ -3,9 +3,11 @@
 For every decomposed conv the candidates are: the dense conv, and the thin pair at the
 energy rule's rank r_e and at r_e rounded up to multiples of 8, 16 and 32 (below
 break-even). Each candidate is built as a one-layer ONNX model with the geometry the
-export gives it (conv1 → conv2 of the pair, or one conv, bias as after BN folding) and
-timed on the target runtime at the deployment's batch and input shape: warm-up, then
-rounds interleaved across the layer's candidates, median per candidate.
+export gives it (conv1 → conv2 of the pair, or one conv, bias as after BN folding), set
+between cheap depthwise stand-ins for its neighbours (so that layout reorders land where
+they would in the network), and timed on the target runtime at the deployment's batch and
+input shape: warm-up, then rounds interleaved across the layer's candidates, median per
+candidate, less the stand-ins' own time.
 
 ``choose`` then keeps the fastest candidate that does not change the model: dense, or a
 pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Going below r_e would
@@ -33,7 +35,7 @@ from ..train.checkpoint import atomic_write_text
 from .latency import LatencyStats, time_rounds
 
 CACHE_FILE = "tune_cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: candidates timed between depthwise contexts
 DENSE = "dense"
 RUNTIMES = ("ort",)
 MULTIPLES = (8, 16, 32)
@@ -58,12 +60,18 @@ class LayerShape:
         return (f"{self.mode}:c{self.c}:n{self.n}:k{self.kh}x{self.kw}:s{self.stride[0]}x{self.stride[1]}"
                 f":p{self.padding[0]}x{self.padding[1]}:d{self.dilation[0]}x{self.dilation[1]}:hw{self.in_hw[0]}x{self.in_hw[1]}")
 
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        from ..lowrank.macs import conv_out
+
+        return tuple(conv_out(self.in_hw[i], (self.kh, self.kw)[i], self.stride[i], self.padding[i], self.dilation[i])
+                     for i in (0, 1))
+
     def macs(self, rank: int | None) -> int:
         """MACs per image of the dense conv (``rank=None``) or the pair at ``rank``."""
         from ..lowrank import macs as M
 
-        out_hw = tuple(M.conv_out(self.in_hw[i], (self.kh, self.kw)[i], self.stride[i], self.padding[i], self.dilation[i])
-                       for i in (0, 1))
+        out_hw = self.out_hw
         if rank is None:
             return M.dense_conv_macs(self.c, self.n, self.kh, self.kw, out_hw)
         if self.mode == "channel":
@@ -176,10 +184,27 @@ def choose(times: dict, layer: TuneLayer, margin: float = 0.02) -> Choice:
 
 
 # -- one-layer ONNX models ----------------------------------------------------------------------
-def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int = 17, seed: int = 0):
+CONTEXT_IN, CONTEXT_OUT = "context-in", "context-out"
+CONTEXT_MIN_CHANNELS = 16  # below this a neighbour would not keep a blocked layout either
+
+
+def contexts(shape: LayerShape) -> list[str]:
+    """The context-only models a layer's times are corrected by (see ``layer_onnx``)."""
+    return ([CONTEXT_IN] if shape.c >= CONTEXT_MIN_CHANNELS else []) + ([CONTEXT_OUT] if shape.n >= CONTEXT_MIN_CHANNELS else [])
+
+
+def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int = 17, seed: int = 0, context: bool = True):
     """A one-layer ONNX model: the dense conv, or the thin pair at ``candidate`` rank, as exported.
 
-    The last conv carries a bias, as every conv has after BatchNorm folding.
+    The last conv carries a bias, as every conv has after BatchNorm folding. With ``context``
+    the layer sits between two depthwise 1×1 convs (on its input and its output, where they
+    have ≥ 16 channels), which stand in for its neighbours: onnxruntime's CPU provider runs
+    convs in a channel-blocked layout (NCHWc) and inserts layout reorders around ops that
+    cannot use it (e.g. a conv whose input channels are not a multiple of 4). In a network
+    those reorders sit between the layer and its neighbours; alone, a layer would be charged
+    the reorders at the graph's edges instead, which favours the misaligned ranks.
+    ``CONTEXT_IN`` / ``CONTEXT_OUT`` build the contexts alone (two depthwise convs each), to
+    subtract half of each from the layer's time.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -189,7 +214,7 @@ def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int =
     (sh, sw), (ph, pw), (dh, dw) = shape.stride, shape.padding, shape.dilation
     inits, nodes = [], []
 
-    def conv(name, x, out, w_shape, strides, pads, dilations, bias):
+    def conv(name, x, out, w_shape, strides=(1, 1), pads=(0, 0), dilations=(1, 1), bias=False, group=1):
         w = rng.standard_normal(w_shape, dtype=np.float32) * 0.05
         inits.append(numpy_helper.from_array(w, f"{name}.w"))
         inputs = [x, f"{name}.w"]
@@ -197,22 +222,38 @@ def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int =
             inits.append(numpy_helper.from_array(rng.standard_normal(w_shape[0], dtype=np.float32), f"{name}.b"))
             inputs.append(f"{name}.b")
         nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=list(w_shape[2:]), strides=list(strides),
-                                      pads=[pads[0], pads[1], pads[0], pads[1]], dilations=list(dilations)))
+                                      pads=[pads[0], pads[1], pads[0], pads[1]], dilations=list(dilations), group=group))
 
-    if candidate == DENSE:
-        conv("conv", "x", "y", (n, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), True)
+    def depthwise(name, x, out, channels):
+        conv(name, x, out, (channels, 1, 1, 1), bias=True, group=channels)
+
+    if candidate in (CONTEXT_IN, CONTEXT_OUT):
+        channels, hw = (c, shape.in_hw) if candidate == CONTEXT_IN else (n, shape.out_hw)
+        depthwise("ctx1", "x", "mid", channels)
+        depthwise("ctx2", "mid", "y", channels)
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, *hw])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, channels, *hw])]
     else:
-        r = int(candidate)
-        if shape.mode == "channel":
-            conv("conv1", "x", "mid", (r, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), False)
-            conv("conv2", "mid", "y", (n, r, 1, 1), (1, 1), (0, 0), (1, 1), True)
+        pre = context and CONTEXT_IN in contexts(shape)
+        post = context and CONTEXT_OUT in contexts(shape)
+        if pre:
+            depthwise("pre", "x", "x1", c)
+        src, dst = ("x1" if pre else "x"), ("y1" if post else "y")
+        if candidate == DENSE:
+            conv("conv", src, dst, (n, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), True)
         else:
-            conv("conv1", "x", "mid", (r, c, kh, 1), (sh, 1), (ph, 0), (dh, 1), False)
-            conv("conv2", "mid", "y", (n, r, 1, kw), (1, sw), (0, pw), (1, dw), True)
-    graph = helper.make_graph(
-        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, *shape.in_hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n, None, None])], inits,
-    )
+            r = int(candidate)
+            if shape.mode == "channel":
+                conv("conv1", src, "mid", (r, c, kh, kw), (sh, sw), (ph, pw), (dh, dw))
+                conv("conv2", "mid", dst, (n, r, 1, 1), bias=True)
+            else:
+                conv("conv1", src, "mid", (r, c, kh, 1), (sh, 1), (ph, 0), (dh, 1))
+                conv("conv2", "mid", dst, (n, r, 1, kw), (1, sw), (0, pw), (1, dw), True)
+        if post:
+            depthwise("post", "y1", "y", n)
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, *shape.in_hw])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n, *shape.out_hw])]
+    graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 8)
     onnx.checker.check_model(model)
@@ -261,11 +302,17 @@ def time_candidates(shape: LayerShape, candidates, target: Target, warmup: int =
         raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
     from .runtime import OrtRunner
 
+    rng = np.random.default_rng(1)
+    inputs = {
+        (shape.c, *shape.in_hw): rng.standard_normal((target.batch, shape.c, *shape.in_hw), dtype=np.float32),
+        (shape.n, *shape.out_hw): rng.standard_normal((target.batch, shape.n, *shape.out_hw), dtype=np.float32),
+    }
     runners = {}
     for cand in candidates:
         runner = OrtRunner(layer_onnx(shape, cand, target.batch).SerializeToString(), target.threads, spin=False)
-        runners[cand] = runner.run
-    x = np.random.default_rng(1).standard_normal((target.batch, shape.c, *shape.in_hw), dtype=np.float32)
+        xi = inputs[(shape.n, *shape.out_hw) if cand == CONTEXT_OUT else (shape.c, *shape.in_hw)]
+        runners[cand] = lambda _, run=runner.run, xi=xi: run(xi)  # each candidate on its own input
+    x = None
     probe = time_rounds(runners, x, warmup=warmup, repeats=1)
     round_ms = sum(t[0] for t in probe.values())
     repeats = int(min(max_repeats, max(min_repeats, budget_ms / max(round_ms, 1e-3))))
@@ -405,21 +452,24 @@ def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None
     choices = []
     for layer in layers:
         cands = layer.candidates(multiples)
-        times, todo = {}, []
-        for cand in cands:
+        ctx = contexts(layer.shape)
+        raw, todo = {}, []
+        for cand in cands + ctx:
             entry = cache.get(target, layer.shape, cand)
             if entry is None:
                 todo.append(cand)
             else:
-                times[cand] = entry["median_ms"]
-        hits += len(cands) - len(todo)
-        misses += len(todo)
+                raw[cand] = entry["median_ms"]
+        hits += len(cands) - len([c for c in todo if c not in ctx])
+        misses += len([c for c in todo if c not in ctx])
         if todo:
             for cand, stats in time_candidates(layer.shape, todo, target, **timing).items():
                 cache.put(target, layer.shape, cand, stats)
-                times[cand] = stats.median_ms
-        if todo:
+                raw[cand] = stats.median_ms
             cache.save()  # per layer: an interrupted tune keeps what it timed
+        # a candidate in context, less half of each context's own two depthwise convs (and their reorders)
+        overhead = 0.5 * sum(raw[c] for c in ctx)
+        times = {cand: max(raw[cand] - overhead, 1e-6) for cand in cands}
         choice = choose(times, layer, margin)
         choices.append(choice)
         if progress is not None:
