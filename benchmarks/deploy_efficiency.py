@@ -34,6 +34,7 @@ import lrexport
 from lrexport.deploy.latency import time_rounds
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.runtime import OrtRunner
+from lrexport.deploy.tune import end_to_end, tune_model
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
 from lrexport.lowrank.rewrite import plan_layers, relative_error, to_plain
 
@@ -104,8 +105,13 @@ def prune_to_target(model, target: float, multiple_of: int = 1) -> tuple[float, 
 VARIANTS = (("exact", 1, 1), ("aligned8", 1, 8), ("aligned16", 1, 16), ("pruned16", 16, 1))
 
 
-def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
-    """name -> (ONNX proto, MACs as trained, MACs as deployed), plus per-variant details."""
+def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), tune_batches=(), threads: int = 2, tune_cache=None):
+    """name -> (ONNX proto, MACs as trained, MACs as deployed), plus per-variant details.
+
+    ``tune_batches``: also a "tuned@B" model per mode and batch B, the energy-rule model
+    (as "exact"/"aligned8") deployed per layer as timed fastest on onnxruntime at batch B
+    (``lrexport export --tune --tune-batch B``), ``threads`` threads, times cached in ``tune_cache``.
+    """
     torch.manual_seed(seed)
     dense = lrexport.create_model("resnet18", num_classes=1000).eval()
     x = torch.randn(2, *INPUT)
@@ -138,6 +144,40 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
                 "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed,
                 "dense_layers": [p.name for p in report.layers if p.dense],
             }
+        for batch in tune_batches:
+            if 1 not in pruned:
+                lowrank = copy.deepcopy(decomposed)
+                energy, ranks = prune_to_target(lowrank, target, 1)
+                pruned[1] = (lowrank.eval(), energy, ranks)
+            lowrank, energy, ranks = pruned[1]
+            tuned = tune_model(lowrank, INPUT, batch=batch, threads=threads, cache_path=tune_cache)
+            plain, report = to_plain(lowrank, INPUT, 8, tuned.plan)
+            with torch.no_grad():
+                err = relative_error(plain(x), lowrank(x))
+            assert err < 1e-4, (mode, "tuned", err)
+            proto = to_onnx(plain, INPUT)
+            check_graph(proto)
+            untuned = models.get(f"{mode}/aligned8")
+            if untuned is not None and tuned.plan != tuned.default_plan:
+                # as export --tune does: the whole tuned model must beat the untuned one, or the untuned one goes out
+                tuned.end_to_end = end_to_end(proto.SerializeToString(), untuned[0].SerializeToString(), INPUT, tuned.target)
+                if tuned.deployed == "untuned":
+                    plain, report = to_plain(lowrank, INPUT, 8)
+                    proto = untuned[0]
+            macs, deployed = count_macs(lowrank, INPUT).deployed, count_macs(plain, INPUT).deployed
+            name = f"{mode}/tuned@{batch}"
+            models[name] = (proto, macs, deployed)
+            choices = tuned.choices
+            details[name] = {
+                "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed,
+                "dense_layers": [p.name for p in report.layers if p.dense],
+                "tune": tuned.to_dict(),
+                "summary": {
+                    "dense": sum(c.dense for c in choices), "default_kept": sum(c.choice == c.default for c in choices),
+                    "padded_beyond_default": sum(not c.dense and c.default != "dense" and c.choice > c.default for c in choices),
+                    "exact_energy_rank": sum(not c.dense and c.choice == ranks[c.name] for c in choices),
+                },
+            }
     return models, details, dense_macs
 
 
@@ -152,6 +192,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS), help="subset of " + ", ".join(v[0] for v in VARIANTS))
     ap.add_argument("--spin", action="store_true", help="let idle onnxruntime threads busy-wait (off: sessions timed in turn would steal each other's cores)")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
+    ap.add_argument("--tune", action="store_true",
+                    help="add tuned@B per mode and batch: per-layer deployment timed fastest at batch B (export --tune)")
+    ap.add_argument("--tune-cache", default=None, help="layer timing cache (JSON) reused across runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     # torch only builds and checks the models; one thread avoids OpenMP contention on a shared machine
@@ -159,22 +202,38 @@ def main() -> None:
 
     exclude = tuple(p for p in args.exclude.split(",") if p)
     chosen = set(args.variants.split(","))
-    models, details, dense_macs = build_models(args.seed, args.target, [v for v in VARIANTS if v[0] in chosen], exclude)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.tune:
+        chosen.add("aligned8")  # the untuned default export, the tuned models' baseline
+    models, details, dense_macs = build_models(
+        args.seed, args.target, [v for v in VARIANTS if v[0] in chosen], exclude,
+        tune_batches=batches if args.tune else (), threads=args.threads, tune_cache=args.tune_cache,
+    )
     for name, d in details.items():
         ranks = list(d["ranks"].values())
         print(f"{name:18s} e = {d['energy']:.4g}, MACs {d['macs'] / 1e9:.3f} G ({dense_macs / d['macs']:.2f}x), "
               f"deployed {d['deployed_macs'] / 1e9:.3f} G, ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, "
               f"dense layers {len(d['dense_layers'])}")
+        if "tune" in d:
+            t, p = d["tune"], d["tune"]["predicted"]
+            print(f"{'':18s} tuned in {t['seconds']:.1f} s ({t['cache_hits']} cached, {t['cache_misses']} timed): {d['summary']}; "
+                  f"sum of layer times tuned {p['tuned_ms']:.2f} ms, untuned {p['untuned_ms']:.2f} ms, dense {p['dense_ms']:.2f} ms")
+            e = t["end_to_end"]
+            if e:
+                print(f"{'':18s} whole model: tuned {e['tuned_ms']:.2f} ms, untuned {e['untuned_ms']:.2f} ms, "
+                      f"speedup {e['speedup']:.3f} over {e['repeats']} rounds → deployed {e['deployed']}")
     runners = {name: OrtRunner(proto.SerializeToString(), args.threads, spin=args.spin).run for name, (proto, *_) in models.items()}
     load_before = os.getloadavg()
     rows = []
     rng = np.random.default_rng(args.seed)
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         x = rng.standard_normal((batch, *INPUT)).astype(np.float32)
         repeats = max(15, args.repeats // max(1, batch // 2))
-        times = time_rounds(runners, x, args.warmup, repeats)
+        # a model tuned at batch B is deployed (and timed) at batch B only
+        active = {name: run for name, run in runners.items() if "/tuned@" not in name or name.endswith(f"@{batch}")}
+        times = time_rounds(active, x, args.warmup, repeats)
         dense_med = statistics.median(times["dense"])
-        for name in models:
+        for name in active:
             if name == "dense":
                 continue
             per_round = [d / t for d, t in zip(times["dense"], times[name])]
@@ -192,6 +251,11 @@ def main() -> None:
                 "macs_speedup": macs_speedup, "deployed_macs_speedup": deployed_speedup, "ratio": wall / macs_speedup,
                 "ratio_min": min(times["dense"]) / min(times[name]) / macs_speedup,
             })
+            untuned = name.split("/")[0] + "/aligned8"
+            if "/tuned@" in name and untuned in times:
+                vs = [u / t for u, t in zip(times[untuned], times[name])]
+                rows[-1] |= {"vs_untuned": statistics.median(vs), "vs_untuned_p10": quantile(vs, 0.1),
+                             "vs_untuned_p90": quantile(vs, 0.9), "vs_untuned_min": min(times[untuned]) / min(times[name])}
     load_after = os.getloadavg()
 
     machine = {
@@ -217,6 +281,14 @@ def main() -> None:
           "min x: fastest dense call / fastest low-rank call;\n"
           "MACs x: dense MACs / MACs at the trained ranks; deployed: counting the zero-padded ranks;\n"
           "ratio = wall x / MACs x; (min) = min x / MACs x")
+    tuned_rows = [r for r in rows if "vs_untuned" in r]
+    if tuned_rows:
+        print("\ntuned vs untuned (aligned8, the default export): median over rounds of untuned time / tuned time (p10–p90), min-based")
+        for r in tuned_rows:
+            print(f"{r['model']:<18}{r['batch']:>6}{r['vs_untuned']:>8.2f} ({r['vs_untuned_p10']:.2f}–{r['vs_untuned_p90']:.2f})"
+                  f"{r['vs_untuned_min']:>7.2f}")
+        print("tuned MACs x is the energy-rule model's (the same trained ranks as exact/aligned8); tuning may deploy more MACs\n"
+              "(\"deployed\") where they run faster")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "details": details, "dense_macs": dense_macs, "rows": rows}, f, indent=2)
