@@ -226,7 +226,9 @@ def _parse_onnx(trt, builder, logger, path: Path):
 
 
 def _config(trt, builder, plan: BuildPlan):
+    """(builder config, calibrator or None): the caller keeps the calibrator alive until the build ends."""
     config = builder.create_builder_config()
+    calibrator = None
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     if plan.precision == "fp32":
         if hasattr(trt.BuilderFlag, "TF32"):
@@ -247,13 +249,14 @@ def _config(trt, builder, plan: BuildPlan):
         calib_profile = builder.create_optimization_profile()
         calib_profile.set_shape(plan.input_name, calib_shape, calib_shape, calib_shape)
         config.set_calibration_profile(calib_profile)
-        config.int8_calibrator = trt_calibrator(plan.calibration, trt)
+        calibrator = trt_calibrator(plan.calibration, trt)
+        config.int8_calibrator = calibrator
     cached = plan.timing_cache_path.read_bytes() if plan.timing_cache_path.is_file() else b""
     cache = config.create_timing_cache(cached)
     # a cache from another GPU or TensorRT version is refused (not merged); start afresh then
     if cache is None or not config.set_timing_cache(cache, False):
         config.set_timing_cache(config.create_timing_cache(b""), False)
-    return config
+    return config, calibrator
 
 
 def _build(trt, plan: BuildPlan) -> Path:
@@ -264,7 +267,7 @@ def _build(trt, plan: BuildPlan) -> Path:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, _parser = _parse_onnx(trt, builder, logger, plan.onnx_path)  # the parser must outlive the build
-    config = _config(trt, builder, plan)
+    config, _calibrator = _config(trt, builder, plan)  # the binding may not hold the Python calibrator
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
