@@ -189,8 +189,10 @@ def train_one_epoch(
         x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
-            terms = loss.terms(_regularized_module(model), logits.float(), y)
-            total = loss.total(terms)
+        # outside autocast: the Gram-matrix deviations of the orthogonality term lose most
+        # of their precision in bf16/fp16
+        terms = loss.terms(_regularized_module(model), logits.float(), y)
+        total = loss.total(terms)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"loss became {total.item()} at step {state.step + 1} of the epoch ("
                                 + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()) + "); lower the learning rate or λ")
