@@ -212,8 +212,12 @@ def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance
     if tuned:
         p, t = tuned["predicted"], tuned["target"]
         out.print(f"  tuned on {t['runtime']} {t['version']} ({t['threads']} threads, batch {t['batch']}) in {tuned['seconds']:.1f} s, "
-                  f"{tuned['cache_hits']} cached / {tuned['cache_misses']} timed; sum of layer times: tuned {p['lowrank_ms']:.3f} ms, "
+                  f"{tuned['cache_hits']} cached / {tuned['cache_misses']} timed; sum of layer times: tuned {p['tuned_ms']:.3f} ms, "
                   f"untuned {p['untuned_ms']:.3f} ms, dense {p['dense_ms']:.3f} ms", highlight=False, soft_wrap=True)
+        e = tuned.get("end_to_end")
+        if e:
+            out.print(f"  whole low-rank model at batch {t['batch']}: tuned {e['tuned_ms']:.3f} ms, untuned {e['untuned_ms']:.3f} ms "
+                      f"(speedup {e['speedup']:.3f}, {e['repeats']} rounds) → deployed {e['deployed']}", highlight=False, soft_wrap=True)
     for c in result.checks:
         out.print(f"  {c.what}: rel. error {c.rel_err:.1e}, max |diff| {c.max_abs:.1e}", highlight=False)
     engines = result.meta.get("engines")
