@@ -7,13 +7,16 @@ threshold e is found by bisection so that the pruned model has ~``--target``× f
 Variants per mode: the exact energy ranks exported as they are ("exact"), zero-padded
 upward to multiples of 8 or 16 at export ("aligned8", "aligned16": same model, more MACs
 deployed), and ranks rounded to the nearest multiple of 16 at pruning time, as the
-recipe's prune step would do before finetuning ("pruned16": nothing to pad). The dense
+recipe's prune step would do before finetuning ("pruned16": nothing to pad). With
+``--tune``, "tuned@B" per mode and batch B: the energy-rule model deployed per layer as
+timed fastest on onnxruntime at batch B, as ``lrexport export --tune --tune-batch B`` does
+(lrexport.deploy.tune, whole-model guard included), timed at batch B only. The dense
 model is exported the same way (BN folded in all). All five ONNX models are
 timed in one process on the same onnxruntime settings, calls interleaved in alternating
 order; per round we take dense time / low-rank time, and report the median and p10–p90
 of those ratios beside the medians of the latencies themselves.
 
-    python benchmarks/deploy_efficiency.py [--threads 2] [--repeats 80] [--variants exact,aligned8] [--json out.json]
+    python benchmarks/deploy_efficiency.py [--threads 2] [--repeats 80] [--variants exact,aligned8] [--tune] [--json out.json]
 """
 
 from __future__ import annotations

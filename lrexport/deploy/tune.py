@@ -423,7 +423,7 @@ class EndToEnd:
 
 
 def end_to_end(tuned_model: bytes, untuned_model: bytes, input_size, target: Target, warmup: int = 5,
-               budget_ms: float = 3000.0, min_repeats: int = 11, max_repeats: int = 60) -> EndToEnd:
+               budget_ms: float = 6000.0, min_repeats: int = 21, max_repeats: int = 80) -> EndToEnd:
     """Time the two whole ONNX models (serialized) at ``target``'s batch, interleaved."""
     if target.runtime != "ort":
         raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
