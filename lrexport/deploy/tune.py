@@ -311,12 +311,11 @@ def time_candidates(shape: LayerShape, candidates, target: Target, warmup: int =
     for cand in candidates:
         runner = OrtRunner(layer_onnx(shape, cand, target.batch).SerializeToString(), target.threads, spin=False)
         xi = inputs[(shape.n, *shape.out_hw) if cand == CONTEXT_OUT else (shape.c, *shape.in_hw)]
-        runners[cand] = lambda _, run=runner.run, xi=xi: run(xi)  # each candidate on its own input
-    x = None
-    probe = time_rounds(runners, x, warmup=warmup, repeats=1)
+        runners[cand] = lambda _, run=runner.run, xi=xi: run(xi)  # each candidate on its own input (x unused)
+    probe = time_rounds(runners, None, warmup=warmup, repeats=1)
     round_ms = sum(t[0] for t in probe.values())
     repeats = int(min(max_repeats, max(min_repeats, budget_ms / max(round_ms, 1e-3))))
-    times = time_rounds(runners, x, warmup=0, repeats=repeats)
+    times = time_rounds(runners, None, warmup=0, repeats=repeats)
     return {cand: LatencyStats.from_ms(target.batch, t) for cand, t in times.items()}
 
 
