@@ -15,10 +15,13 @@ _LAZY = {
     "create_model": ".models", "list_models": ".models",
     "decompose": ".lowrank", "layer_ranks": ".lowrank", "orthogonality": ".lowrank", "l1": ".lowrank",
     "hoyer": ".lowrank", "prune": ".lowrank", "energy_rank": ".lowrank", "count_macs": ".lowrank",
+    # one function per CLI command: recipe → train → export → verify → infer, and sweep / report
+    "load_recipe": ".recipe", "run_recipe": ".train", "export_run": ".deploy.export",
+    "verify_artifacts": ".deploy.verify", "infer": ".deploy.runtime", "run_sweep": ".sweep", "build_report": ".report",
 }
 
 # subpackages reachable as attributes (``lrexport.lowrank.SVDConv2d``) without an import
-_SUBMODULES = {"data", "deploy", "lowrank", "models", "recipe", "report", "train"}
+_SUBMODULES = {"data", "deploy", "lowrank", "models", "plots", "recipe", "report", "seed_results", "sweep", "train"}
 
 __all__ = ["LrexportError", *_LAZY, "__version__"]
 
