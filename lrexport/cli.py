@@ -67,6 +67,8 @@ class TrainProgress:
             self.bar.console.print(
                 f"  {data['phase']} epoch {data['epoch']}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
                 f" · {data['images_per_s']:.0f} img/s", highlight=False, soft_wrap=True)
+        elif kind == "warning":
+            err.print(f"[yellow]warning:[/] {escape(data['message'])}", highlight=False, soft_wrap=True)
         elif kind == "phase_end":
             if self.task is not None:
                 self.bar.update(self.task, completed=self.bar.tasks[self.task].total)

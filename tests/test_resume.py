@@ -103,3 +103,15 @@ def test_signal_saves_state_and_exits_cleanly(recipe, uninterrupted, tmp_path, s
     resumed = train(recipe, out, "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(json.loads((out / "summary.json").read_text())) == comparable(uninterrupted)
+
+
+def test_resume_with_a_changed_recipe_warns(recipe, tmp_path):
+    out = tmp_path / "run"
+    proc = train(recipe, out, wait=False)
+    wait_for_line(out / "metrics.jsonl", lambda l: l["phase"] == "svd", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    resumed = train(recipe, out, "--resume", str(out), "--set", "phases.finetune.epochs=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning: the recipe differs" in resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["phases"]["finetune"]["epochs"] == 1
