@@ -36,7 +36,20 @@ def main():
     """Learn low-rank CNNs (SVD training, energy pruning, finetuning) and deploy them."""
 
 
-class TrainProgress:
+class _LiveBar:
+    """A rich progress display that the library's progress callback draws into."""
+
+    bar = None  # a rich Progress, set by the subclass
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+class TrainProgress(_LiveBar):
     """Draws the library's progress events with rich: one bar per phase, a line per epoch."""
 
     def __init__(self):
@@ -47,13 +60,6 @@ class TrainProgress:
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out, transient=False,
         )
         self.task = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
 
     def __call__(self, kind: str, data: dict) -> None:
         if kind == "phase_start" and data["epochs"]:
@@ -321,7 +327,7 @@ def infer(artifacts, images, top_k, threads):
 
 
 # -- exploring the trade-off: sweep, report ----------------------------------------------------
-class SweepProgress:
+class SweepProgress(_LiveBar):
     """Draws a sweep: an overall bar of runs, and a bar for the phase being trained."""
 
     def __init__(self):
@@ -330,13 +336,6 @@ class SweepProgress:
         self.bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out)
         self.overall = self.phase = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
 
     def __call__(self, kind: str, data: dict) -> None:
         if kind == "sweep_start":
