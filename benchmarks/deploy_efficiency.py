@@ -34,6 +34,7 @@ import onnxruntime
 import torch
 
 import lrexport
+from lrexport.deploy.gpu_timing import quantile
 from lrexport.deploy.latency import time_rounds
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.runtime import OrtRunner
@@ -55,10 +56,6 @@ def cpu_name() -> str:
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{model} ({vector})"
-
-
-def quantile(values, q):
-    return float(np.percentile(np.asarray(values), 100 * q))
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import lrexport
+from lrexport.deploy.gpu_timing import quantile
 from lrexport.lowrank import regularizers
 
 MODES = ("channel", "spatial")
@@ -85,14 +86,6 @@ def timed(step) -> float:
     t0 = clock()
     step()
     return clock() - t0
-
-
-def quantile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def run(repeats: int, warmup: int, batch: int, threads: int, sparsity: str, breakdown: bool = False, clock_name: str = "wall") -> dict:

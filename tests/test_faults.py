@@ -59,11 +59,9 @@ def finite_and_good(path, recipe_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
+def recipe(recipe_file):
     assert SMALL != TINY
-    path.write_text(SMALL)
-    return path
+    return recipe_file(SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -64,10 +64,8 @@ def comparable(summary):
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
-    path.write_text(TINY)
-    return path
+def recipe(recipe_file):
+    return recipe_file(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,8 @@ DECAYS, ENERGIES = (0.0, 0.5), (0.01, 0.3)
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
-    path.write_text(TINY)
-    return path
+def recipe(recipe_file):
+    return recipe_file(TINY)
 
 
 @pytest.fixture(scope="module")
