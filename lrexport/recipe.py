@@ -54,6 +54,9 @@ class RegConfig:
     ortho: float = field(default=1.0, metadata=_check(ge=0))  # λ_o
     type: str = field(default="hoyer", metadata=_check("hoyer", "l1", "none"))
     decay: float = field(default=0.0, metadata=_check(ge=0))  # λ_s
+    # torch.compile the summed terms: per layer they are a dozen tiny kernels, which on a GPU
+    # cost more launch time than the convolutions take ("auto": on CUDA devices only)
+    compile: bool | str = field(default="auto", metadata=_check("auto", True, False))
 
 
 @dataclass

@@ -7,8 +7,10 @@ which regularizer weights they pass.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -34,13 +36,30 @@ class Loss:
     sparsity_type: str = "none"
     decay: float = 0.0
 
-    def terms(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = {"ce": F.cross_entropy(logits, target)}
+    def __post_init__(self):
+        self._regularizers: Callable[[nn.Module], dict[str, torch.Tensor]] = self.regularizers
+
+    def regularizers(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The unweighted regularizer terms this loss uses, summed over ``model``'s SVD layers."""
+        terms = {}
         if self.ortho:
             terms["ortho"] = orthogonality(model)
         if self.decay and self.sparsity_type != "none":
             terms["sparsity"] = sparsity(self.sparsity_type)(model)
         return terms
+
+    @property
+    def regularized(self) -> bool:
+        return bool(self.ortho) or bool(self.decay and self.sparsity_type != "none")
+
+    def compiled(self) -> "Loss":
+        """This loss with its regularizer terms run through torch.compile (eager if compiling fails)."""
+        loss = dataclasses.replace(self)
+        loss._regularizers = _CompiledOrEager(loss.regularizers)
+        return loss
+
+    def terms(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(logits, target)} | self._regularizers(model)
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         total = terms["ce"]
@@ -49,6 +68,30 @@ class Loss:
         if "sparsity" in terms:
             total = total + self.decay * terms["sparsity"]
         return total
+
+
+class _CompiledOrEager:
+    """``torch.compile(fn)``; if its first call cannot compile (no C compiler, say), warn and stay eager.
+
+    Compiling happens at the first call; a failure there that is not the compiler's recurs in
+    the eager call and is raised from it.
+    """
+
+    def __init__(self, fn: Callable):
+        self.eager, self.fn, self.first = fn, torch.compile(fn), True
+
+    def __call__(self, *args):
+        if not self.first:
+            return self.fn(*args)
+        self.first = False
+        try:
+            return self.fn(*args)
+        except Exception as e:  # noqa: BLE001 (whatever the compiler raised, the eager function computes the same)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+            warnings.warn(f"torch.compile of the regularizers failed ({reason}); running them eagerly "
+                          "(reg.compile = false skips compiling)", stacklevel=2)
+            self.fn = self.eager
+            return self.eager(*args)
 
 
 class EpochSampler(Sampler[int]):

@@ -118,6 +118,8 @@ class Pipeline:
         self.precision = Precision.from_recipe(recipe, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        compile_regs = recipe.reg.compile
+        self.compile_regularizers = compile_regs is True or (compile_regs == "auto" and device.type == "cuda")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.summary: dict = {}
         self.completed: list[str] = []
@@ -218,6 +220,8 @@ class Pipeline:
     def _train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, resume: dict | None = None, track_best: bool = False) -> dict:
         """Train ``cfg.epochs`` epochs, from ``resume`` (a last.pt state inside this phase) if given."""
         trained = self._trained()
+        if self.compile_regularizers and loss.regularized:
+            loss = loss.compiled()
         optimizer = build_optimizer(self.model.parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg)
         scaler = self.precision.scaler()
