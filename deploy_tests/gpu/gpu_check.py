@@ -29,15 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lrexport
 from lrexport.deploy.gpu_timing import Timing, time_calls
+from lrexport.deploy.onnx_graph import to_onnx
 from lrexport.errors import LrexportError, RuntimeMissingError
 from lrexport.lowrank import count_macs, decompose, round_rank, svd_layers, truncate
-from lrexport.lowrank.regularizers import hoyer, orthogonality
+from lrexport.lowrank.rewrite import to_plain as rewrite
+from lrexport.train.loop import Loss
 
 TRAIN_TARGET = 0.9  # SVD-training images/s ≥ 0.9 × dense
 LATENCY_TARGET = 1.5  # low-rank ResNet-50 at 2× fewer MACs ≥ 1.5× faster, fp16, batch 64
@@ -59,6 +61,7 @@ class Settings:
     amp: bool
     half: bool
     cuda_graphs: bool
+    compile_regularizers: bool
     trt: bool
     ort: bool
     trt_opt_level: int | None
@@ -102,8 +105,8 @@ def environment(s: Settings) -> dict:
 
 
 # -- 1. training throughput ------------------------------------------------------------------
-def train_step_fn(model: nn.Module, s: Settings, svd: bool):
-    """One training step as lrexport's loop does it, minus its per-step host syncs."""
+def train_step_fn(model: nn.Module, s: Settings, loss: Loss):
+    """One training step as lrexport's loop does it (regularizers outside autocast), minus its per-step host syncs."""
     x = torch.randn(s.train_batch, 3, s.image_size, s.image_size, device=s.device)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(1000, (s.train_batch,), device=s.device)
@@ -112,11 +115,10 @@ def train_step_fn(model: nn.Module, s: Settings, svd: bool):
 
     def step() -> None:
         with amp:
-            loss = F.cross_entropy(model(x).float(), y)
-            if svd:  # λ_o = 5 as the paper's ImageNet ResNet-18; λ_s does not change the cost
-                loss = loss + 5.0 * orthogonality(model) + 1e-3 * hoyer(model)
+            logits = model(x)
+        total = loss.total(loss.terms(model, logits.float(), y))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
 
     return step
@@ -125,14 +127,18 @@ def train_step_fn(model: nn.Module, s: Settings, svd: bool):
 def training_throughput(s: Settings) -> dict:
     torch.manual_seed(0)
     dense = lrexport.create_model(s.train_model, num_classes=1000).to(s.device)
-    models = {"dense": dense}
+    models, losses = {"dense": dense}, {"dense": Loss()}
+    svd_loss = Loss(ortho=5.0, sparsity_type="hoyer", decay=1e-3)  # λ_o as the paper's ImageNet ResNet-18
     for mode in ("channel", "spatial"):
         # full rank, as SVD training runs; the float64 SVDs run on the device (much faster than a CPU)
         models[f"svd-{mode}"] = decompose(copy.deepcopy(dense), mode)
+        losses[f"svd-{mode}"] = svd_loss.compiled() if s.compile_regularizers else svd_loss
+        if s.compile_regularizers:  # what compiling saves: the same step with eager regularizers
+            models[f"svd-{mode} (eager regularizers)"], losses[f"svd-{mode} (eager regularizers)"] = models[f"svd-{mode}"], svd_loss
     steps = {}
     for name, model in models.items():
         model.to(s.device, memory_format=torch.channels_last).train()
-        steps[name] = train_step_fn(model, s, svd=name != "dense")
+        steps[name] = train_step_fn(model, s, losses[name])
     for name, step in steps.items():  # cudnn.benchmark picks its kernels here
         for _ in range(3):
             step()
@@ -195,33 +201,7 @@ def ranks_for_speedup(model: nn.Module, input_size, target: float, multiple_of: 
     return ranks, speedup(ranks)
 
 
-def _plain_fallback(model: nn.Module) -> nn.Module:
-    """Thin pairs from factor_weights()/pair_geometry() when lrexport.lowrank.rewrite is absent (BN not folded)."""
-    plain = copy.deepcopy(model).eval()
-    for name, layer in svd_layers(plain):
-        dense, factored = layer.macs((56, 56))
-        with torch.no_grad():
-            if factored >= dense:
-                new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=layer.bias is not None)
-                new.weight.copy_(layer.dense_weight())
-            else:
-                w1, w2 = layer.factor_weights()
-                g1, g2 = layer.pair_geometry()
-                new = nn.Sequential(nn.Conv2d(w1.shape[1], w1.shape[0], tuple(w1.shape[-2:]), bias=False, **g1),
-                                    nn.Conv2d(w2.shape[1], w2.shape[0], tuple(w2.shape[-2:]), bias=layer.bias is not None, **g2))
-                new[0].weight.copy_(w1)
-                new[1].weight.copy_(w2)
-            if layer.bias is not None:
-                (new if isinstance(new, nn.Conv2d) else new[1]).bias.copy_(layer.bias)
-        plain.set_submodule(name, new)
-    return plain.eval()
-
-
 def to_plain(model: nn.Module, input_size) -> nn.Module:
-    try:
-        from lrexport.lowrank.rewrite import to_plain as rewrite
-    except ImportError:
-        return _plain_fallback(model)
     return rewrite(model, input_size, multiple_of=8)[0]
 
 
@@ -267,15 +247,7 @@ def torch_latency(model: nn.Module, batch: int, s: Settings) -> Timing:
 
 
 def export_onnx(model: nn.Module, path: Path, input_size) -> Path:
-    try:
-        from lrexport.deploy.onnx_graph import to_onnx
-
-        import onnx
-
-        onnx.save(to_onnx(model, input_size, batch=None), str(path))
-    except ImportError:
-        torch.onnx.export(model.eval(), (torch.zeros(1, *input_size),), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    onnx.save(to_onnx(model, input_size, batch=None), str(path))
     return path
 
 
@@ -444,6 +416,7 @@ def parse(argv=None) -> tuple[Settings, str | None]:
     p.add_argument("--models", help="comma-separated model names for latency (default resnet18,resnet50; dry run cifar_resnet20)")
     p.add_argument("--train-model", help="model for training throughput (default resnet18; dry run cifar_resnet20)")
     p.add_argument("--macs-speedup", type=float, default=2.0, help="low-rank model's MACs reduction")
+    p.add_argument("--eager-regularizers", action="store_true", help="do not torch.compile the regularizer terms (lrexport compiles them on CUDA)")
     p.add_argument("--no-trt", action="store_true")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--trt-opt-level", type=int, help="TensorRT builder optimization level 0…5 (default: TensorRT's own, 3)")
@@ -465,10 +438,10 @@ def parse(argv=None) -> tuple[Settings, str | None]:
         repeats=pick(a.repeats, 200, 3),
         warmup=pick(a.warmup, 30, 1),
         # the dry run uses a CIFAR ResNet: decomposing torchvision ResNets takes minutes on a small CPU
-        models=tuple(pick(a.models, "resnet18,resnet50", "cifar_resnet20").split(",")),
+        models=tuple(m for m in pick(a.models, "resnet18,resnet50", "cifar_resnet20").split(",") if m),  # "": training only
         train_model=pick(a.train_model, "resnet18", "cifar_resnet20"),
         macs_speedup=a.macs_speedup,
-        amp=not dry, half=not dry, cuda_graphs=not dry,
+        amp=not dry, half=not dry, cuda_graphs=not dry, compile_regularizers=not dry and not a.eager_regularizers,
         trt=not a.no_trt, ort=not a.no_ort, trt_opt_level=a.trt_opt_level, budget_s=a.budget_s,
         workdir=Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="lrexport-gpu-check-")),
     ), a.json

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call (about 5 minutes on one H100/H200): gpu_check.py, the GPU
+# tests, the quickstart trained on the GPU, exported and verified,
+# and a short spatial-wise run. Writes eight files into OUT (default ./gpu-out); prints the reports.
+#
+#     bash deploy_tests/gpu/run_on_gpu.sh [OUT]
+set -u
+out=${1:-gpu-out}
+mkdir -p "$out"
+work=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+step() { echo; echo "### $*"; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $py -c 'import torch, torchvision, onnx, onnxruntime as o; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "| torchvision", torchvision.__version__, "| onnx", onnx.__version__, "| onnxruntime", o.__version__, o.get_available_providers())'
+} >"$out/gpu_check.log" 2>&1
+cat "$out/gpu_check.log"
+
+step "gpu_check.py"
+timeout 240 $py deploy_tests/gpu/gpu_check.py --json "$out/gpu_check.json" --workdir "$work/check" \
+  >"$out/gpu_check.md" 2>>"$out/gpu_check.log"
+echo "rc $?"; cat "$out/gpu_check.md"
+
+step "quickstart on the GPU: train, export, verify (onnxruntime and torch)"
+run="$work/quickstart"
+{
+  timeout 180 $py -m lrexport train recipes/quickstart.toml --output "$run" && \
+  timeout 90 $py -m lrexport export "$run" && \
+  timeout 90 $py -m lrexport verify "$run/artifacts" --runtime ort && \
+  timeout 90 $py -m lrexport verify "$run/artifacts" --runtime torch
+} >"$out/quickstart.log" 2>&1
+echo "rc $?"; tail -n 40 "$out/quickstart.log"
+cp "$run/summary.json" "$out/summary.json" 2>/dev/null
+cp "$run/artifacts/verify.json" "$out/verify.json" 2>/dev/null
+
+step "pytest deploy_tests/gpu"
+timeout 120 $py -m pytest deploy_tests/gpu -rs -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
+echo "rc $?"; tail -n 15 "$out/pytest_gpu.log"
+
+step "quickstart, spatial-wise, shortened, on the GPU"
+timeout 120 $py -m lrexport train recipes/quickstart.toml --output "$work/spatial" --set decompose.mode=spatial \
+  --set phases.dense.epochs=2 --set phases.svd.epochs=2 --set phases.finetune.epochs=1 >"$out/spatial.log" 2>&1
+echo "rc $?"; tail -n 15 "$out/spatial.log"
