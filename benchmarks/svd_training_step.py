@@ -8,7 +8,7 @@ from other processes hits all of them alike. Each round gives one ratio per mode
 On a shared machine, ``--threads 1 --clock cpu`` counts this process's CPU time, which
 other processes' load barely changes.
 
-    python benchmarks/svd_training_step.py [--repeats 30] [--threads 2] [--clock wall|cpu] [--breakdown] [--json out.json]
+    python benchmarks/svd_training_step.py [--repeats 30] [--threads 2] [--clock wall|cpu] [--compiled] [--breakdown] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import lrexport
 from lrexport.deploy.gpu_timing import quantile
 from lrexport.lowrank import regularizers
+from lrexport.train.loop import Loss
 
 MODES = ("channel", "spatial")
 
@@ -42,18 +43,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, svd: bool, sparsity: str, lam_o: float, lam_s: float):
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Loss):
     # SGD as the paper's CIFAR schedule (momentum 0.9, weight decay 5e-4); lr is irrelevant to time
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    sparse = regularizers.sparsity(sparsity)
     model.train()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if svd:
-            loss = loss + lam_o * regularizers.orthogonality(model) + lam_s * sparse(model)
-        loss.backward()
+        loss.total(loss.terms(model, model(x), y)).backward()  # as lrexport's training loop does
         opt.step()
 
     return step
@@ -88,7 +85,8 @@ def timed(step) -> float:
     return clock() - t0
 
 
-def run(repeats: int, warmup: int, batch: int, threads: int, sparsity: str, breakdown: bool = False, clock_name: str = "wall") -> dict:
+def run(repeats: int, warmup: int, batch: int, threads: int, sparsity: str, breakdown: bool = False, clock_name: str = "wall",
+        compiled: bool = False) -> dict:
     global clock
     clock = CLOCKS[clock_name]
     torch.set_num_threads(threads)
@@ -96,11 +94,14 @@ def run(repeats: int, warmup: int, batch: int, threads: int, sparsity: str, brea
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(10, (batch,))
     dense = lrexport.create_model("cifar_resnet20", num_classes=10)
-    steps = {"dense": make_step(dense, x, y, False, sparsity, 1.0, 0.01)}
+    steps = {"dense": make_step(dense, x, y, Loss())}
+    svd_loss = Loss(ortho=1.0, sparsity_type=sparsity, decay=0.01)
     svd_models = {}
     for mode in MODES:
         svd_models[mode] = lrexport.decompose(copy.deepcopy(dense), mode)  # full rank: exact SVD of each conv
-        steps[mode] = make_step(svd_models[mode], x, y, True, sparsity, 1.0, 0.01)
+        steps[mode] = make_step(svd_models[mode], x, y, svd_loss)
+        if compiled:  # reg.compile = true; the warm-up below compiles
+            steps[f"{mode} (compiled regularizers)"] = make_step(copy.deepcopy(svd_models[mode]), x, y, svd_loss.compiled())
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -110,7 +111,7 @@ def run(repeats: int, warmup: int, batch: int, threads: int, sparsity: str, brea
         order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
         for name in order:
             times[name].append(timed(steps[name]))
-    ratios = {mode: [s / d for s, d in zip(times[mode], times["dense"])] for mode in MODES}
+    ratios = {name: [s / d for s, d in zip(times[name], times["dense"])] for name in names if name != "dense"}
     parts = {}
     if breakdown:
         models = {"dense": (dense, False), **{mode: (svd_models[mode], True) for mode in MODES}}
@@ -128,13 +129,14 @@ def run(repeats: int, warmup: int, batch: int, threads: int, sparsity: str, brea
             "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "loadavg": os.getloadavg(),
         },
-        "config": {"model": "cifar_resnet20", "batch": batch, "repeats": repeats, "warmup": warmup, "sparsity": sparsity, "clock": clock_name},
+        "config": {"model": "cifar_resnet20", "batch": batch, "repeats": repeats, "warmup": warmup, "sparsity": sparsity, "clock": clock_name,
+                   "compiled": compiled},
         "step_ms": {
             name: {"median": 1e3 * statistics.median(t), "p10": 1e3 * quantile(t, 0.1), "p90": 1e3 * quantile(t, 0.9)}
             for name, t in times.items()
         },
         "ratio": {
-            mode: {"median": statistics.median(r), "p10": quantile(r, 0.1), "p90": quantile(r, 0.9)} for mode, r in ratios.items()
+            name: {"median": statistics.median(r), "p10": quantile(r, 0.1), "p90": quantile(r, 0.9)} for name, r in ratios.items()
         },
         "breakdown_ms": parts,
     }
@@ -174,9 +176,10 @@ def main() -> None:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)")
     p.add_argument("--breakdown", action="store_true", help="also time the parts of each step alone")
+    p.add_argument("--compiled", action="store_true", help="also time each mode with torch.compile'd regularizers (reg.compile = true)")
     p.add_argument("--json", help="also write the raw result here")
     a = p.parse_args()
-    res = run(a.repeats, a.warmup, a.batch, a.threads, a.sparsity, a.breakdown, a.clock)
+    res = run(a.repeats, a.warmup, a.batch, a.threads, a.sparsity, a.breakdown, a.clock, a.compiled)
     print(markdown(res))
     if a.json:
         with open(a.json, "w") as f:
