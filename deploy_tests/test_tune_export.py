@@ -73,7 +73,7 @@ def test_whole_model_guard_keeps_the_untuned_model_when_it_is_faster(tuned, tmp_
     run, first = tuned
     real_choose = T.choose
     # every layer "chooses" dense, so the plan surely differs from the default one
-    monkeypatch.setattr(T, "choose", lambda times, layer, margin=0.02: replace(
+    monkeypatch.setattr(T, "choose", lambda times, layer, margin=0.02, below=False: replace(
         real_choose(times, layer, margin), choice="dense", ms=times["dense"]))
     monkeypatch.setattr(T, "end_to_end", lambda *a, **k: T.EndToEnd(2.0, 1.0, 2.0, 1.0, 0.5, 3))
     res = export_run(run, tmp_path / "guard", tune=True, tune_batch=2, tune_threads=1, check_images=16,

@@ -201,9 +201,14 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--tune-batch", type=click.IntRange(min=1), default=None, help="Batch to tune at (default: --batch, else 1).")
 @click.option("--tune-threads", type=click.IntRange(min=1), default=None, help="Threads to tune with (default: all CPUs, as verify).")
 @click.option("--tune-cache", type=click.Path(dir_okay=False), default=None, help="Layer timing cache (default: OUT/tune_cache.json).")
+@click.option("--tune-below/--no-tune-below", default=None,
+              help="Let --tune go below a layer's energy rank where faster and validation accuracy confirms it "
+                   "(default: the run's prune.tune_below).")
+@click.option("--tune-images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Validation images for that accuracy check.")
 @reports_errors
 def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance, precision, trt_batch_sizes,
-           tune, tune_batch, tune_threads, tune_cache):
+           tune, tune_batch, tune_threads, tune_cache, tune_below, tune_images):
     """Export RUN (default: newest under ./runs) to ONNX (and TensorRT): model.onnx, dense.onnx, meta.json."""
     from .deploy.export import export_run
 
@@ -213,7 +218,8 @@ def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance
     result = export_run(
         run, out_dir, format=fmt, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
         tolerance=tolerance, precision=precision, trt_batch_sizes=trt_batch_sizes,
-        tune=tune, tune_batch=tune_batch, tune_threads=tune_threads, tune_cache=tune_cache, progress=progress,
+        tune=tune, tune_batch=tune_batch, tune_threads=tune_threads, tune_cache=tune_cache, tune_below=tune_below,
+        tune_images=tune_images, progress=progress,
     )
     out.print(_export_table(result.meta))
     tuned = result.meta.get("tune")
@@ -222,6 +228,11 @@ def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance
         out.print(f"  tuned on {t['runtime']} {t['version']} ({t['threads']} threads, batch {t['batch']}) in {tuned['seconds']:.1f} s, "
                   f"{tuned['cache_hits']} cached / {tuned['cache_misses']} timed; sum of layer times: tuned {p['tuned_ms']:.3f} ms, "
                   f"untuned {p['untuned_ms']:.3f} ms, dense {p['dense_ms']:.3f} ms", highlight=False, soft_wrap=True)
+        b = tuned.get("below_check")
+        if b:
+            out.print(f"  below the energy rank: {len(b['kept'])} kept, {len(b['reverted'])} reverted; top-1 on {b['images']} validation "
+                      f"images {b['top1']:.2f}% vs {b['reference_top1']:.2f}% as trained (tolerance {b['tolerance']:g} points)",
+                      highlight=False, soft_wrap=True)
         e = tuned.get("end_to_end")
         if e:
             out.print(f"  whole low-rank model at batch {t['batch']}: tuned {e['tuned_ms']:.3f} ms, untuned {e['untuned_ms']:.3f} ms "

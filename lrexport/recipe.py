@@ -66,7 +66,10 @@ class PruneConfig:
     energy: float | str = field(default=1e-3, metadata=_check(ge=0, lt=1, words=("auto",)))
     multiple_of: int = field(default=1, metadata=_check(ge=1))  # round ranks to this (before finetuning)
     ladder: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3])
-    tolerance: float = field(default=1.0, metadata=_check(ge=0))  # accuracy points, for energy = "auto"
+    tolerance: float = field(default=1.0, metadata=_check(ge=0))  # accuracy points, for energy = "auto" and tune_below
+    # export --tune may deploy a layer below its energy rank where that is faster and the
+    # validation top-1 stays within ``tolerance`` points (lrexport.deploy.below)
+    tune_below: bool = False
 
 
 @dataclass

@@ -54,6 +54,36 @@ def test_choose_never_goes_below_the_energy_rank():
     assert "16" not in c.times_ms
 
 
+def test_candidates_below_the_energy_rank_only_when_allowed():
+    assert layer(27, 32).candidates(below=True) == ["dense", 16, 24, 27, 32]
+    assert layer(27, 32).candidates(below=False) == ["dense", 27, 32]
+    assert layer(7, 8).candidates(below=True) == ["dense", 7, 8, 16, 32]  # no multiple of 8 below 7 (0 is no rank)
+
+
+def test_choose_below_the_energy_rank_when_allowed_with_its_fallback():
+    times = {"dense": 2.0, 16: 0.5, 24: 0.9, 27: 1.5, 32: 1.4}
+    c = T.choose(times, layer(), below=True)
+    assert c.choice == 16 and c.below and c.ms == 0.5 and c.macs == SHAPE.macs(16)
+    assert "below the energy rank 27" in c.reason and "accuracy" in c.reason
+    assert c.fallback.choice == 32 and not c.fallback.below  # what choose() gives without permission
+    assert T.choose(times, layer()).choice == 32
+    back = c.reverted()
+    assert back.choice == 32 and back.ms == 1.4 and not back.below and "reverted" in back.reason
+    assert c.to_dict()["fallback"] == 32 and back.to_dict()["fallback"] is None
+    # not faster than the best model-preserving choice by more than the margin: not worth changing the model
+    assert T.choose({"dense": 2.0, 24: 1.39, 32: 1.4}, layer(), margin=0.02, below=True).choice == 32
+
+
+def test_tune_result_reverts_named_choices_below():
+    times = {"dense": 2.0, 16: 0.5, 27: 1.5, 32: 1.4}
+    a, b = T.choose(times, layer(name="a"), below=True), T.choose(times, layer(name="b"), below=True)
+    res = T.TuneResult(T.Target("ort", 2, 1, "fp32", "CPUExecutionProvider", "x", "cpu"), [a, b], 0, 0, 0.0, 0.02, below=True)
+    assert res.below_ranks() == {"a": 16, "b": 16}
+    res.revert(["b"])
+    assert res.below_ranks() == {"a": 16} and res.plan == {"a": 16, "b": 32}
+    assert "below the energy rank" in res.to_dict()["rule"]
+
+
 def test_choose_keeps_the_default_within_the_margin():
     c = T.choose({"dense": 2.0, 32: 1.01, 48: 1.0}, layer(), margin=0.02)
     assert c.choice == 32 and "within 2%" in c.reason

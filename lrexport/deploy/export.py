@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..errors import LrexportError, RuntimeMissingError
-from ..lowrank import count_macs
+from ..lowrank import count_macs, layer_ranks, truncated
 from ..lowrank.rewrite import relative_error, to_plain
 from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
@@ -87,6 +87,12 @@ def _macs(model, input_size) -> int:
     return count_macs(model, tuple(input_size)).deployed
 
 
+def _below_energy_rank(trained, deployed) -> dict[str, int]:
+    """name → rank of the layers ``deployed`` holds at a lower rank than ``trained`` (verify truncates the same)."""
+    ranks = layer_ranks(trained)
+    return {name: r for name, r in layer_ranks(deployed).items() if r < ranks[name]}
+
+
 @torch.no_grad()
 def export_run(
     run_dir: str | Path | None = None,
@@ -106,6 +112,8 @@ def export_run(
     tune_cache: str | Path | None = None,
     tune_margin: float = 0.02,
     tune_guard: bool = True,
+    tune_below: bool | None = None,
+    tune_images: int = 2000,
     progress=None,
 ) -> ExportResult:
     """Export a run's finetuned low-rank model and its dense baseline; returns meta and checks.
@@ -120,6 +128,10 @@ def export_run(
     times are cached in ``tune_cache`` (default: OUT/tune_cache.json) for the next export.
     ``tune_guard`` then times the whole tuned and untuned models and keeps the untuned one
     if the tuned one is slower (meta.json's tune.deployed says which went out).
+    ``tune_below`` (default: the run's ``prune.tune_below``) also lets a layer go below its
+    energy rank where that is faster, kept only where the first ``tune_images`` validation
+    images confirm the model stays within the run's ``prune.tolerance`` top-1 points
+    (lrexport.deploy.below); meta.json's export.truncated lists the ranks that went below.
     ``progress(name, choice)`` is called per tuned layer.
     """
     if format not in FORMATS:
@@ -133,7 +145,8 @@ def export_run(
     run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
     out_dir = Path(out_dir) if out_dir is not None else run.path / "artifacts"
     input_size = run.input_size
-    lowrank, dense = run.load_models()
+    trained, dense = run.load_models()
+    lowrank = trained  # the model deployed: the trained one, or it with ranks below the energy rule's
 
     tuned = None
     if tune:
@@ -143,10 +156,21 @@ def export_run(
         tb = tune_batch or batch or 1
         if batch is not None and tb != batch:
             raise LrexportError(f"--tune-batch {tb} differs from the fixed export batch {batch}")
+        prune_cfg = run.summary.get("prune") or {}
+        below = bool(prune_cfg.get("tune_below", False)) if tune_below is None else tune_below
         tuned = tune_model(
-            lowrank, input_size, batch=tb, threads=tune_threads, multiple_of=multiple_of, margin=tune_margin,
-            cache_path=tune_cache, progress=progress,
+            trained, input_size, batch=tb, threads=tune_threads, multiple_of=multiple_of, margin=tune_margin,
+            cache_path=tune_cache, progress=progress, below=below,
         )
+        if tuned.below_ranks():
+            from .below import confirm_below
+
+            val = run.validation_set()
+            val = torch.utils.data.Subset(val, range(min(tune_images, len(val))))
+            check = confirm_below(trained, tuned.below_ranks(), val, float(prune_cfg.get("tolerance", 1.0)))
+            tuned.revert(check.reverted)
+            tuned.below_check = check.to_dict()
+            lowrank = truncated(trained, check.kept)
     plan = tuned.plan if tuned is not None else None
     plain_lr, report = to_plain(lowrank, input_size, multiple_of, plan)
     plain_dense, dense_report = to_plain(dense, input_size, 1)
@@ -158,12 +182,13 @@ def export_run(
         # one-layer times miss what happens between layers: the tuned model must also win whole
         from .tune import end_to_end
 
-        plain_default, default_report = to_plain(lowrank, input_size, multiple_of)
+        plain_default, default_report = to_plain(trained, input_size, multiple_of)
         default_proto = to_onnx(plain_default, input_size, batch, opset)
         tuned.end_to_end = end_to_end(protos["lowrank"].SerializeToString(), default_proto.SerializeToString(),
                                       input_size, tuned.target)
         if tuned.deployed == "untuned":
             plan, plain_lr, report, protos["lowrank"] = None, plain_default, default_report, default_proto
+            lowrank = trained
     ops = {name: check_graph(proto) for name, proto in protos.items()}
 
     x = validation_sample(run, check_images)
@@ -205,7 +230,7 @@ def export_run(
             "checkpoints": {"lowrank": str(run.checkpoint("lowrank").resolve()), "dense": str(run.checkpoint("dense").resolve())},
         },
         "export": {"format": format, "opset": opset, "multiple_of": multiple_of, "dynamic_batch": batch is None,
-                   "plan": plan},
+                   "plan": plan, "truncated": _below_energy_rank(trained, lowrank)},
         "versions": tool_versions(),
     }
     if tuned is not None:

@@ -10,8 +10,10 @@ input shape: warm-up, then rounds interleaved across the layer's candidates, med
 candidate, less the stand-ins' own time.
 
 ``choose`` then keeps the fastest candidate that does not change the model: dense, or a
-pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Going below r_e would
-change the model and is not done here.
+pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Where the recipe allows
+it (``prune.tune_below``), r_e rounded *down* to each multiple is a candidate too; such a
+choice changes the model, so the export keeps it only where validation accuracy confirms it
+(``lrexport.deploy.below``) and otherwise falls back to the fastest choice at ranks ≥ r_e.
 
 Times are cached in a JSON file keyed by layer geometry, candidate, runtime, provider,
 runtime version, CPU, threads and batch, so a second export (or another model with the
@@ -90,9 +92,12 @@ class TuneLayer:
     break_even: int
     default: str | int  # what the export does without tuning: DENSE or the aligned rank
 
-    def candidates(self, multiples=MULTIPLES) -> list[str | int]:
-        """DENSE, r_e and r_e rounded up to each multiple, pairs only below break-even; the default always."""
+    def candidates(self, multiples=MULTIPLES, below: bool = False) -> list[str | int]:
+        """DENSE, r_e and r_e rounded up (``below``: and down) to each multiple, pairs only below
+        break-even; the default always."""
         ranks = {self.energy_rank} | {math.ceil(self.energy_rank / m) * m for m in multiples}
+        if below:
+            ranks |= {self.energy_rank // m * m for m in multiples if self.energy_rank >= m}
         ranks = sorted(r for r in ranks if r < self.break_even and r <= self.full_rank)
         out: list[str | int] = [DENSE, *ranks]
         if self.default not in out:
@@ -132,26 +137,61 @@ class Choice:
     macs: int
     reason: str
     times_ms: dict[str, float] = field(default_factory=dict)
+    energy_rank: int = 0
+    # for a choice below the energy rank: the fastest choice at ranks ≥ it, deployed if accuracy does not confirm
+    fallback: "Choice | None" = None
 
     @property
     def dense(self) -> bool:
         return self.choice == DENSE
 
+    @property
+    def below(self) -> bool:
+        """A pair at a rank below the energy rule's: it changes the model."""
+        return not self.dense and int(self.choice) < self.energy_rank
+
+    def reverted(self) -> "Choice":
+        """The fallback, saying why: the rank below r_e did not hold validation accuracy."""
+        fb = self.fallback
+        note = f"; {_label(self.choice)} (below the energy rank {self.energy_rank}, {self.ms:.3f} ms) reverted: validation accuracy fell too far"
+        return Choice(fb.name, fb.choice, fb.ms, fb.default, fb.default_ms, fb.macs, fb.reason + note, self.times_ms, fb.energy_rank)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["fallback"] = None if self.fallback is None else self.fallback.choice
+        return d
 
 
 def _label(c: str | int) -> str:
     return DENSE if c == DENSE else f"pair r={c}"
 
 
-def choose(times: dict, layer: TuneLayer, margin: float = 0.02) -> Choice:
+def choose(times: dict, layer: TuneLayer, margin: float = 0.02, below: bool = False) -> Choice:
     """The deployment of ``layer`` given ``times`` (candidate → ms; keys DENSE or ranks, str or int).
 
     Eligible: DENSE, and pairs at ranks ≥ the energy rank (lower ranks change the model).
     The fastest eligible candidate wins, unless the untuned default is within ``margin``
-    (relative) of it: a change must be measurably faster, not noise. Pure: no timing here.
+    (relative) of it: a change must be measurably faster, not noise. With ``below``, a pair
+    below the energy rank wins if it is faster than that choice by more than ``margin``; it
+    carries that choice as its ``fallback``. Pure: no timing here.
     """
+    safe = _choose_preserving(times, layer, margin)
+    lower = {int(k): float(ms) for k, ms in times.items() if k != DENSE and int(k) < layer.energy_rank}
+    if not below or not lower:
+        return safe
+    rank = min(lower, key=lambda r: (lower[r], r))
+    if not lower[rank] < safe.ms * (1 - margin):
+        return safe
+    reason = (f"{_label(rank)} fastest at {lower[rank]:.3f} ms, below the energy rank {layer.energy_rank}: "
+              f"{100 * (1 - lower[rank] / safe.ms):.0f}% faster than {_label(safe.choice)} {safe.ms:.3f} ms; "
+              "kept only if validation accuracy confirms it")
+    table = {str(r): ms for r, ms in sorted(lower.items())} | safe.times_ms
+    return Choice(layer.name, rank, lower[rank], layer.default, safe.default_ms, layer.macs(rank), reason, table,
+                  layer.energy_rank, fallback=safe)
+
+
+def _choose_preserving(times: dict, layer: TuneLayer, margin: float) -> Choice:
+    """``choose`` among the candidates that leave the model's output unchanged."""
     table: dict[str | int, float] = {}
     for key, ms in times.items():
         cand = DENSE if key == DENSE else int(key)
@@ -179,7 +219,7 @@ def choose(times: dict, layer: TuneLayer, margin: float = 0.02) -> Choice:
         reason = f"{_label(pick)} fastest of {len(table)} at {table[pick]:.3f} ms vs {vs}"
     return Choice(
         layer.name, pick, table[pick], layer.default, default_ms, layer.macs(pick), reason,
-        {str(c): table[c] for c in sorted(table, key=lambda c: (c != DENSE, 0 if c == DENSE else c))},
+        {str(c): table[c] for c in sorted(table, key=lambda c: (c != DENSE, 0 if c == DENSE else c))}, layer.energy_rank,
     )
 
 
@@ -362,6 +402,17 @@ class TuneResult:
     seconds: float
     margin: float
     end_to_end: "EndToEnd | None" = None  # whole-model check of the tuned plan against the untuned one
+    below: bool = False  # ranks below the energy rule's were candidates
+    below_check: dict | None = None  # the validation-accuracy check of the choices below it
+
+    def below_ranks(self) -> dict[str, int]:
+        """name → rank of the choices below the energy rank (not yet confirmed by accuracy)."""
+        return {c.name: int(c.choice) for c in self.choices if c.below}
+
+    def revert(self, names) -> None:
+        """Replace the named choices below the energy rank by their fallbacks."""
+        names = set(names)
+        self.choices = [c.reverted() if c.name in names and c.below else c for c in self.choices]
 
     @property
     def plan(self) -> dict[str, str | int]:
@@ -394,8 +445,10 @@ class TuneResult:
         return {
             "target": asdict(self.target), "margin": self.margin, "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses, "seconds": self.seconds, "predicted": self.predicted(),
-            "rule": "fastest of dense and pairs at ranks ≥ the energy rank; the default kept within the margin",
-            "deployed": self.deployed,
+            "rule": "fastest of dense and pairs at ranks ≥ the energy rank; the default kept within the margin"
+                    + ("; a pair below the energy rank where faster by more than the margin and validation accuracy confirms it"
+                       if self.below else ""),
+            "deployed": self.deployed, "below_check": self.below_check,
             "end_to_end": None if self.end_to_end is None else self.end_to_end.to_dict(),
             "layers": [c.to_dict() for c in self.choices],
         }
@@ -439,8 +492,10 @@ def end_to_end(tuned_model: bytes, untuned_model: bytes, input_size, target: Tar
 
 
 def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None, margin: float = 0.02,
-         multiples=MULTIPLES, progress=None, **timing) -> TuneResult:
+         multiples=MULTIPLES, progress=None, below: bool = False, **timing) -> TuneResult:
     """Time every candidate of every layer on ``target`` (cached ones excepted) and choose per layer.
+
+    ``below``: ranks below the energy rank are candidates too (see ``choose``).
 
     ``progress(name, choice)`` is called after each layer (the CLI draws it). ``timing`` goes
     to ``time_candidates`` (warmup, budget_ms, min_repeats, max_repeats).
@@ -450,7 +505,7 @@ def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None
     hits = misses = 0
     choices = []
     for layer in layers:
-        cands = layer.candidates(multiples)
+        cands = layer.candidates(multiples, below)
         ctx = contexts(layer.shape)
         raw, todo = {}, []
         for cand in cands + ctx:
@@ -469,16 +524,16 @@ def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None
         # a candidate in context, less half of each context's own two depthwise convs (and their reorders)
         overhead = 0.5 * sum(raw[c] for c in ctx)
         times = {cand: max(raw[cand] - overhead, 1e-6) for cand in cands}
-        choice = choose(times, layer, margin)
+        choice = choose(times, layer, margin, below)
         choices.append(choice)
         if progress is not None:
             progress(layer.name, choice)
-    return TuneResult(target, choices, hits, misses, time.perf_counter() - start, margin)
+    return TuneResult(target, choices, hits, misses, time.perf_counter() - start, margin, below=below)
 
 
 def tune_model(model, input_size, batch: int = 1, threads: int | None = None, runtime: str = "ort",
                cache_path: str | Path | None = None, multiple_of: int = 8, margin: float = 0.02, progress=None,
-               **timing) -> TuneResult:
+               below: bool = False, **timing) -> TuneResult:
     """Tune every decomposed conv of ``model`` at ``input_size`` (C, H, W) and ``batch`` on ``runtime``."""
     if runtime not in RUNTIMES:
         raise RuntimeMissingError(f"--tune supports runtime {', '.join(RUNTIMES)} here; {runtime!r} is not implemented")
@@ -486,4 +541,4 @@ def tune_model(model, input_size, batch: int = 1, threads: int | None = None, ru
         raise LrexportError(f"tune batch must be ≥ 1; got {batch}")
     target = ort_target(threads, batch)
     return tune(tune_layers_of(model, input_size, multiple_of), target, TuneCache(cache_path), margin,
-                progress=progress, **timing)
+                progress=progress, below=below, **timing)

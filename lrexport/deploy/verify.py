@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import LrexportError, RuntimeMissingError
+from ..lowrank.prune import truncated
 from ..train.checkpoint import atomic_write_text
 from .latency import LatencyStats, measure
 from .rundir import newest_run, open_run
@@ -44,8 +45,15 @@ class TorchRunner:
         return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
-def open_runners(runtime: str, artifacts_dir: Path, meta: dict, threads: int, run=None) -> dict:
-    """One runner per model ("lowrank", "dense") on ``runtime``."""
+def load_exported_models(run, meta: dict):
+    """(low-rank, dense) PyTorch models as exported: the run's, truncated where export --tune went below a trained rank."""
+    lowrank, dense = run.load_models()
+    below = (meta.get("export") or {}).get("truncated")
+    return (truncated(lowrank, below) if below else lowrank), dense
+
+
+def open_runners(runtime: str, artifacts_dir: Path, meta: dict, threads: int, models=None) -> dict:
+    """One runner per model ("lowrank", "dense") on ``runtime``; ``models`` (from load_exported_models) for torch."""
     if runtime == "ort":
         # no busy-waiting: the two sessions run in turn, and one's spinning threads would slow the other
         return {m: OrtRunner(artifacts_dir / meta["models"][m]["file"], threads, spin=False) for m in MODELS}
@@ -61,7 +69,7 @@ def open_runners(runtime: str, artifacts_dir: Path, meta: dict, threads: int, ru
     if runtime == "torch":
         from ..lowrank.rewrite import to_plain
 
-        lowrank, dense = run.load_models()
+        lowrank, dense = models
         size = tuple(meta["input"]["shape"][1:])
         return {
             "lowrank": TorchRunner(to_plain(lowrank, size, meta["export"]["multiple_of"], meta["export"].get("plan"))[0]),
@@ -189,8 +197,8 @@ def verify_artifacts(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the torch runtime and the reference use the same count
     try:
-        runners = open_runners(runtime, artifacts_dir, meta, threads, run)
-        lowrank, dense = run.load_models()
+        lowrank, dense = load_exported_models(run, meta)
+        runners = open_runners(runtime, artifacts_dir, meta, threads, (lowrank, dense))
         val = run.validation_set()
         if limit:
             val = torch.utils.data.Subset(val, range(min(limit, len(val))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,25 @@ def truncate(layer: nn.Module, k: int) -> None:
     layer.U = nn.Parameter(layer.U[:, keep].clone())
     layer.s = nn.Parameter(layer.s[keep].clone())
     layer.V = nn.Parameter(layer.V[keep].clone())
+
+
+def energy_dropped(s: torch.Tensor, k: int) -> float:
+    """Fraction of Σ s² that keeping only the k largest |s| drops."""
+    energy = torch.sort(s.detach().double() ** 2, descending=True).values
+    total = float(energy.sum())
+    return 0.0 if total <= 0 else float(energy[k:].sum()) / total
+
+
+def truncated(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """A copy of ``model`` with the named SVD layers truncated to the given (lower) ranks."""
+    model = copy.deepcopy(model)
+    for name, k in ranks.items():
+        layer = model.get_submodule(name)
+        if not 1 <= k <= layer.rank:
+            raise LrexportError(f"cannot truncate {name} (rank {layer.rank}) to rank {k}")
+        if k < layer.rank:
+            truncate(layer, k)
+    return model
 
 
 @dataclass
