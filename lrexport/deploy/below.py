@@ -64,9 +64,9 @@ def confirm_below(model: nn.Module, proposed: dict[str, int], val, tolerance: fl
     def holds(withdrawn: int) -> bool:
         return withdrawn == len(order) or accuracy(withdrawn) >= reference - tolerance
 
-    lo, hi = -1, 0  # invariant once the first check fails: withdrawing lo does not hold, hi does
+    hi = 0  # proposals withdrawn
     if not holds(0):
-        lo, hi = 0, len(order)
+        lo, hi = 0, len(order)  # withdrawing lo does not hold, withdrawing hi does
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if holds(mid) else (mid, hi)
