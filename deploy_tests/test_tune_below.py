@@ -116,5 +116,6 @@ def test_cli_export_tune_below(build, tmp_path, monkeypatch):
                                   "--tune-batch", "2", "--tune-threads", "1", "--check-images", "8"])
     assert r.exit_code == 0, r.output
     assert "below the energy rank:" in r.output and "32 validation images" in r.output
+    assert "accuracy check of" in r.output and "as trained: top-1" in r.output  # each pass over the images is shown
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["tune"]["below_check"]["images"] == 32

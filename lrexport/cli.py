@@ -219,7 +219,7 @@ def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance
         run, out_dir, format=fmt, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
         tolerance=tolerance, precision=precision, trt_batch_sizes=trt_batch_sizes,
         tune=tune, tune_batch=tune_batch, tune_threads=tune_threads, tune_cache=tune_cache, tune_below=tune_below,
-        tune_images=tune_images, progress=progress,
+        tune_images=tune_images, progress=progress, log=lambda text: out.print(text, highlight=False, soft_wrap=True),
     )
     out.print(_export_table(result.meta))
     tuned = result.meta.get("tune")

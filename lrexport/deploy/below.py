@@ -48,17 +48,24 @@ def top1(model: nn.Module, val, batch_size: int = 256) -> float:
     return 100.0 * hits / max(seen, 1)
 
 
-def confirm_below(model: nn.Module, proposed: dict[str, int], val, tolerance: float) -> BelowCheck:
-    """Which of the ``proposed`` truncations (name → rank) ``model`` keeps within ``tolerance`` points on ``val``."""
+def confirm_below(model: nn.Module, proposed: dict[str, int], val, tolerance: float, log=None) -> BelowCheck:
+    """Which of the ``proposed`` truncations (name → rank) ``model`` keeps within ``tolerance`` points on ``val``.
+
+    ``log(text)``, if given, hears each evaluation (each is a pass over ``val``).
+    """
+    log = log or (lambda text: None)
     layers = dict(model.named_modules())
     dropped = {name: energy_dropped(layers[name].s, k) for name, k in proposed.items()}
     order = sorted(proposed, key=lambda n: (-dropped[n], n))  # withdrawn first: the most energy dropped
+    log(f"accuracy check of {len(order)} ranks below the energy rule's on {len(val)} validation images")
     reference = top1(model, val)
+    log(f"  as trained: top-1 {reference:.2f}%")
     results: dict[int, float] = {}  # withdrawn count → top-1 with the rest kept
 
     def accuracy(withdrawn: int) -> float:
         if withdrawn not in results:
             results[withdrawn] = top1(truncated(model, {n: proposed[n] for n in order[withdrawn:]}), val)
+            log(f"  {len(order) - withdrawn} of {len(order)} below: top-1 {results[withdrawn]:.2f}%")
         return results[withdrawn]
 
     def holds(withdrawn: int) -> bool:

@@ -115,6 +115,7 @@ def export_run(
     tune_below: bool | None = None,
     tune_images: int = 2000,
     progress=None,
+    log=None,
 ) -> ExportResult:
     """Export a run's finetuned low-rank model and its dense baseline; returns meta and checks.
 
@@ -132,7 +133,8 @@ def export_run(
     energy rank where that is faster, kept only where the first ``tune_images`` validation
     images confirm the model stays within the run's ``prune.tolerance`` top-1 points
     (lrexport.deploy.below); meta.json's export.truncated lists the ranks that went below.
-    ``progress(name, choice)`` is called per tuned layer.
+    ``progress(name, choice)`` is called per tuned layer, ``log(text)`` on each step of that
+    accuracy check (each is a pass over the validation images).
     """
     if format not in FORMATS:
         raise LrexportError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
@@ -167,7 +169,7 @@ def export_run(
 
             val = run.validation_set()
             val = torch.utils.data.Subset(val, range(min(tune_images, len(val))))
-            check = confirm_below(trained, tuned.below_ranks(), val, float(prune_cfg.get("tolerance", 1.0)))
+            check = confirm_below(trained, tuned.below_ranks(), val, float(prune_cfg.get("tolerance", 1.0)), log)
             tuned.revert(check.reverted)
             tuned.below_check = check.to_dict()
             lowrank = truncated(trained, check.kept)
