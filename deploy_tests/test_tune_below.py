@@ -119,3 +119,5 @@ def test_cli_export_tune_below(build, tmp_path, monkeypatch):
     assert "accuracy check of" in r.output and "as trained: top-1" in r.output  # each pass over the images is shown
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["tune"]["below_check"]["images"] == 32
+    alone = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "alone"), "--tune-below"])
+    assert alone.exit_code == 1 and "add --tune" in alone.output and not (tmp_path / "alone").exists()

@@ -140,6 +140,8 @@ def export_run(
         raise LrexportError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     if batch is not None and batch < 1:
         raise LrexportError(f"batch must be ≥ 1 (or dynamic); got {batch}")
+    if tune_below and not tune:
+        raise LrexportError("--tune-below chooses among the ranks --tune times; add --tune")
     if tune and format == "trt":
         raise RuntimeMissingError("--tune times layers on onnxruntime only; tuning for TensorRT engines is not implemented")
     if multiple_of < 1:
