@@ -92,6 +92,8 @@ def test_cli_verify_prints_tables(channel_export):
     res = CliRunner().invoke(main, ["verify", str(result.out_dir), "--threads", "1", "--warmup", "1", "--repeats", "3"])
     assert res.exit_code == 0, res.output
     assert "accuracy through ort" in res.output and "wall speedup" in res.output
+    notes = json.loads((result.out_dir / "verify.json").read_text())["notes"]  # timing-dependent: either way, printed as written
+    assert all(f"note: {n}"[:60] in " ".join(res.output.split()) for n in notes)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -106,3 +108,13 @@ def test_trt_runtime_missing_is_one_line_exit_2(channel_export):
 def test_missing_artifacts_is_clear(tmp_path):
     res = CliRunner().invoke(main, ["verify", str(tmp_path)])
     assert res.exit_code == 1 and "no meta.json" in res.output
+
+
+def test_slower_low_rank_model_gets_a_note():
+    from lrexport.deploy.verify import slower_than_dense
+
+    rows = [{"batch": 1, "wall_speedup": 0.84}, {"batch": 8, "wall_speedup": 1.2}]
+    (note,) = slower_than_dense(rows, "ort", tuned=False)
+    assert "0.84x at batch 1" in note and "batch 8" not in note and "--tune" in note
+    assert "dense model" in slower_than_dense(rows, "ort", tuned=True)[0]
+    assert slower_than_dense([{"batch": 1, "wall_speedup": 1.5}], "ort", tuned=False) == []

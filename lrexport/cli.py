@@ -284,6 +284,8 @@ def verify(artifacts, runtime, threads, batch_sizes, warmup, repeats, limit, tol
     )
     for table in _verify_tables(result.report):
         out.print(table)
+    for note in result.report["notes"]:
+        out.print(f"note: {note}", highlight=False, soft_wrap=True)
     out.print(f"{result.artifacts_dir}/verify.json", highlight=False, soft_wrap=True)
     result.check()
 

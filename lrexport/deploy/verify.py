@@ -144,6 +144,18 @@ def _latency_inputs(val, batch: int) -> np.ndarray:
     return np.resize(x, (batch, *x.shape[1:])) if n < batch else x
 
 
+def slower_than_dense(latency: list[dict], runtime: str, tuned: bool) -> list[str]:
+    """A note where the low-rank model measured slower than the dense one: fewer MACs did not pay here."""
+    slow = [row for row in latency if row["wall_speedup"] < 1.0]
+    if not slow:
+        return []
+    at = ", ".join(f"{row['wall_speedup']:.2f}x at batch {row['batch']}" for row in slow)
+    hint = ("even as tuned: deploy the dense model on this runtime" if tuned else
+            "`lrexport export --tune` deploys each layer dense or factored by measured latency")
+    return [f"the low-rank model ran slower than the dense one on {runtime} ({at}): the saved MACs did not pay off "
+            f"on this runtime (small layers are bound by memory and per-call overhead); {hint}"]
+
+
 def predicted_latency(meta: dict, latency: list[dict]) -> dict | None:
     """The tuned export's predicted latency (sum of per-layer times) beside the measured one.
 
@@ -226,6 +238,7 @@ def verify_artifacts(
                 failures.append(f"{m} {key} through {runtime} is {got:.2f}%, PyTorch's {ref:.2f}% (tolerance {tolerance:g} points)")
     lr, dn = meta["models"]["lowrank"], meta["models"]["dense"]
     predicted = predicted_latency(meta, latency)
+    notes = slower_than_dense(latency, runtime, tuned="tune" in meta)
     report = {
         "runtime": runtime,
         "threads": threads,
@@ -241,6 +254,7 @@ def verify_artifacts(
         "tolerance": tolerance,
         "failures": failures,
         "passed": not failures,
+        "notes": notes,
     }
     if runtime == "ort":
         import onnxruntime
