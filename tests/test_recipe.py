@@ -79,3 +79,23 @@ def test_cli_malformed_recipe_one_line_exit_2(tmp_path, body, message):
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_reference_recipe_lists_every_key_with_its_default():
+    """docs/recipe-reference.toml is the recipe documentation: it must match the code."""
+    import tomllib
+    from pathlib import Path
+
+    from lrexport.recipe import Recipe
+
+    path = Path(__file__).parents[1] / "docs" / "recipe-reference.toml"
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "kwargs" else {prefix + k}
+        return out
+
+    defaults = Recipe().to_dict()
+    assert keys(tomllib.loads(path.read_text())) == keys(defaults)
+    assert load_recipe(path).to_dict() == defaults
