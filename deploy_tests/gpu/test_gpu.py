@@ -1,6 +1,6 @@
 """GPU tests: skipped, with the reason, where there is no GPU (or no TensorRT / onnxruntime-gpu).
 
-The first test is the exception: the dry run of gpu_check.py runs its code paths on the CPU.
+The first test is the exception: the dry run of benchmarks/gpu/gpu_check.py runs its code paths on the CPU.
 """
 
 import importlib.util
@@ -25,7 +25,7 @@ needs_trt = pytest.mark.skipif(not (HAS_CUDA and HAS_TRT), reason="needs a CUDA 
 def load_gpu_check():
     """The script as a module (it is not in a package); dataclasses need it in sys.modules."""
     if "lrexport_gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("lrexport_gpu_check", HERE / "gpu_check.py")
+        spec = importlib.util.spec_from_file_location("lrexport_gpu_check", HERE.parents[1] / "benchmarks" / "gpu" / "gpu_check.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)

@@ -2,7 +2,7 @@
 
 On the GPU each call is bracketed by two events recorded on the current stream and the
 host synchronises once, after the last call: nothing in the timed region waits for the
-GPU or copies to the host. Used by ``TrtRunner.time`` and by deploy_tests/gpu/gpu_check.py.
+GPU or copies to the host. Used by ``TrtRunner.time`` and by benchmarks/gpu/gpu_check.py.
 """
 
 from __future__ import annotations

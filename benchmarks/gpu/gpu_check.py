@@ -8,8 +8,8 @@
    rewritten to plain convs with BatchNorm folded. Timed in PyTorch (fp16, channels_last,
    CUDA graph replay), through TensorRT (fp16 engine) and onnxruntime-gpu when present.
 
-    python deploy_tests/gpu/gpu_check.py [--json out.json]
-    python deploy_tests/gpu/gpu_check.py --dry-run        # CPU, tiny sizes: checks the code paths
+    python benchmarks/gpu/gpu_check.py [--json out.json]
+    python benchmarks/gpu/gpu_check.py --dry-run        # CPU, tiny sizes: checks the code paths
 
 Weights are random: latency and throughput do not depend on them. Nothing is asserted;
 the targets are printed beside the numbers (docs/gpu.md).

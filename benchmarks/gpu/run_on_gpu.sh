@@ -3,7 +3,7 @@
 # tests, the quickstart trained on the GPU, exported and verified,
 # and a short spatial-wise run. Writes eight files into OUT (default ./gpu-out); prints the reports.
 #
-#     bash deploy_tests/gpu/run_on_gpu.sh [OUT]
+#     bash benchmarks/gpu/run_on_gpu.sh [OUT]
 set -u
 out=${1:-gpu-out}
 mkdir -p "$out"
@@ -19,7 +19,7 @@ step() { echo; echo "### $*"; }
 cat "$out/gpu_check.log"
 
 step "gpu_check.py"
-timeout 240 $py deploy_tests/gpu/gpu_check.py --json "$out/gpu_check.json" --workdir "$work/check" \
+timeout 240 $py benchmarks/gpu/gpu_check.py --json "$out/gpu_check.json" --workdir "$work/check" \
   >"$out/gpu_check.md" 2>>"$out/gpu_check.log"
 echo "rc $?"; cat "$out/gpu_check.md"
 
