@@ -190,7 +190,6 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=3.0, help="MACs speedup to prune to")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS), help="subset of " + ", ".join(v[0] for v in VARIANTS))
-    ap.add_argument("--spin", action="store_true", help="let idle onnxruntime threads busy-wait (off: sessions timed in turn would steal each other's cores)")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
     ap.add_argument("--tune", action="store_true",
                     help="add tuned@B per mode and batch: per-layer deployment timed fastest at batch B (export --tune)")
@@ -222,7 +221,7 @@ def main() -> None:
             if e:
                 print(f"{'':18s} whole model: tuned {e['tuned_ms']:.2f} ms, untuned {e['untuned_ms']:.2f} ms, "
                       f"speedup {e['speedup']:.3f} over {e['repeats']} rounds → deployed {e['deployed']}")
-    runners = {name: OrtRunner(proto.SerializeToString(), args.threads, spin=args.spin).run for name, (proto, *_) in models.items()}
+    runners = {name: OrtRunner(proto.SerializeToString(), args.threads).run for name, (proto, *_) in models.items()}
     load_before = os.getloadavg()
     rows = []
     rng = np.random.default_rng(args.seed)
@@ -260,10 +259,10 @@ def main() -> None:
 
     machine = {
         "platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
-        "threads": args.threads, "ort_spinning": args.spin, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "threads": args.threads, "ort_spinning": "during runs only", "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
         "loadavg_before": load_before, "loadavg_after": load_after,
     }
-    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads (spinning {'on' if args.spin else 'off'}), "
+    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads (spinning during runs only), "
           f"{machine['processor']}, {os.cpu_count()} CPUs, "
           f"load average {load_before[0]:.1f} → {load_after[0]:.1f}; warm-up {args.warmup}, interleaved rounds")
     header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"

@@ -37,7 +37,7 @@ from ..train.checkpoint import atomic_write_text
 from .latency import LatencyStats, time_rounds
 
 CACHE_FILE = "tune_cache.json"
-CACHE_VERSION = 2  # 2: candidates timed between depthwise contexts
+CACHE_VERSION = 3  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs
 DENSE = "dense"
 RUNTIMES = ("ort",)
 MULTIPLES = (8, 16, 32)
@@ -349,7 +349,7 @@ def time_candidates(shape: LayerShape, candidates, target: Target, warmup: int =
     }
     runners = {}
     for cand in candidates:
-        runner = OrtRunner(layer_onnx(shape, cand, target.batch).SerializeToString(), target.threads, spin=False)
+        runner = OrtRunner(layer_onnx(shape, cand, target.batch).SerializeToString(), target.threads)
         xi = inputs[(shape.n, *shape.out_hw) if cand == CONTEXT_OUT else (shape.c, *shape.in_hw)]
         runners[cand] = lambda _, run=runner.run, xi=xi: run(xi)  # each candidate on its own input (x unused)
     probe = time_rounds(runners, None, warmup=warmup, repeats=1)
@@ -481,7 +481,7 @@ def end_to_end(tuned_model: bytes, untuned_model: bytes, input_size, target: Tar
         raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
     from .runtime import OrtRunner
 
-    runners = {name: OrtRunner(m, target.threads, spin=False).run for name, m in (("tuned", tuned_model), ("untuned", untuned_model))}
+    runners = {name: OrtRunner(m, target.threads).run for name, m in (("tuned", tuned_model), ("untuned", untuned_model))}
     x = np.random.default_rng(2).standard_normal((target.batch, *input_size), dtype=np.float32)
     probe = time_rounds(runners, x, warmup=warmup, repeats=1)
     round_ms = sum(t[0] for t in probe.values())
