@@ -145,6 +145,20 @@ def test_regularizer_gradients_match_autograd_of_the_plain_formulas():
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def test_orthogonality_under_autocast_keeps_the_factors_precision():
+    # a user may call the term inside the model's autocast region
+    model = lrexport.decompose(lrexport.create_model("cifar_resnet20", num_classes=10), "channel")
+    with torch.no_grad():
+        for _, l in svd_layers(model):
+            l.U.mul_(1.1)
+    want = lrexport.orthogonality(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lrexport.orthogonality(model)
+    got.backward()
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert all(l.U.grad is not None and l.U.grad.dtype == torch.float32 for _, l in svd_layers(model))
+
+
 @pytest.mark.parametrize("e,k", [(0.0, 4), (0.01, 4), (0.05, 3), (0.2, 2), (0.24, 2), (0.25, 1), (0.99, 1)])
 def test_energy_rank_on_hand_spectrum(e, k):
     # s² = 16, 4, 1, 0.25 (sum 21.25): keeping 3 leaves 0.25/21.25 = 1.2% removed, 2 leaves 5.9%, 1 leaves 24.7%

@@ -17,11 +17,14 @@ class _GramDeviation(torch.autograd.Function):
 
     Autograd of the plain expression spends two matmuls on the gradient of A·Aᵀ; the closed
     form needs one, which is a third of the term's cost at full rank (spatial-wise: 3n×3n).
+    It runs in A's own precision even under autocast: in bf16 the deviation of a near-identity
+    Gram matrix is mostly rounding.
     """
 
     @staticmethod
     def forward(ctx, a: torch.Tensor) -> torch.Tensor:
-        d = a @ a.T
+        with torch.autocast(a.device.type, enabled=False):
+            d = a @ a.T
         d.diagonal().sub_(1)
         ctx.save_for_backward(a, d)
         return (d * d).sum()
@@ -33,14 +36,10 @@ class _GramDeviation(torch.autograd.Function):
         return (4 * grad) * (d @ a)
 
 
-def _gram_deviation(a: torch.Tensor) -> torch.Tensor:
-    return _GramDeviation.apply(a)
-
-
 def orthogonality_of(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """‖UᵀU − I‖²_F / r² + ‖V·Vᵀ − I‖²_F / r² for U (rows×r), V (r×cols)."""
     r = v.shape[0]
-    return (_gram_deviation(u.T) + _gram_deviation(v)) / r**2
+    return (_GramDeviation.apply(u.T) + _GramDeviation.apply(v)) / r**2
 
 
 def l1_of(s: torch.Tensor) -> torch.Tensor:
