@@ -259,10 +259,10 @@ def main() -> None:
 
     machine = {
         "platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
-        "threads": args.threads, "ort_spinning": "during runs only", "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "threads": args.threads, "ort_spinning": OrtRunner.spinning, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
         "loadavg_before": load_before, "loadavg_after": load_after,
     }
-    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads (spinning during runs only), "
+    print(f"\nonnxruntime {onnxruntime.__version__} CPU, {args.threads} threads (spinning {OrtRunner.spinning}), "
           f"{machine['processor']}, {os.cpu_count()} CPUs, "
           f"load average {load_before[0]:.1f} → {load_after[0]:.1f}; warm-up {args.warmup}, interleaved rounds")
     header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"

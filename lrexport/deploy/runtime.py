@@ -38,6 +38,7 @@ class OrtRunner:
     """One onnxruntime CPU session; ``run(x) -> logits`` for a float32 NCHW batch."""
 
     name = "ort"
+    spinning = "during runs only"  # as recorded in verify.json and the benchmarks
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
         import onnxruntime as ort

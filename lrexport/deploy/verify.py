@@ -259,7 +259,7 @@ def verify_artifacts(
         import onnxruntime
 
         report["runtime_version"] = onnxruntime.__version__
-        report["ort_spinning"] = "during runs only"
+        report["ort_spinning"] = OrtRunner.spinning
     elif runtime == "torch":
         report["runtime_version"] = torch.__version__
     atomic_write_text(artifacts_dir / VERIFY_FILE, json.dumps(report, indent=2))
