@@ -18,10 +18,15 @@ def check_energy(e: float) -> float:
     return float(e)
 
 
+def _energies(s: torch.Tensor) -> torch.Tensor:
+    """s², largest first, in float64: what the energy rule sums."""
+    return torch.sort(s.detach().double() ** 2, descending=True).values
+
+
 def energy_rank(s: torch.Tensor, e: float) -> int:
     """Smallest k with Σ_{i≤k} s_i² ≥ (1 − e)·Σ s² over s sorted descending; at least 1."""
     check_energy(e)
-    energy = torch.sort(s.detach().double() ** 2, descending=True).values.cumsum(0)
+    energy = _energies(s).cumsum(0)
     total = energy[-1]
     if total <= 0:
         return 1
@@ -47,7 +52,7 @@ def truncate(layer: nn.Module, k: int) -> None:
 
 def energy_dropped(s: torch.Tensor, k: int) -> float:
     """Fraction of Σ s² that keeping only the k largest |s| drops."""
-    energy = torch.sort(s.detach().double() ** 2, descending=True).values
+    energy = _energies(s)
     total = float(energy.sum())
     return 0.0 if total <= 0 else float(energy[k:].sum()) / total
 
