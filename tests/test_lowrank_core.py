@@ -136,9 +136,9 @@ def test_regularizer_gradients_match_autograd_of_the_plain_formulas():
 
     for term, k in ((lrexport.orthogonality, 0), (lrexport.hoyer, 1), (lrexport.l1, 2)):
         params = [p for l in layers for p in (l.U, l.s, l.V)]
-        got_value = term(model)
+        got_value = 0.5 * term(model)  # weighted, as in the loss, so that backward must use its incoming gradient
         got = torch.autograd.grad(got_value, params, allow_unused=True, materialize_grads=True)
-        want_value = sum(plain(l)[k] for l in layers)
+        want_value = 0.5 * sum(plain(l)[k] for l in layers)
         want = torch.autograd.grad(want_value, params, allow_unused=True, materialize_grads=True)
         assert got_value.item() == pytest.approx(want_value.item(), rel=1e-5)
         for g, w in zip(got, want):
