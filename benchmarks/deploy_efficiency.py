@@ -10,8 +10,10 @@ deployed), and ranks rounded to the nearest multiple of 16 at pruning time, as t
 recipe's prune step would do before finetuning ("pruned16": nothing to pad). With
 ``--tune``, "tuned@B" per mode and batch B: the energy-rule model deployed per layer as
 timed fastest on onnxruntime at batch B, as ``lrexport export --tune --tune-batch B`` does
-(lrexport.deploy.tune, whole-model guard included), timed at batch B only. The dense
-model is exported the same way (BN folded in all). All five ONNX models are
+(lrexport.deploy.tune, whole-model guard included), timed at batch B only; and, where
+"pruned16" is among the variants, "tuned16@B": the pruned16 model tuned the same way (the
+advice for AVX-512 CPUs: round ranks to ×16 before finetuning, then export --tune). The dense
+model is exported the same way (BN folded in all). All ONNX models are
 timed in one process on the same onnxruntime settings, calls interleaved in alternating
 order; per round we take dense time / low-rank time, and report the median and p10–p90
 of those ratios beside the medians of the latencies themselves.
@@ -103,6 +105,8 @@ def prune_to_target(model, target: float, multiple_of: int = 1) -> tuple[float, 
 # (name, rank multiple at pruning, rank multiple at export): exact ranks exported as they are
 # or zero-padded upward, and ranks rounded at pruning time so that export pads nothing
 VARIANTS = (("exact", 1, 1), ("aligned8", 1, 8), ("aligned16", 1, 16), ("pruned16", 16, 1))
+# tuned models: name -> (rank multiple at pruning, the untuned variant it starts from and is guarded against)
+TUNED = {"tuned": (1, "aligned8"), "tuned16": (16, "pruned16")}
 
 
 def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), tune_batches=(), threads: int = 2, tune_cache=None):
@@ -110,7 +114,8 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), tune_b
 
     ``tune_batches``: also a "tuned@B" model per mode and batch B, the energy-rule model
     (as "exact"/"aligned8") deployed per layer as timed fastest on onnxruntime at batch B
-    (``lrexport export --tune --tune-batch B``), ``threads`` threads, times cached in ``tune_cache``.
+    (``lrexport export --tune --tune-batch B``), ``threads`` threads, times cached in ``tune_cache``;
+    likewise "tuned16@B" from the pruned16 model where that variant is built.
     """
     torch.manual_seed(seed)
     dense = lrexport.create_model("resnet18", num_classes=1000).eval()
@@ -144,40 +149,43 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), tune_b
                 "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed,
                 "dense_layers": [p.name for p in report.layers if p.dense],
             }
-        for batch in tune_batches:
-            if 1 not in pruned:
-                lowrank = copy.deepcopy(decomposed)
-                energy, ranks = prune_to_target(lowrank, target, 1)
-                pruned[1] = (lowrank.eval(), energy, ranks)
-            lowrank, energy, ranks = pruned[1]
-            tuned = tune_model(lowrank, INPUT, batch=batch, threads=threads, cache_path=tune_cache)
-            plain, report = to_plain(lowrank, INPUT, 8, tuned.plan)
-            with torch.no_grad():
-                err = relative_error(plain(x), lowrank(x))
-            assert err < 1e-4, (mode, "tuned", err)
-            proto = to_onnx(plain, INPUT)
-            check_graph(proto)
-            untuned = models.get(f"{mode}/aligned8")
-            if untuned is not None and tuned.plan != tuned.default_plan:
-                # as export --tune does: the whole tuned model must beat the untuned one, or the untuned one goes out
-                tuned.end_to_end = end_to_end(proto.SerializeToString(), untuned[0].SerializeToString(), INPUT, tuned.target)
-                if tuned.deployed == "untuned":
-                    plain, report = to_plain(lowrank, INPUT, 8)
-                    proto = untuned[0]
-            macs, deployed = count_macs(lowrank, INPUT).deployed, count_macs(plain, INPUT).deployed
-            name = f"{mode}/tuned@{batch}"
-            models[name] = (proto, macs, deployed)
-            choices = tuned.choices
-            details[name] = {
-                "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed,
-                "dense_layers": [p.name for p in report.layers if p.dense],
-                "tune": tuned.to_dict(),
-                "summary": {
-                    "dense": sum(c.dense for c in choices), "default_kept": sum(c.choice == c.default for c in choices),
-                    "padded_beyond_default": sum(not c.dense and c.default != "dense" and c.choice > c.default for c in choices),
-                    "exact_energy_rank": sum(not c.dense and c.choice == ranks[c.name] for c in choices),
-                },
-            }
+        for tuned_name, (prune_multiple, untuned_name) in TUNED.items():
+            if untuned_name not in {v[0] for v in variants}:
+                continue
+            for batch in tune_batches:
+                if prune_multiple not in pruned:
+                    lowrank = copy.deepcopy(decomposed)
+                    energy, ranks = prune_to_target(lowrank, target, prune_multiple)
+                    pruned[prune_multiple] = (lowrank.eval(), energy, ranks)
+                lowrank, energy, ranks = pruned[prune_multiple]
+                tuned = tune_model(lowrank, INPUT, batch=batch, threads=threads, cache_path=tune_cache)
+                plain, report = to_plain(lowrank, INPUT, 8, tuned.plan)
+                with torch.no_grad():
+                    err = relative_error(plain(x), lowrank(x))
+                assert err < 1e-4, (mode, tuned_name, err)
+                proto = to_onnx(plain, INPUT)
+                check_graph(proto)
+                untuned = models[f"{mode}/{untuned_name}"]
+                if tuned.plan != tuned.default_plan:
+                    # as export --tune does: the whole tuned model must beat the untuned one, or the untuned one goes out
+                    tuned.end_to_end = end_to_end(proto.SerializeToString(), untuned[0].SerializeToString(), INPUT, tuned.target)
+                    if tuned.deployed == "untuned":
+                        plain, report = to_plain(lowrank, INPUT, 8)
+                        proto = untuned[0]
+                macs, deployed = count_macs(lowrank, INPUT).deployed, count_macs(plain, INPUT).deployed
+                name = f"{mode}/{tuned_name}@{batch}"
+                models[name] = (proto, macs, deployed)
+                choices = tuned.choices
+                details[name] = {
+                    "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed, "untuned": untuned_name,
+                    "dense_layers": [p.name for p in report.layers if p.dense],
+                    "tune": tuned.to_dict(),
+                    "summary": {
+                        "dense": sum(c.dense for c in choices), "default_kept": sum(c.choice == c.default for c in choices),
+                        "padded_beyond_default": sum(not c.dense and c.default != "dense" and c.choice > c.default for c in choices),
+                        "exact_energy_rank": sum(not c.dense and c.choice == ranks[c.name] for c in choices),
+                    },
+                }
     return models, details, dense_macs
 
 
@@ -203,7 +211,7 @@ def main() -> None:
     chosen = set(args.variants.split(","))
     batches = [int(b) for b in args.batches.split(",")]
     if args.tune:
-        chosen.add("aligned8")  # the untuned default export, the tuned models' baseline
+        chosen.add("aligned8")  # the untuned default export, the tuned model's baseline
     models, details, dense_macs = build_models(
         args.seed, args.target, [v for v in VARIANTS if v[0] in chosen], exclude,
         tune_batches=batches if args.tune else (), threads=args.threads, tune_cache=args.tune_cache,
@@ -229,7 +237,7 @@ def main() -> None:
         x = rng.standard_normal((batch, *INPUT)).astype(np.float32)
         repeats = max(15, args.repeats // max(1, batch // 2))
         # a model tuned at batch B is deployed (and timed) at batch B only
-        active = {name: run for name, run in runners.items() if "/tuned@" not in name or name.endswith(f"@{batch}")}
+        active = {name: run for name, run in runners.items() if "@" not in name or name.endswith(f"@{batch}")}
         times = time_rounds(active, x, args.warmup, repeats)
         dense_med = statistics.median(times["dense"])
         for name in active:
@@ -250,8 +258,9 @@ def main() -> None:
                 "macs_speedup": macs_speedup, "deployed_macs_speedup": deployed_speedup, "ratio": wall / macs_speedup,
                 "ratio_min": min(times["dense"]) / min(times[name]) / macs_speedup,
             })
-            untuned = name.split("/")[0] + "/aligned8"
-            if "/tuned@" in name and untuned in times:
+            untuned = details.get(name, {}).get("untuned")
+            untuned = untuned and name.split("/")[0] + "/" + untuned
+            if untuned in times:
                 vs = [u / t for u, t in zip(times[untuned], times[name])]
                 rows[-1] |= {"vs_untuned": statistics.median(vs), "vs_untuned_p10": quantile(vs, 0.1),
                              "vs_untuned_p90": quantile(vs, 0.9), "vs_untuned_min": min(times[untuned]) / min(times[name])}
@@ -282,11 +291,12 @@ def main() -> None:
           "ratio = wall x / MACs x; (min) = min x / MACs x")
     tuned_rows = [r for r in rows if "vs_untuned" in r]
     if tuned_rows:
-        print("\ntuned vs untuned (aligned8, the default export): median over rounds of untuned time / tuned time (p10–p90), min-based")
+        print("\ntuned vs untuned (tuned: aligned8, the default export; tuned16: pruned16): "
+              "median over rounds of untuned time / tuned time (p10–p90), min-based")
         for r in tuned_rows:
             print(f"{r['model']:<18}{r['batch']:>6}{r['vs_untuned']:>8.2f} ({r['vs_untuned_p10']:.2f}–{r['vs_untuned_p90']:.2f})"
                   f"{r['vs_untuned_min']:>7.2f}")
-        print("tuned MACs x is the energy-rule model's (the same trained ranks as exact/aligned8); tuning may deploy more MACs\n"
+        print("tuned MACs x is that of the model it tunes (the same trained ranks); tuning may deploy more MACs\n"
               "(\"deployed\") where they run faster")
     if args.json:
         with open(args.json, "w") as f:
