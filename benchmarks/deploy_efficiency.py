@@ -131,61 +131,56 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), tune_b
         decomposed = decompose(copy.deepcopy(dense), mode, exclude=exclude)
         synthesize_spectra(decomposed, seed)
         pruned = {}
-        for name, prune_multiple, align in variants:
-            if prune_multiple not in pruned:
+
+        def pruned_at(multiple: int):
+            """(model, e, ranks) pruned to the target with ranks rounded to ``multiple``; built once."""
+            if multiple not in pruned:
                 lowrank = copy.deepcopy(decomposed)
-                energy, ranks = prune_to_target(lowrank, target, prune_multiple)
-                pruned[prune_multiple] = (lowrank.eval(), energy, ranks)
-            lowrank, energy, ranks = pruned[prune_multiple]
-            plain, report = to_plain(lowrank, INPUT, align)
+                energy, ranks = prune_to_target(lowrank, target, multiple)
+                pruned[multiple] = (lowrank.eval(), energy, ranks)
+            return pruned[multiple]
+
+        def add(name: str, lowrank, plain, report, energy, ranks, proto=None, **extra) -> None:
+            """Check ``plain`` against ``lowrank``, export it (unless ``proto`` is given) and record it."""
             with torch.no_grad():
                 err = relative_error(plain(x), lowrank(x))
-            assert err < 1e-4, (mode, name, err)
-            proto = to_onnx(plain, INPUT)
-            check_graph(proto)
+            assert err < 1e-4, (name, err)
+            if proto is None:
+                proto = to_onnx(plain, INPUT)
+                check_graph(proto)
             macs, deployed = count_macs(lowrank, INPUT).deployed, count_macs(plain, INPUT).deployed
-            models[f"{mode}/{name}"] = (proto, macs, deployed)
-            details[f"{mode}/{name}"] = {
+            models[name] = (proto, macs, deployed)
+            details[name] = {
                 "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed,
-                "dense_layers": [p.name for p in report.layers if p.dense],
+                "dense_layers": [p.name for p in report.layers if p.dense], **extra,
             }
+
+        for name, prune_multiple, align in variants:
+            lowrank, energy, ranks = pruned_at(prune_multiple)
+            add(f"{mode}/{name}", lowrank, *to_plain(lowrank, INPUT, align), energy, ranks)
         for tuned_name, (prune_multiple, untuned_name) in TUNED.items():
             if untuned_name not in {v[0] for v in variants}:
                 continue
             for batch in tune_batches:
-                if prune_multiple not in pruned:
-                    lowrank = copy.deepcopy(decomposed)
-                    energy, ranks = prune_to_target(lowrank, target, prune_multiple)
-                    pruned[prune_multiple] = (lowrank.eval(), energy, ranks)
-                lowrank, energy, ranks = pruned[prune_multiple]
+                lowrank, energy, ranks = pruned_at(prune_multiple)
                 tuned = tune_model(lowrank, INPUT, batch=batch, threads=threads, cache_path=tune_cache)
                 plain, report = to_plain(lowrank, INPUT, 8, tuned.plan)
-                with torch.no_grad():
-                    err = relative_error(plain(x), lowrank(x))
-                assert err < 1e-4, (mode, tuned_name, err)
-                proto = to_onnx(plain, INPUT)
-                check_graph(proto)
-                untuned = models[f"{mode}/{untuned_name}"]
+                proto = None
                 if tuned.plan != tuned.default_plan:
                     # as export --tune does: the whole tuned model must beat the untuned one, or the untuned one goes out
-                    tuned.end_to_end = end_to_end(proto.SerializeToString(), untuned[0].SerializeToString(), INPUT, tuned.target)
+                    proto = to_onnx(plain, INPUT)
+                    check_graph(proto)
+                    untuned = models[f"{mode}/{untuned_name}"][0]
+                    tuned.end_to_end = end_to_end(proto.SerializeToString(), untuned.SerializeToString(), INPUT, tuned.target)
                     if tuned.deployed == "untuned":
-                        plain, report = to_plain(lowrank, INPUT, 8)
-                        proto = untuned[0]
-                macs, deployed = count_macs(lowrank, INPUT).deployed, count_macs(plain, INPUT).deployed
-                name = f"{mode}/{tuned_name}@{batch}"
-                models[name] = (proto, macs, deployed)
+                        (plain, report), proto = to_plain(lowrank, INPUT, 8), untuned
                 choices = tuned.choices
-                details[name] = {
-                    "energy": energy, "ranks": ranks, "macs": macs, "deployed_macs": deployed, "untuned": untuned_name,
-                    "dense_layers": [p.name for p in report.layers if p.dense],
-                    "tune": tuned.to_dict(),
-                    "summary": {
+                add(f"{mode}/{tuned_name}@{batch}", lowrank, plain, report, energy, ranks, proto, untuned=untuned_name,
+                    tune=tuned.to_dict(), summary={
                         "dense": sum(c.dense for c in choices), "default_kept": sum(c.choice == c.default for c in choices),
                         "padded_beyond_default": sum(not c.dense and c.default != "dense" and c.choice > c.default for c in choices),
                         "exact_energy_rank": sum(not c.dense and c.choice == ranks[c.name] for c in choices),
-                    },
-                }
+                    })
     return models, details, dense_macs
 
 
@@ -258,8 +253,8 @@ def main() -> None:
                 "macs_speedup": macs_speedup, "deployed_macs_speedup": deployed_speedup, "ratio": wall / macs_speedup,
                 "ratio_min": min(times["dense"]) / min(times[name]) / macs_speedup,
             })
-            untuned = details.get(name, {}).get("untuned")
-            untuned = untuned and name.split("/")[0] + "/" + untuned
+            base = details.get(name, {}).get("untuned")
+            untuned = f"{name.split('/')[0]}/{base}" if base else None
             if untuned in times:
                 vs = [u / t for u, t in zip(times[untuned], times[name])]
                 rows[-1] |= {"vs_untuned": statistics.median(vs), "vs_untuned_p10": quantile(vs, 0.1),
