@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import lrexport
-from lrexport.deploy.gpu_timing import quantile
+from lrexport.deploy.timing import quantile
 from lrexport.lowrank import regularizers
 from lrexport.train.loop import Loss
 

@@ -6,10 +6,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the run builder beside the tests
 
-from runs import make_run  # noqa: E402
+from runs import UNTUNED, make_run  # noqa: E402
 
 # tiny convs on a shared 2-core machine: one thread avoids OpenMP contention
 torch.set_num_threads(1)
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _timing_cache(tmp_path_factory):
+    """Layer times go to a cache of the test session's own, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +37,7 @@ def build(runs_root):
     def get(mode: str):
         if mode not in cache:
             run = make_run(runs_root, mode)
-            cache[mode] = (run, export_run(run))
+            cache[mode] = (run, export_run(run, config=UNTUNED))
         return cache[mode]
 
     return get
@@ -35,7 +45,7 @@ def build(runs_root):
 
 @pytest.fixture(params=["channel", "spatial"])
 def exported(request, build):
-    """A small finetuned low-rank ResNet-20 run and its default export, in each mode."""
+    """A small finetuned low-rank ResNet-20 run and its MACs-rule export, in each mode."""
     return build(request.param)
 
 

@@ -10,10 +10,14 @@ from torch.utils.data import DataLoader
 
 import lrexport
 from lrexport.data import DataConfig, build_datasets
+from lrexport.deploy.export import ExportConfig
+from lrexport.deploy.plan import TuneConfig
 from lrexport.lowrank import decompose, prune
-from lrexport.train.checkpoint import model_arch, save_checkpoint
+from lrexport.train.checkpoint import load_model, model_arch, save_checkpoint
 
 IMAGE_SIZE = 16
+NO_TUNE = TuneConfig(enabled=False)
+UNTUNED = ExportConfig(tune=NO_TUNE)  # the MACs rule: what the structural tests check against
 
 
 def _train(model, loader, steps: int, lr: float) -> None:
@@ -57,3 +61,20 @@ def make_run(root: Path, mode: str = "channel", energy: float = 0.2, shortcut: s
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return run
+
+
+def expected_conv_shapes(run, layers, mode) -> list[tuple]:
+    """Conv weight shapes the export should hold, from the dense geometry and the planned ranks."""
+    dense, _ = load_model(run / "checkpoints/dense.pt")
+    convs = {name: m for name, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    shapes = []
+    for layer in layers:
+        n, c, kh, kw = convs[layer["name"]].weight.shape
+        r = layer["deployed_rank"]
+        if layer["dense"]:
+            shapes.append((n, c, kh, kw))
+        elif mode == "channel":
+            shapes += [(r, c, kh, kw), (n, r, 1, 1)]
+        else:
+            shapes += [(r, c, kh, 1), (n, r, 1, kw)]
+    return sorted(shapes)

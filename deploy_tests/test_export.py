@@ -12,11 +12,13 @@ import torch
 from click.testing import CliRunner
 
 from lrexport.cli import main
-from lrexport.deploy.export import ExportCheckError, export_run
+from lrexport.deploy.export import ExportCheckError, ExportConfig, export_run
 from lrexport.deploy.onnx_graph import conv_weight_shapes
 from lrexport.deploy.rundir import open_run
 from lrexport.lowrank.rewrite import relative_error
 from lrexport.train.checkpoint import load_model
+
+from runs import NO_TUNE, expected_conv_shapes
 
 # what a ResNet needs, nothing that reshapes or multiplies weights at run time
 STANDARD_OPS = {"Conv", "Relu", "Add", "GlobalAveragePool", "ReduceMean", "Flatten", "Gemm", "MaxPool", "Pad", "Slice"}
@@ -30,23 +32,6 @@ def val_images(run, n=32) -> np.ndarray:
 def ort_logits(path, x) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
-def expected_conv_shapes(run, layers, mode) -> list[tuple]:
-    """Conv weight shapes the export should hold, from the dense geometry and the planned ranks."""
-    dense, _ = load_model(run / "checkpoints/dense.pt")
-    convs = {name: m for name, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    shapes = []
-    for layer in layers:
-        n, c, kh, kw = convs[layer["name"]].weight.shape
-        r = layer["deployed_rank"]
-        if layer["dense"]:
-            shapes.append((n, c, kh, kw))
-        elif mode == "channel":
-            shapes += [(r, c, kh, kw), (n, r, 1, 1)]
-        else:
-            shapes += [(r, c, kh, 1), (n, r, 1, kw)]
-    return sorted(shapes)
 
 
 def test_artifacts_hold_checked_clean_graphs(exported):
@@ -113,7 +98,7 @@ def test_meta_describes_inputs_macs_and_source(exported):
 
 def test_fixed_batch_and_exact_ranks(channel_export, tmp_path):
     run, _ = channel_export
-    result = export_run(run, tmp_path / "b4", batch=4, multiple_of=1, check_images=10)
+    result = export_run(run, tmp_path / "b4", ExportConfig(batch=4, multiple_of=1, check_images=10, tune=NO_TUNE))
     proto = onnx.load(str(tmp_path / "b4/model.onnx"))
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 16, 16]
     layers = result.meta["models"]["lowrank"]["layers"]
@@ -128,7 +113,7 @@ def test_fixed_batch_and_exact_ranks(channel_export, tmp_path):
 def test_mismatch_beyond_tolerance_fails_and_writes_nothing(channel_export, tmp_path):
     run, _ = channel_export
     with pytest.raises(ExportCheckError, match=r"relative error \d.*max \|diff\|"):
-        export_run(run, tmp_path / "strict", tolerance=1e-12, check_images=8)
+        export_run(run, tmp_path / "strict", ExportConfig(tolerance=1e-12, check_images=8))
     assert not (tmp_path / "strict").exists()
 
 
@@ -136,7 +121,7 @@ def test_cli_export_defaults_to_newest_run(channel_export, tmp_path, monkeypatch
     run, _ = channel_export
     shutil.copytree(run, tmp_path / "runs" / run.name, ignore=shutil.ignore_patterns("artifacts"))
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(main, ["export", "--check-images", "8"])
+    res = CliRunner().invoke(main, ["export", "--check-images", "8", "--no-tune"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "runs" / run.name / "artifacts/model.onnx").is_file()
     assert "MACs speedup" in res.output

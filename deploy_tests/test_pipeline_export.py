@@ -25,10 +25,11 @@ def trained_run(tmp_path_factory):
 
 
 def test_recipe_run_exports_verifies_and_infers(trained_run, tmp_path):
-    res = CliRunner().invoke(main, ["export", str(trained_run)])
+    res = CliRunner().invoke(main, ["export", str(trained_run), "--threads", "1"])  # tuned: the default
     assert res.exit_code == 0, res.output
     art = trained_run / "artifacts"
-    assert {"model.onnx", "dense.onnx", "meta.json"} <= {p.name for p in art.iterdir()}
+    assert {"model.onnx", "dense.onnx", "model.pt2", "dense.pt2", "plan.json", "reference.npz", "meta.json"} <= {
+        p.name for p in art.iterdir()}
     args = ["verify", str(art), "--threads", "1", "--warmup", "1", "--repeats", "3", "--batch-sizes", "1,4"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output

@@ -102,6 +102,6 @@ def test_infer_rejects_a_non_image_in_one_line(channel_export, tmp_path):
 
 
 def test_runtime_module_imports_no_torch(tmp_path):
-    code = "import sys, lrexport.deploy.runtime, lrexport.deploy.latency, lrexport.cli; assert 'torch' not in sys.modules"
+    code = "import sys, lrexport.deploy.runtime, lrexport.deploy.timing, lrexport.cli; assert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], env=no_torch_env(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -11,9 +11,11 @@ import pytest
 
 from lrexport.deploy import tune as T
 from lrexport.deploy.below import confirm_below, top1
-from lrexport.deploy.export import export_run
+from lrexport.deploy.export import ExportConfig, export_run
+from lrexport.deploy.plan import TuneConfig
+from lrexport.deploy.runners import RuntimeOptions
 from lrexport.deploy.rundir import open_run
-from lrexport.deploy.verify import verify_artifacts
+from lrexport.deploy.verify import VerifyConfig, verify_artifacts
 from lrexport.lowrank import count_macs, layer_ranks, truncated
 
 
@@ -41,12 +43,12 @@ def test_confirm_below_keeps_only_what_holds_accuracy(build):
         assert min(d[n] for n in strict.reverted) >= max(d[n] for n in strict.kept)
 
 
-def fake_time_candidates(shape, candidates, target, **kw):
+def fake_time_candidates(shape, candidates, target, batch, **kw):
     """A given latency table: a pair costs its rank in ms, dense 1000 ms, each stand-in 1 ms."""
     per_context = 0.5 * len(T.contexts(shape))  # tune() takes half of each stand-in off every candidate
     ms = {c: 1.0 if c in (T.CONTEXT_IN, T.CONTEXT_OUT) else (1000.0 if c == T.DENSE else float(c)) + per_context
           for c in candidates}
-    return {c: T.LatencyStats.from_ms(target.batch, [ms[c]]) for c in candidates}
+    return {c: T.Stats.from_ms(batch, [ms[c]]) for c in candidates}
 
 
 @pytest.fixture(scope="module", params=["strict", "lenient"])
@@ -54,31 +56,31 @@ def below_export(build, tmp_path_factory, request):
     """Exports with a given latency table: "strict" asks for it on the command line and keeps the
     default tolerance (1 point); "lenient" is a run whose recipe allows it with a tolerance of 100."""
     run, model, _ = run_model_and_val(build)
-    kw = {"tune_below": True}
+    below = True
     if request.param == "lenient":
         run = shutil.copytree(run, tmp_path_factory.mktemp("lenient") / "run")
         summary = json.loads((run / "summary.json").read_text())
         summary["prune"] = {"tune_below": True, "tolerance": 100.0}
         (run / "summary.json").write_text(json.dumps(summary))
-        kw = {}  # from the run's recipe
+        below = None  # from the run's recipe
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "time_candidates", fake_time_candidates)
-        result = export_run(run, tmp_path_factory.mktemp("below"), tune=True, tune_batch=2, tune_threads=1,
-                            check_images=16, tune_guard=False, tune_images=64, **kw)
+        tune = TuneConfig(batches=(2,), guard=False, below=below, below_images=64)
+        result = export_run(run, tmp_path_factory.mktemp("below"), ExportConfig(check_images=16, options=RuntimeOptions(threads=1), tune=tune))
     return request.param, model, result
 
 
 def test_export_keeps_confirmed_ranks_below_and_reverts_the_rest(below_export):
     kind, model, result = below_export
-    meta, trained = result.meta, layer_ranks(model)
-    check = meta["tune"]["below_check"]
+    meta, trained, tune = result.meta, layer_ranks(model), result.plan.tune
+    check = tune["below_check"]
     # with this table the lowest rank wins wherever one below the energy rank is a candidate
-    proposed = {c["name"] for c in meta["tune"]["layers"] if c["fallback"] is not None or "reverted" in c["reason"]}
+    proposed = {c["name"] for c in tune["layers"] if c["fallback"] is not None or "reverted" in c["reason"]}
     assert proposed and set(check["kept"]) | set(check["reverted"]) == proposed
     if kind == "lenient":  # no truncation can cost more than 100 points: every proposal is kept
         assert check["reverted"] == [] and set(check["kept"]) == proposed
-    assert meta["export"]["truncated"] == check["kept"]
-    for c in meta["tune"]["layers"]:
+    assert meta["export"]["truncated"] == result.plan.truncated == check["kept"]
+    for c in tune["layers"]:
         if c["name"] in check["kept"]:
             assert c["choice"] == check["kept"][c["name"]] < trained[c["name"]] and "accuracy" in c["reason"]
         else:
@@ -97,8 +99,9 @@ def test_export_keeps_confirmed_ranks_below_and_reverts_the_rest(below_export):
 @pytest.mark.parametrize("runtime", ["ort", "torch"])
 def test_verify_compares_the_runtime_with_the_truncated_model(below_export, runtime):
     _, _, result = below_export
-    check = result.meta["tune"]["below_check"]
-    res = verify_artifacts(result.out_dir, runtime=runtime, threads=1, batch_sizes=(1,), warmup=1, repeats=2)
+    check = result.plan.tune["below_check"]
+    config = VerifyConfig(batch_sizes=(1,), warmup=1, repeats=2)
+    res = verify_artifacts(result.out_dir, runtime, RuntimeOptions(threads=1), config)
     assert res.passed, res.failures
     acc = res.report["accuracy"]
     assert acc["lowrank"]["top1_disagree"] == 0
@@ -112,12 +115,10 @@ def test_cli_export_tune_below(build, tmp_path, monkeypatch):
 
     run, _ = build("channel")
     monkeypatch.setattr(T, "time_candidates", fake_time_candidates)
-    r = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "cli"), "--tune", "--tune-below", "--tune-images", "32",
-                                  "--tune-batch", "2", "--tune-threads", "1", "--check-images", "8"])
+    r = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "cli"), "--tune-below", "--tune-images", "32",
+                                  "--tune-batches", "2", "--threads", "1", "--check-images", "8"])
     assert r.exit_code == 0, r.output
     assert "below the energy rank:" in r.output and "32 validation images" in r.output
     assert "accuracy check of" in r.output and "as trained: top-1" in r.output  # each pass over the images is shown
-    meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
-    assert meta["tune"]["below_check"]["images"] == 32
-    alone = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "alone"), "--tune-below"])
-    assert alone.exit_code == 1 and "add --tune" in alone.output and not (tmp_path / "alone").exists()
+    plan = json.loads((tmp_path / "cli" / "plan.json").read_text())
+    assert plan["tune"]["below_check"]["images"] == 32

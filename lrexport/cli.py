@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -186,57 +187,76 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _runtime_options(threads, device, precision, channels_last):
+    from .deploy.runners import RuntimeOptions
+
+    return RuntimeOptions(threads=threads, device=device, precision=precision or "fp32", channels_last=channels_last)
+
+
+def runtime_options(fn):
+    """The options every command that runs a model shares: which runtime, and how it runs."""
+    from .deploy.runners import RUNTIMES
+
+    for option in reversed([
+        click.option("--runtime", default=None, metavar="|".join(RUNTIMES),
+                     help="Runtime to deploy on / measure with (default: export: ort, or trt with --format trt; verify: the one exported for)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of the runtime (default: all CPUs)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch runtime only."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+                     help="fp32 (default); torch on CUDA: fp16/bf16; TensorRT engines: fp32/fp16/int8 (default fp16)."),
+        click.option("--channels-last", is_flag=True, help="torch runtime: channels_last memory format."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("run", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Artifact directory (default: RUN/artifacts).")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size (default: dynamic batch).")
-@click.option("--multiple-of", type=click.IntRange(min=1), default=8, show_default=True, help="Align deployed ranks upward to this multiple (1: exact).")
-@click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--check-images", type=click.IntRange(min=1), default=64, show_default=True, help="Validation images to compare runtimes on.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative error of the logits.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True, help="TensorRT only.")
-@click.option("--trt-batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="TensorRT only, with a dynamic batch.")
-@click.option("--tune", is_flag=True, help="Time each decomposed layer on onnxruntime (dense, pairs at aligned ranks) and deploy the fastest.")
-@click.option("--tune-batch", type=click.IntRange(min=1), default=None, help="Batch to tune at (default: --batch, else 1).")
-@click.option("--tune-threads", type=click.IntRange(min=1), default=None, help="Threads to tune with (default: all CPUs, as verify).")
-@click.option("--tune-cache", type=click.Path(dir_okay=False), default=None, help="Layer timing cache (default: OUT/tune_cache.json).")
+@click.option("--output", "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Artifact directory (default: RUN/artifacts).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size, and tune at it (default: dynamic batch).")
+@runtime_options
+@click.option("--no-tune", is_flag=True, help="Deploy the ranks of the MACs rule, timing nothing.")
+@click.option("--tune-batches", default=None, callback=lambda c, p, v: _int_list(c, p, v) if v else None,
+              help="Batches to tune a dynamic-batch export at (default: 1,8).")
+@click.option("--tune-cache", type=click.Path(dir_okay=False), default=None, help="Layer timing cache (default: ~/.cache/lrexport/tune_cache.json).")
 @click.option("--tune-below/--no-tune-below", default=None,
-              help="Let --tune go below a layer's energy rank where faster and validation accuracy confirms it "
+              help="Let tuning go below a layer's energy rank where faster and validation accuracy confirms it "
                    "(default: the run's prune.tune_below).")
 @click.option("--tune-images", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Validation images for that accuracy check.")
+@click.option("--multiple-of", type=click.IntRange(min=1), default=8, show_default=True, help="The MACs rule aligns ranks upward to this multiple (1: exact).")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--check-images", type=click.IntRange(min=1), default=64, show_default=True, help="Validation images to compare runtimes on.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative error of the logits.")
+@click.option("--trt-batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="TensorRT only, with a dynamic batch.")
 @reports_errors
-def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance, precision, trt_batch_sizes,
-           tune, tune_batch, tune_threads, tune_cache, tune_below, tune_images):
-    """Export RUN (default: newest under ./runs) to ONNX (and TensorRT): model.onnx, dense.onnx, meta.json."""
-    from .deploy.export import export_run
+def export(run, fmt, out_dir, batch, runtime, threads, device, precision, channels_last, no_tune, tune_batches, tune_cache,
+           tune_below, tune_images, multiple_of, opset, check_images, tolerance, trt_batch_sizes):
+    """Export RUN (default: newest under ./runs) for a runtime: model.onnx, dense.onnx, plan.json, meta.json.
+
+    Each decomposed layer is timed on the runtime, dense and as thin pairs, and deployed as
+    the fastest; the whole model is then timed against every layer dense, so the artifact
+    is not slower than the dense model on that runtime at the batches tuned for.
+    """
+    from .deploy.export import ExportConfig, TrtConfig, export_run
+    from .deploy.plan import TuneConfig
+
+    trt_precision = precision or "fp16"
+    config = ExportConfig(
+        format=fmt, runtime=runtime, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
+        tolerance=tolerance, options=_runtime_options(threads, device, None if fmt == "trt" else precision, channels_last),
+        tune=TuneConfig(enabled=not no_tune, batches=tune_batches, cache=tune_cache and Path(tune_cache), below=tune_below,
+                        below_images=tune_images),
+        trt=TrtConfig(trt_precision, trt_batch_sizes),
+    )
 
     def progress(name, choice):
         out.print(f"  tuned {name}: {choice.reason}", highlight=False, soft_wrap=True)
 
-    result = export_run(
-        run, out_dir, format=fmt, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
-        tolerance=tolerance, precision=precision, trt_batch_sizes=trt_batch_sizes,
-        tune=tune, tune_batch=tune_batch, tune_threads=tune_threads, tune_cache=tune_cache, tune_below=tune_below,
-        tune_images=tune_images, progress=progress, log=lambda text: out.print(text, highlight=False, soft_wrap=True),
-    )
+    result = export_run(run, out_dir, config, progress=progress, log=lambda text: out.print(text, highlight=False, soft_wrap=True))
     out.print(_export_table(result.meta))
-    tuned = result.meta.get("tune")
-    if tuned:
-        p, t = tuned["predicted"], tuned["target"]
-        out.print(f"  tuned on {t['runtime']} {t['version']} ({t['threads']} threads, batch {t['batch']}) in {tuned['seconds']:.1f} s, "
-                  f"{tuned['cache_hits']} cached / {tuned['cache_misses']} timed; sum of layer times: tuned {p['tuned_ms']:.3f} ms, "
-                  f"untuned {p['untuned_ms']:.3f} ms, dense {p['dense_ms']:.3f} ms", highlight=False, soft_wrap=True)
-        b = tuned.get("below_check")
-        if b:
-            out.print(f"  below the energy rank: {len(b['kept'])} kept, {len(b['reverted'])} reverted; top-1 on {b['images']} validation "
-                      f"images {b['top1']:.2f}% vs {b['reference_top1']:.2f}% as trained (tolerance {b['tolerance']:g} points)",
-                      highlight=False, soft_wrap=True)
-        e = tuned.get("end_to_end")
-        if e:
-            out.print(f"  whole low-rank model at batch {t['batch']}: tuned {e['tuned_ms']:.3f} ms, untuned {e['untuned_ms']:.3f} ms "
-                      f"(speedup {e['speedup']:.3f}, {e['repeats']} rounds) → deployed {e['deployed']}", highlight=False, soft_wrap=True)
+    _print_plan(result.plan)
     for c in result.checks:
         out.print(f"  {c.what}: rel. error {c.rel_err:.1e}, max |diff| {c.max_abs:.1e}", highlight=False)
     engines = result.meta.get("engines")
@@ -244,6 +264,24 @@ def export(run, fmt, out_dir, batch, multiple_of, opset, check_images, tolerance
         out.print(f"  TensorRT {engines['precision']} engines for batches {engines['batch_sizes']}: "
                   f"{engines['lowrank']}, {engines['dense']}", highlight=False)
     out.print(f"artifacts: {result.out_dir}", highlight=False, soft_wrap=True)
+
+
+def _print_plan(plan) -> None:
+    say = functools.partial(out.print, highlight=False, soft_wrap=True)
+    tuned = plan.tune
+    if tuned:
+        t = tuned["target"]
+        say(f"  tuned on {t['runtime']} {t['version']} ({t['threads'] or t['device']} threads, batches {t['batches']}) "
+            f"in {tuned['seconds']:.1f} s, {tuned['cache_hits']} cached / {tuned['cache_misses']} timed")
+        b = tuned.get("below_check")
+        if b:
+            say(f"  below the energy rank: {len(b['kept'])} kept, {len(b['reverted'])} reverted; top-1 on {b['images']} validation "
+                f"images {b['top1']:.2f}% vs {b['reference_top1']:.2f}% as trained (tolerance {b['tolerance']:g} points)")
+    for row in plan.guard:
+        times = ", ".join(f"{n} {row[n]['median_ms']:.3f} ms ({row[n]['speedup_over_dense']:.2f}x)"
+                          for n in ("tuned", "untuned", "dense") if n in row)
+        say(f"  whole model at batch {row['batch']} ({row['rounds']} rounds): {times}")
+    say(f"  deployed: {plan.deployed} plan for {plan.runtime}" + (f" · {plan.note}" if plan.note else ""))
 
 
 def _export_table(meta: dict):
@@ -265,22 +303,20 @@ def _export_table(meta: dict):
 
 @main.command()
 @click.argument("artifacts", required=False, type=click.Path(file_okay=False, exists=True))
-@click.option("--runtime", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all CPUs).")
+@runtime_options
 @click.option("--batch-sizes", default="1,8", show_default=True, callback=_int_list, help="Batch sizes to time (dynamic-batch artifacts).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N validation images.")
 @click.option("--tolerance", type=float, default=0.1, show_default=True, help="Accuracy points the runtime may differ from PyTorch.")
-@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), default=None, help="Source run (default: from meta.json).")
 @reports_errors
-def verify(artifacts, runtime, threads, batch_sizes, warmup, repeats, limit, tolerance, run_dir):
+def verify(artifacts, runtime, threads, device, precision, channels_last, batch_sizes, warmup, repeats, limit, tolerance):
     """Accuracy and latency of ARTIFACTS (default: newest run's) through a runtime; writes verify.json."""
-    from .deploy.verify import verify_artifacts
+    from .deploy.verify import VerifyConfig, verify_artifacts
 
     result = verify_artifacts(
-        artifacts, runtime=runtime, threads=threads, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
-        limit=limit, tolerance=tolerance, run_dir=run_dir,
+        artifacts, runtime, _runtime_options(threads, device, precision, channels_last),
+        VerifyConfig(batch_sizes=batch_sizes, warmup=warmup, repeats=repeats, limit=limit, tolerance=tolerance),
     )
     for table in _verify_tables(result.report):
         out.print(table)
@@ -301,25 +337,28 @@ def _verify_tables(r: dict):
     for m in ("lowrank", "dense"):
         a = acc[m]
         t1.add_row(m, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['torch_top1']:.2f}", f"{a['torch_top5']:.2f}", str(a["top1_disagree"]))
-    t2 = Table(title=f"latency on {r['runtime']} · {r['threads']} threads · median of {r['timing']['repeats']} (p90)")
+    st = r["settings"]
+    how = f"{st['threads']} threads" if st.get("threads") else st["device"]
+    t2 = Table(title=f"latency on {r['runtime']} {st['version']} · {how} · {st['precision']} · median of {r['timing']['repeats']} "
+                     "interleaved rounds (p10–p90)")
     for col in ("batch", "dense ms", "low-rank ms", "wall speedup", "MACs speedup", "ratio"):
         t2.add_column(col, justify="right")
     for row in r["latency"]:
         d, lr = row["dense"], row["lowrank"]
         t2.add_row(
-            str(row["batch"]), f"{d['median_ms']:.3f} ({d['p90_ms']:.3f})", f"{lr['median_ms']:.3f} ({lr['p90_ms']:.3f})",
+            str(row["batch"]), f"{d['median_ms']:.3f} ({d['p10_ms']:.3f}–{d['p90_ms']:.3f})",
+            f"{lr['median_ms']:.3f} ({lr['p10_ms']:.3f}–{lr['p90_ms']:.3f})",
             f"{row['wall_speedup']:.2f}x", f"{r['macs']['speedup']:.2f}x", f"{row['ratio']:.2f}",
         )
-    p = r.get("predicted")
-    if not p:
+    t2.caption = f"wall speedup: median of per-round dense/low-rank ratios · plan: {r['plan']['deployed']} for {r['plan']['runtime']}"
+    if not r.get("predicted"):
         return t1, t2
-    t3 = Table(title=f"predicted (sum of tuned per-layer times, decomposed convs only) vs measured · batch {p['batch']}")
-    for col in ("model", "predicted ms", "measured ms", "predicted / measured"):
-        t3.add_column(col, justify="left" if col == "model" else "right")
-    for m in ("lowrank", "dense"):
-        measured = p.get(f"measured_{m}_ms")
-        t3.add_row(m, f"{p[f'{m}_ms']:.3f}", "not timed" if measured is None else f"{measured:.3f}",
-                   "" if measured is None else f"{p[f'{m}_ms'] / measured:.2f}")
+    t3 = Table(title="predicted (sums of tuned one-layer times, decomposed convs only) vs measured")
+    for col in ("batch", "low-rank predicted ms", "measured ms", "dense predicted ms", "measured ms"):
+        t3.add_column(col, justify="right")
+    for p in r["predicted"]:
+        t3.add_row(str(p["batch"]), f"{p['lowrank_ms']:.3f}", f"{p.get('measured_lowrank_ms', float('nan')):.3f}",
+                   f"{p['dense_ms']:.3f}", f"{p.get('measured_dense_ms', float('nan')):.3f}")
     return t1, t2, t3
 
 

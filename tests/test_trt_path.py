@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lrexport.deploy import providers
 from lrexport.deploy.calibration import CalibrationError, CalibrationReader
-from lrexport.deploy.gpu_timing import Timing, quantile, time_calls
+from lrexport.deploy.timing import Stats, interleave, interleave_within, quantile
 from lrexport.deploy.trt import (
     CALIBRATION_CACHE_FILE, TIMING_CACHE_FILE, TrtRunner, build_engine, onnx_input, plan_build, profile_shapes,
 )
@@ -269,12 +269,22 @@ def test_session_provider_reports_what_ran(tmp_path):
     assert providers.session_provider(sess) in ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
-def test_time_calls_on_cpu():
+def test_interleaved_timing_on_cpu():
     calls = []
-    t = time_calls(lambda: calls.append(1), repeats=7, warmup=3, cuda=False)
-    assert isinstance(t, Timing) and len(calls) == 10 and len(t.times_ms) == 7 and t.clock == "wall"
-    assert t.p10 <= t.median <= t.p90
-    assert json.dumps(t.summary())  # serialisable for reports
+    t = interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=3, repeats=7)
+    assert len(calls) == 20 and t.clock == "wall" and all(len(v) == 7 for v in t.times_ms.values())
+    assert calls[6:10] == ["a", "b", "b", "a"]  # the order alternates round by round
+    stats = t.stats("a", batch=2)
+    assert isinstance(stats, Stats) and stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.repeats == 7
+    assert json.dumps(stats.to_dict())  # serialisable for reports
     assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
     with pytest.raises(ValueError):
-        time_calls(lambda: None, repeats=0, warmup=0, cuda=False)
+        interleave({"a": lambda: None}, repeats=0, warmup=0)
+
+
+def test_per_round_ratio_is_the_median_of_ratios():
+    from lrexport.deploy.timing import Timed
+
+    t = Timed({"slow": [2.0, 4.0, 30.0], "fast": [1.0, 1.0, 1.0]}, "wall", 0)
+    assert t.ratio("slow", "fast") == 4.0  # one slow spell does not move it
+    assert 3 <= len(interleave_within({"a": lambda: None}, budget_ms=0.0, min_repeats=3, max_repeats=5).times_ms["a"]) <= 5

@@ -77,7 +77,7 @@ def test_choose_below_the_energy_rank_when_allowed_with_its_fallback():
 def test_tune_result_reverts_named_choices_below():
     times = {"dense": 2.0, 16: 0.5, 27: 1.5, 32: 1.4}
     a, b = T.choose(times, layer(name="a"), below=True), T.choose(times, layer(name="b"), below=True)
-    res = T.TuneResult(T.Target("ort", 2, 1, "fp32", "CPUExecutionProvider", "x", "cpu"), [a, b], 0, 0, 0.0, 0.02, below=True)
+    res = T.TuneResult(fake_target((1,)), [a, b], 0, 0, 0.0, 0.02, below=True)
     assert res.below_ranks() == {"a": 16, "b": 16}
     res.revert(["b"])
     assert res.below_ranks() == {"a": 16} and res.plan == {"a": 16, "b": 32}
@@ -98,13 +98,20 @@ def test_choose_without_eligible_candidates_is_an_error():
 def fake_timer(table: dict, calls: list):
     """time_candidates stand-in: the times of ``table`` (by candidate), every call recorded."""
 
-    def time_candidates(shape, candidates, target, **kw):
-        calls.append((shape, list(candidates)))
+    def time_candidates(shape, candidates, target, batch, **kw):
+        calls.append((shape, list(candidates), batch))
         # the depthwise stand-ins for the neighbours cost 1 ms each: half of each is taken off every candidate
         ms = {c: 1.0 if c in (T.CONTEXT_IN, T.CONTEXT_OUT) else table(shape, c) + 0.5 * len(T.contexts(shape)) for c in candidates}
-        return {c: T.LatencyStats.from_ms(target.batch, [ms[c]]) for c in candidates}
+        return {c: T.Stats.from_ms(batch, [ms[c]]) for c in candidates}
 
     return time_candidates
+
+
+def fake_target(batches):
+    from lrexport.deploy.runners import RuntimeOptions
+
+    settings = {"runtime": "ort", "version": "x", "provider": "CPU", "device": "cpu", "threads": 2, "precision": "fp32"}
+    return T.Target("ort", RuntimeOptions(threads=2), settings, batches)
 
 
 def small_model(mode="channel"):
@@ -120,7 +127,7 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     # pairs cost their rank, dense a constant: a deterministic "runtime"
     monkeypatch.setattr(T, "time_candidates", fake_timer(lambda s, c: 40.5 if c == "dense" else float(c), calls))
     model = small_model()
-    target = T.Target("ort", 2, 1, "fp32", "CPUExecutionProvider", "x", "cpu")
+    target = fake_target((1,))
     layers = T.tune_layers_of(model, (3, 16, 16))
     cache_path = tmp_path / "cache.json"
     first = T.tune(layers, target, T.TuneCache(cache_path))
@@ -133,16 +140,20 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     assert len(calls) == timed and second.cache_misses == 0 and second.cache_hits == n_candidates
     assert second.plan == first.plan
     # another batch (or thread count, runtime, CPU) is another key: timed afresh
-    third = T.tune(layers, T.Target("ort", 2, 8, "fp32", "CPUExecutionProvider", "x", "cpu"), T.TuneCache(cache_path))
+    third = T.tune(layers, fake_target((8,)), T.TuneCache(cache_path))
     assert third.cache_misses == first.cache_misses and len(calls) > timed  # hits: layers of equal shape
     # the fake runtime makes the smallest eligible pair fastest wherever one is below 40.5
     for lay, choice in zip(layers, first.choices):
         pairs = [c for c in lay.candidates() if c != "dense" and c < 40.5]
         assert choice.choice == (min(pairs) if pairs else "dense")
     assert all(c.ms == pytest.approx(40.5 if c.dense else c.choice) for c in first.choices)  # contexts taken off
-    pred = first.predicted()
-    assert pred["lowrank_ms"] == pytest.approx(sum(c.ms for c in first.choices))
+    [pred] = first.predicted()
+    assert pred["batch"] == 1 and pred["tuned_ms"] == pytest.approx(sum(c.ms for c in first.choices))
     assert pred["dense_ms"] == pytest.approx(40.5 * len(layers))
+    # two batches: each is timed, and a layer's choice goes by the sum of its times over them
+    both = T.tune(layers, fake_target((1, 8)), T.TuneCache(cache_path))
+    assert both.cache_misses == 0 and [p["batch"] for p in both.predicted()] == [1, 8]
+    assert all(c.times_ms[str(c.choice)] == pytest.approx(2 * c.batch_ms["1"][str(c.choice)]) for c in both.choices)
 
 
 def test_damaged_cache_is_ignored(tmp_path):
@@ -206,10 +217,22 @@ def test_one_layer_model_has_the_exported_geometry(mode, candidate):
     assert len([n for n in bare.graph.node if n.op_type == "Conv"]) == len(convs) - 1
 
 
-def test_real_timing_of_a_tiny_layer_returns_stats():
-    """onnxruntime end to end on a tiny layer: stats per candidate (values not asserted)."""
-    target = T.ort_target(1, 1)
+@pytest.mark.parametrize("runtime", ["ort", "openvino", "torch"])
+def test_real_timing_of_a_tiny_layer_returns_stats(runtime):
+    """Each CPU runtime end to end on a tiny layer: stats per candidate (values not asserted)."""
+    from lrexport.deploy.runners import RuntimeOptions
+
+    target = T.make_target(runtime, RuntimeOptions(threads=1), (2,))
+    assert target.settings["runtime"] == runtime and target.settings["threads"] == 1
     shape = T.LayerShape("channel", 8, 8, 3, 3, (1, 1), (1, 1), (1, 1), (8, 8))
     cands = ["dense", 4, 8, T.CONTEXT_OUT]
-    stats = T.time_candidates(shape, cands, target, warmup=1, budget_ms=5, min_repeats=3, max_repeats=3)
-    assert set(stats) == set(cands) and all(s.repeats == 3 and s.median_ms > 0 for s in stats.values())
+    stats = T.time_candidates(shape, cands, target, 2, warmup=1, budget_ms=5, min_repeats=3, max_repeats=3)
+    assert set(stats) == set(cands) and all(s.repeats == 3 and s.median_ms > 0 and s.batch == 2 for s in stats.values())
+
+
+def test_tuning_on_a_runtime_without_layer_timing_is_one_line():
+    from lrexport.deploy.runners import RuntimeOptions
+    from lrexport.errors import RuntimeMissingError
+
+    with pytest.raises(RuntimeMissingError, match="TensorRT"):
+        T.make_target("trt", RuntimeOptions(), (1,))

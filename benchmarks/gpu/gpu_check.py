@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 import lrexport
-from lrexport.deploy.gpu_timing import Timing, time_calls
+from lrexport.deploy.runners import RuntimeOptions, TorchRunner
+from lrexport.deploy.timing import Stats, interleave
 from lrexport.deploy.onnx_graph import to_onnx
 from lrexport.errors import LrexportError, RuntimeMissingError
 from lrexport.lowrank import count_macs, decompose, round_rank, svd_layers, truncate
@@ -147,8 +148,8 @@ def training_throughput(s: Settings) -> dict:
     for r in range(s.train_rounds):
         names = list(steps)
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
-            t = time_calls(lambda: [steps[name]() for _ in range(per_round)], repeats=1, warmup=0, cuda=s.cuda)
-            rates[name].append(per_round * s.train_batch / (t.median / 1e3))
+            t = interleave({name: lambda: [steps[name]() for _ in range(per_round)]}, warmup=0, repeats=1, cuda=s.cuda)
+            rates[name].append(per_round * s.train_batch / (t.times_ms[name][0] / 1e3))
     out = {"model": s.train_model, "batch": s.train_batch, "image_size": s.image_size, "steps_per_round": per_round, "rounds": s.train_rounds, "modes": {}}
     base = statistics.median(rates["dense"])
     for name, r in rates.items():
@@ -223,27 +224,13 @@ def model_pair(name: str, s: Settings) -> dict:
 
 
 # -- 3. runtimes -------------------------------------------------------------------------------
-def torch_latency(model: nn.Module, batch: int, s: Settings) -> Timing:
-    """fp16 channels_last with a CUDA graph on the GPU; fp32 eager on the CPU."""
-    dtype = torch.float16 if s.half else torch.float32
-    m = copy.deepcopy(model).to(s.device, dtype=dtype, memory_format=torch.channels_last).eval()
-    x = torch.randn(batch, 3, s.image_size, s.image_size, device=s.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        fn = lambda: m(x)  # noqa: E731
-        if s.cuda and s.cuda_graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graph requires
-                for _ in range(3):
-                    m(x)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                m(x)
-            fn = graph.replay
-        t = time_calls(fn, s.repeats, s.warmup, cuda=s.cuda)
-    t.cuda_graph = s.cuda and s.cuda_graphs
-    return t
+def torch_latency(model: nn.Module, batch: int, s: Settings) -> Stats:
+    """lrexport's torch runtime: fp16 channels_last replayed as a CUDA graph on the GPU; fp32 eager on the CPU."""
+    options = RuntimeOptions(device="cuda" if s.cuda else "cpu", precision="fp16" if s.half else "fp32",
+                             channels_last=True, cuda_graph=s.cuda_graphs)
+    runner = TorchRunner(copy.deepcopy(model).eval(), options)
+    x = np.random.default_rng(0).standard_normal((batch, 3, s.image_size, s.image_size), dtype=np.float32)
+    return interleave({"torch": runner.bind(x)}, s.warmup, s.repeats, cuda=s.cuda).stats("torch", batch)
 
 
 def export_onnx(model: nn.Module, path: Path, input_size) -> Path:
@@ -251,17 +238,18 @@ def export_onnx(model: nn.Module, path: Path, input_size) -> Path:
     return path
 
 
-def trt_latency(onnx_path: Path, batches, s: Settings) -> dict[int, Timing]:
+def trt_latency(onnx_path: Path, batches, s: Settings) -> dict[int, Stats]:
     from lrexport.deploy.trt import TrtRunner, build_engine
 
     # one folder for all engines: the builds share its timing cache
     engine = build_engine(onnx_path, s.workdir / "trt", precision="fp16", batch_sizes=batches,
                           engine_name=f"{onnx_path.stem}.engine", optimization_level=s.trt_opt_level)
     runner = TrtRunner(engine)
-    return {b: runner.time(b, repeats=s.repeats, warmup=s.warmup) for b in batches}
+    x = np.random.default_rng(0).standard_normal((max(batches), 3, s.image_size, s.image_size), dtype=np.float32)
+    return {b: interleave({"trt": runner.bind(x[:b])}, s.warmup, s.repeats, cuda=True).stats("trt", b) for b in batches}
 
 
-def ort_latency(onnx_path: Path, batches, s: Settings) -> tuple[str, dict[int, Timing]]:
+def ort_latency(onnx_path: Path, batches, s: Settings) -> tuple[str, dict[int, Stats]]:
     """onnxruntime with the provider ort_providers() picks; on CUDA, I/O bound on the device."""
     import onnxruntime as ort
 
@@ -283,13 +271,13 @@ def ort_latency(onnx_path: Path, batches, s: Settings) -> tuple[str, dict[int, T
             fn = lambda binding=binding: sess.run_with_iobinding(binding)  # noqa: E731  (returns after the GPU is done)
         else:
             fn = lambda x=x: sess.run([out], {inp: x})  # noqa: E731
-        result[b] = time_calls(fn, s.repeats, s.warmup, cuda=False)
+        result[b] = interleave({"ort": fn}, s.warmup, s.repeats).stats("ort", b)
     return ran, result
 
 
 # -- report ------------------------------------------------------------------------------------
-def fmt(t: Timing | None) -> str:
-    return "–" if t is None else f"{t.median:.3f} ({t.p10:.3f}–{t.p90:.3f})"
+def fmt(t: Stats | None) -> str:
+    return "–" if t is None else f"{t.median_ms:.3f} ({t.p10_ms:.3f}–{t.p90_ms:.3f})"
 
 
 def markdown(report: dict, s: Settings) -> str:
@@ -322,7 +310,7 @@ def markdown(report: dict, s: Settings) -> str:
     ]
     for row in report["latency"]:
         d, l = row.get("dense"), row.get("lowrank")
-        speed = f"{d.median / l.median:.2f}×" if d and l else row.get("note", "–")
+        speed = f"{d.median_ms / l.median_ms:.2f}×" if d and l else row.get("note", "–")
         lines.append(
             f"| {row['model']} | {row['batch']} | {row['runtime']} | {row['precision']} | {fmt(d)} | {fmt(l)} | {speed} | {row['macs_speedup']:.2f}× |"
         )
@@ -345,7 +333,7 @@ def targets(report: dict, s: Settings) -> list[str]:
     for row in report["latency"]:
         if row["model"] == "resnet50" and row["batch"] == big and row.get("dense") and row.get("lowrank"):
             if row["runtime"] in ("pytorch", "tensorrt"):
-                r = row["dense"].median / row["lowrank"].median
+                r = row["dense"].median_ms / row["lowrank"].median_ms
                 out.append(f"resnet50 {row['runtime']} {row['precision']} batch {big}: low-rank ≥ {LATENCY_TARGET}× faster: {r:.2f}× → {'met' if r >= LATENCY_TARGET else 'NOT met'}")
     return out
 
@@ -457,7 +445,7 @@ def main(argv=None) -> dict:
         for row in serial["latency"]:
             for v in ("dense", "lowrank"):
                 if row.get(v) is not None:
-                    row[v] = row[v].summary()
+                    row[v] = row[v].to_dict()
         Path(json_path).write_text(json.dumps(serial, indent=2, default=str))
     return report
 

@@ -103,8 +103,10 @@ def test_trt_fp32_engine_matches_torch_and_reuses_timing_cache(tmp_path):
         ref = model(torch.from_numpy(x)).numpy()
     out = runner.run(x)
     assert out.shape == ref.shape and np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
-    timing = runner.time(4, repeats=20, warmup=5)
-    assert len(timing.times_ms) == 20 and timing.clock == "cuda-events" and isinstance(timing.cuda_graph, bool)
+    from lrexport.deploy.timing import interleave
+
+    timing = interleave({"trt": runner.bind(np.resize(x, (4, *x.shape[1:])))}, warmup=5, repeats=20, cuda=True)
+    assert len(timing.times_ms["trt"]) == 20 and timing.clock == "cuda-events"
     # after timing at batch 4, run() still works at another batch
     assert np.abs(runner.run(x[:1]) - ref[:1]).max() / np.abs(ref).max() < 1e-4
     build_engine(onnx_path, tmp_path / "art", precision="fp16", batch_sizes=(1, 4), workspace_gb=1, engine_name="fp16.engine")

@@ -1,4 +1,4 @@
-"""Deployment: ONNX export, TensorRT build, torch-free runtime, latency, verify.
+"""Deployment: runtimes, measured export plans, ONNX/TensorRT export, torch-free inference, verify.
 
 Names load on first use so that ``lrexport.deploy.runtime`` stays importable without torch.
 """
@@ -8,7 +8,8 @@ from importlib import import_module
 # public name -> module that defines it
 _LAZY = {
     "export_run": ".export", "verify_artifacts": ".verify", "infer": ".runtime", "Classifier": ".runtime",
-    "OrtRunner": ".runtime", "load_meta": ".runtime", "measure": ".latency",
+    "OrtRunner": ".runtime", "load_meta": ".runtime", "open_runner": ".runners", "RUNTIMES": ".runners",
+    "RuntimeOptions": ".runners", "ExportConfig": ".export", "TuneConfig": ".plan", "VerifyConfig": ".verify",
 }
 
 __all__ = list(_LAZY)

@@ -1,13 +1,19 @@
-"""Run directory → artifact directory: model.onnx, dense.onnx, meta.json (optionally TRT engines).
+"""Run directory → artifact directory, in four stages: plan → build → check → write.
 
-Both models are rewritten to plain convs (BN folded, low-rank layers as aligned thin pairs
-or dense below break-even), exported, checked with onnx.checker and run through
-onnxruntime on real validation images; any output beyond tolerance fails the export
-before a file is written.
+- plan (lrexport.deploy.plan): each layer's deployed rank, measured on the target runtime.
+- build: both models rewritten to plain convs (BN folded, low-rank layers as thin pairs or
+  dense, as planned), exported to ONNX, checked against our graph rules.
+- check: the rewritten modules and onnxruntime must reproduce PyTorch on real validation
+  images; any output beyond tolerance fails the export before a file is written.
+- write: model.onnx, dense.onnx, the same plain models as PyTorch programs (model.pt2,
+  dense.pt2, for the torch runtime), plan.json, PyTorch's predictions on the validation set
+  (reference.npz, what verify compares the runtime with) and meta.json. Verify reads only
+  these files and the validation data named in meta.json.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import sys
@@ -21,20 +27,65 @@ import torch
 
 from .. import __version__
 from ..errors import LrexportError, RuntimeMissingError
-from ..lowrank import count_macs, layer_ranks, truncated
-from ..lowrank.rewrite import relative_error, to_plain
+from ..lowrank import count_macs
+from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
 from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
+from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
 from .rundir import Run, newest_run, open_run
+from .runners import RUNTIMES, RuntimeOptions, UnknownRuntimeError
 from .runtime import META_FILE, OrtRunner, run_batched
 
 FORMATS = ("onnx", "trt")
-LOWRANK_FILE, DENSE_FILE = "model.onnx", "dense.onnx"
-META_VERSION = 1
+MODELS = ("lowrank", "dense")
+FILES = {"lowrank": "model.onnx", "dense": "dense.onnx"}
+PROGRAMS = {"lowrank": "model.pt2", "dense": "dense.pt2"}
+REFERENCE_FILE = "reference.npz"
+META_VERSION = 2  # 2: plan.json, reference.npz, PyTorch programs; verify needs no run directory
 
 
 class ExportCheckError(LrexportError):
     """An exported model whose outputs differ from PyTorch's beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class TrtConfig:
+    precision: str = "fp16"
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``export_run`` makes. ``runtime=None``: "trt" for format "trt", else "ort"."""
+
+    format: str = "onnx"
+    runtime: str | None = None
+    batch: int | None = None  # None: a dynamic batch dimension
+    multiple_of: int = 8  # the MACs rule aligns ranks upward to this (1: exact)
+    opset: int = DEFAULT_OPSET
+    check_images: int = 64
+    tolerance: float = 1e-4  # largest relative error of the logits
+    options: RuntimeOptions = RuntimeOptions()
+    tune: TuneConfig = TuneConfig()
+    trt: TrtConfig = TrtConfig()
+
+    @property
+    def target(self) -> str:
+        return self.runtime or ("trt" if self.format == "trt" else "ort")
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise LrexportError(f"export format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.target not in RUNTIMES:
+            raise UnknownRuntimeError(f"unknown runtime {self.target!r}; choose one of {', '.join(RUNTIMES)}")
+        if self.target == "trt" and self.format != "trt":
+            raise LrexportError("runtime trt runs TensorRT engines: export with --format trt")
+        if self.batch is not None and self.batch < 1:
+            raise LrexportError(f"batch must be ≥ 1 (or dynamic); got {self.batch}")
+        if self.multiple_of < 1:
+            raise LrexportError(f"multiple_of must be ≥ 1; got {self.multiple_of}")
+        if self.batch is not None and self.tune.batches and set(self.tune.batches) != {self.batch}:
+            raise LrexportError(f"tune batches {list(self.tune.batches)} differ from the fixed export batch {self.batch}")
 
 
 @dataclass
@@ -51,9 +102,21 @@ class Check:
 
 
 @dataclass
+class Built:
+    """Both models as deployed: originals (the PyTorch reference), plain rewrites, ONNX graphs."""
+
+    originals: dict[str, torch.nn.Module]
+    plain: dict[str, torch.nn.Module]
+    reports: dict[str, RewriteReport]
+    protos: dict[str, onnx.ModelProto]
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
 class ExportResult:
     out_dir: Path
     meta: dict
+    plan: Plan
     checks: list[Check] = field(default_factory=list)
 
 
@@ -65,15 +128,6 @@ def compare(what: str, out: np.ndarray, ref: np.ndarray) -> Check:
     )
 
 
-def validation_sample(run: Run, count: int) -> torch.Tensor:
-    """The first ``count`` validation images of the run (its real data, val transform)."""
-    val = run.validation_set()
-    n = min(count, len(val))
-    if n == 0:
-        raise LrexportError(f"the validation set of {run.path} is empty; nothing to check the export on")
-    return torch.stack([val[i][0] for i in range(n)])
-
-
 def tool_versions() -> dict:
     import onnxruntime
 
@@ -83,175 +137,188 @@ def tool_versions() -> dict:
     }
 
 
-def _macs(model, input_size) -> int:
-    return count_macs(model, tuple(input_size)).deployed
+# -- the stages ----------------------------------------------------------------------------------
+def _below_checker(run: Run, trained, config: TuneConfig, log):
+    """The validation-accuracy check for ranks below the energy rule's, or None where the run does not allow them."""
+    prune_cfg = run.summary.get("prune") or {}
+    allowed = bool(prune_cfg.get("tune_below", False)) if config.below is None else config.below
+    if not allowed:
+        return None
+
+    def check(proposed: dict[str, int]):
+        from .below import confirm_below
+
+        val = run.validation_set()
+        val = torch.utils.data.Subset(val, range(min(config.below_images, len(val))))
+        result = confirm_below(trained, proposed, val, float(prune_cfg.get("tolerance", 1.0)), log)
+        return result.kept, result.to_dict()
+
+    return check
 
 
-def _below_energy_rank(trained, deployed) -> dict[str, int]:
-    """name → rank of the layers ``deployed`` holds at a lower rank than ``trained`` (verify truncates the same)."""
-    ranks = layer_ranks(trained)
-    return {name: r for name, r in layer_ranks(deployed).items() if r < ranks[name]}
+def build(lowrank, dense, plan: Plan, input_size, config: ExportConfig) -> Built:
+    """Plain rewrites and checked ONNX graphs of both models."""
+    plain_lr, report_lr = to_plain(lowrank, input_size, config.multiple_of, plan.layers)
+    plain_dense, report_dense = to_plain(dense, input_size, 1)
+    built = Built({"lowrank": lowrank, "dense": dense}, {"lowrank": plain_lr, "dense": plain_dense},
+                  {"lowrank": report_lr, "dense": report_dense}, {})
+    for m in MODELS:
+        built.protos[m] = to_onnx(built.plain[m], input_size, config.batch, config.opset)
+        built.ops[m] = check_graph(built.protos[m])
+    return built
 
 
 @torch.no_grad()
-def export_run(
-    run_dir: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    format: str = "onnx",
-    batch: int | None = None,
-    multiple_of: int = 8,
-    opset: int = DEFAULT_OPSET,
-    check_images: int = 64,
-    tolerance: float = 1e-4,
-    precision: str = "fp16",
-    trt_batch_sizes: tuple[int, ...] = (1, 8, 32),
-    runs_root: str | Path = "runs",
-    tune: bool = False,
-    tune_batch: int | None = None,
-    tune_threads: int | None = None,
-    tune_cache: str | Path | None = None,
-    tune_margin: float = 0.02,
-    tune_guard: bool = True,
-    tune_below: bool | None = None,
-    tune_images: int = 2000,
-    progress=None,
-    log=None,
-) -> ExportResult:
-    """Export a run's finetuned low-rank model and its dense baseline; returns meta and checks.
-
-    ``run_dir`` defaults to the newest run under ``runs_root``, ``out_dir`` to RUN/artifacts.
-    ``batch=None`` exports a dynamic batch dimension. ``multiple_of`` aligns deployed ranks
-    upward (1: exact ranks). ``tolerance`` bounds the relative error of the logits.
-
-    ``tune`` times every decomposed conv on onnxruntime (dense and pairs at aligned ranks
-    ≥ the energy rank, lrexport.deploy.tune) at ``tune_batch`` (default: ``batch``, else 1)
-    and ``tune_threads`` (default: all CPUs, as verify) and deploys the fastest per layer;
-    times are cached in ``tune_cache`` (default: OUT/tune_cache.json) for the next export.
-    ``tune_guard`` then times the whole tuned and untuned models and keeps the untuned one
-    if the tuned one is slower (meta.json's tune.deployed says which went out).
-    ``tune_below`` (default: the run's ``prune.tune_below``) also lets a layer go below its
-    energy rank where that is faster, kept only where the first ``tune_images`` validation
-    images confirm the model stays within the run's ``prune.tolerance`` top-1 points
-    (lrexport.deploy.below); meta.json's export.truncated lists the ranks that went below.
-    ``progress(name, choice)`` is called per tuned layer, ``log(text)`` on each step of that
-    accuracy check (each is a pass over the validation images).
-    """
-    if format not in FORMATS:
-        raise LrexportError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
-    if batch is not None and batch < 1:
-        raise LrexportError(f"batch must be ≥ 1 (or dynamic); got {batch}")
-    if tune_below and not tune:
-        raise LrexportError("--tune-below chooses among the ranks --tune times; add --tune")
-    if tune and format == "trt":
-        raise RuntimeMissingError("--tune times layers on onnxruntime only; tuning for TensorRT engines is not implemented")
-    if multiple_of < 1:
-        raise LrexportError(f"multiple_of must be ≥ 1; got {multiple_of}")
-    run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
-    out_dir = Path(out_dir) if out_dir is not None else run.path / "artifacts"
-    input_size = run.input_size
-    trained, dense = run.load_models()
-    lowrank = trained  # the model deployed: the trained one, or it with ranks below the energy rule's
-
-    tuned = None
-    if tune:
-        from .tune import CACHE_FILE, tune_model
-
-        tune_cache = Path(tune_cache) if tune_cache is not None else out_dir / CACHE_FILE
-        tb = tune_batch or batch or 1
-        if batch is not None and tb != batch:
-            raise LrexportError(f"--tune-batch {tb} differs from the fixed export batch {batch}")
-        prune_cfg = run.summary.get("prune") or {}
-        below = bool(prune_cfg.get("tune_below", False)) if tune_below is None else tune_below
-        tuned = tune_model(
-            trained, input_size, batch=tb, threads=tune_threads, multiple_of=multiple_of, margin=tune_margin,
-            cache_path=tune_cache, progress=progress, below=below,
-        )
-        if tuned.below_ranks():
-            from .below import confirm_below
-
-            val = run.validation_set()
-            val = torch.utils.data.Subset(val, range(min(tune_images, len(val))))
-            check = confirm_below(trained, tuned.below_ranks(), val, float(prune_cfg.get("tolerance", 1.0)), log)
-            tuned.revert(check.reverted)
-            tuned.below_check = check.to_dict()
-            lowrank = truncated(trained, check.kept)
-    plan = tuned.plan if tuned is not None else None
-    plain_lr, report = to_plain(lowrank, input_size, multiple_of, plan)
-    plain_dense, dense_report = to_plain(dense, input_size, 1)
-    protos = {
-        "lowrank": to_onnx(plain_lr, input_size, batch, opset),
-        "dense": to_onnx(plain_dense, input_size, batch, opset),
-    }
-    if tuned is not None and tune_guard and plan != tuned.default_plan:
-        # one-layer times miss what happens between layers: the tuned model must also win whole
-        from .tune import end_to_end
-
-        plain_default, default_report = to_plain(trained, input_size, multiple_of)
-        default_proto = to_onnx(plain_default, input_size, batch, opset)
-        tuned.end_to_end = end_to_end(protos["lowrank"].SerializeToString(), default_proto.SerializeToString(),
-                                      input_size, tuned.target)
-        if tuned.deployed == "untuned":
-            plan, plain_lr, report, protos["lowrank"] = None, plain_default, default_report, default_proto
-            lowrank = trained
-    ops = {name: check_graph(proto) for name, proto in protos.items()}
-
-    x = validation_sample(run, check_images)
+def check(built: Built, x: torch.Tensor, config: ExportConfig) -> list[Check]:
+    """The rewritten modules and onnxruntime against the original PyTorch models on ``x``."""
     checks = []
-    for name, original, plain in (("lowrank", lowrank, plain_lr), ("dense", dense, plain_dense)):
-        ref = original(x).numpy()
-        checks.append(compare(f"{name}: rewritten PyTorch vs original", plain(x).numpy(), ref))
-        ort_out = run_batched(OrtRunner(protos[name].SerializeToString()).run, x.numpy(), batch)
-        checks.append(compare(f"{name}: onnxruntime vs original", ort_out, ref))
-    bad = [c for c in checks if not c.rel_err < tolerance]
+    for m in MODELS:
+        ref = built.originals[m](x).numpy()
+        checks.append(compare(f"{m}: rewritten PyTorch vs original", built.plain[m](x).numpy(), ref))
+        ort_out = run_batched(OrtRunner(built.protos[m].SerializeToString()).run, x.numpy(), config.batch)
+        checks.append(compare(f"{m}: onnxruntime vs original", ort_out, ref))
+    bad = [c for c in checks if not c.rel_err < config.tolerance]
     if bad:
         lines = "; ".join(f"{c.what}: relative error {c.rel_err:.3g}, max |diff| {c.max_abs:.3g}" for c in bad)
-        raise ExportCheckError(f"export of {run.path} does not reproduce PyTorch (tolerance {tolerance:g}): {lines}")
+        raise ExportCheckError(f"the export does not reproduce PyTorch (tolerance {config.tolerance:g}): {lines}")
+    return checks
 
-    lr_macs, dense_macs = _macs(lowrank, input_size), _macs(dense, input_size)
-    meta = {
+
+@torch.no_grad()
+def reference_predictions(models: dict[str, torch.nn.Module], val, k: int, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """PyTorch's top-k classes per validation image for each model, and the labels: what verify compares with."""
+    from torch.utils.data import DataLoader
+
+    tops = {m: [] for m in models}
+    labels = []
+    for x, y in DataLoader(val, batch_size=batch_size, shuffle=False):
+        labels.append(y.numpy().astype(np.int64))
+        for m, model in models.items():
+            tops[m].append(model(x).topk(k, dim=1).indices.numpy().astype(np.int32))
+    if not labels:
+        raise LrexportError("the validation set is empty; nothing to check the export on")
+    return {"labels": np.concatenate(labels)} | {f"{m}_top": np.concatenate(t) for m, t in tops.items()}
+
+
+def torch_program(plain: torch.nn.Module, input_size, batch: int | None) -> bytes:
+    """The plain module as a saved ``torch.export`` program (loads without lrexport's model code)."""
+    example = (torch.zeros(batch or 2, *input_size),)
+    dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=65536)},)
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(plain, example, dynamic_shapes=dynamic), buf)
+    return buf.getvalue()
+
+
+def write(out_dir: Path, built: Built, plan: Plan, reference: dict[str, np.ndarray], meta: dict, input_size) -> dict:
+    """Every artifact file, each written atomically; meta.json last, so a complete meta means complete artifacts."""
+    for m in MODELS:
+        atomic_write_bytes(out_dir / FILES[m], built.protos[m].SerializeToString())
+    programs, note = {}, ""
+    try:
+        blobs = {m: torch_program(built.plain[m], input_size, meta["batch"]) for m in MODELS}
+    except Exception as e:  # torch.export cannot trace every model; the ONNX runtimes still serve it
+        note = f"torch.export failed ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})"
+    else:
+        for m in MODELS:
+            atomic_write_bytes(out_dir / PROGRAMS[m], blobs[m])
+            programs[m] = PROGRAMS[m]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **reference)
+    atomic_write_bytes(out_dir / REFERENCE_FILE, buf.getvalue())
+    atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
+    meta["programs"] = programs or {"note": note}
+    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2))
+    return meta
+
+
+def _accuracy(reference: dict[str, np.ndarray]) -> dict:
+    labels = reference["labels"]
+    acc = {"images": len(labels)}
+    for m in MODELS:
+        top = reference[f"{m}_top"]
+        acc[m] = {"top1": 100.0 * float((top[:, 0] == labels).mean()), "topk": 100.0 * float((top == labels[:, None]).any(1).mean())}
+    return acc
+
+
+def describe(run: Run, built: Built, plan: Plan, config: ExportConfig, checks: list[Check], reference: dict) -> dict:
+    """meta.json: input contract, models, MACs, checks, where the data lives, versions."""
+    size = run.input_size
+    macs = {m: count_macs(built.originals[m], size).deployed for m in MODELS}
+    models = {}
+    for m in MODELS:
+        report = built.reports[m].to_dict() if m == "lowrank" else {k: getattr(built.reports[m], k) for k in ("bn_folded", "bn_left")}
+        models[m] = {"file": FILES[m], "macs": macs[m], "deployed_macs": count_macs(built.plain[m], size).deployed,
+                     "ops": built.ops[m], **report}
+    return json.loads(json.dumps({
         "format_version": META_VERSION,
         "created": datetime.now().isoformat(timespec="seconds"),
         "input": {
-            "name": INPUT_NAME, "shape": [batch, *input_size], "dtype": "float32", "layout": "NCHW",
+            "name": INPUT_NAME, "shape": [config.batch, *size], "dtype": "float32", "layout": "NCHW",
             "color": "RGB", "scale": 1 / 255, "mean": list(run.data_info["mean"]), "std": list(run.data_info["std"]),
             "resize": int(run.data_info.get("resize") or 0),
         },
         "output": {"name": OUTPUT_NAME, "kind": "logits"},
-        "batch": batch,
+        "batch": config.batch,
         "class_names": list(run.data_info["class_names"]),
-        "models": {
-            "lowrank": {
-                "file": LOWRANK_FILE, "macs": lr_macs, "deployed_macs": _macs(plain_lr, input_size), "ops": ops["lowrank"],
-                **report.to_dict(),
-            },
-            "dense": {"file": DENSE_FILE, "macs": dense_macs, "deployed_macs": _macs(plain_dense, input_size), "ops": ops["dense"],
-                      "bn_folded": dense_report.bn_folded, "bn_left": dense_report.bn_left},
-        },
-        "macs_speedup": dense_macs / lr_macs,
-        "checks": {"images": len(x), "tolerance": tolerance, "results": [c.to_dict() for c in checks]},
-        "source": {
-            "run_dir": str(run.path.resolve()), "name": run.name, "recipe_hash": run.summary.get("recipe_hash"),
-            "checkpoints": {"lowrank": str(run.checkpoint("lowrank").resolve()), "dense": str(run.checkpoint("dense").resolve())},
-        },
-        "export": {"format": format, "opset": opset, "multiple_of": multiple_of, "dynamic_batch": batch is None,
-                   "plan": plan, "truncated": _below_energy_rank(trained, lowrank)},
+        "models": models,
+        "macs_speedup": macs["dense"] / macs["lowrank"],
+        "runtime": plan.runtime,
+        "plan": {"file": PLAN_FILE, "deployed": plan.deployed, "note": plan.note},
+        "reference": {"file": REFERENCE_FILE, "by": "PyTorch, the models as trained (and truncated as planned)",
+                      "accuracy": _accuracy(reference), "topk": int(reference["lowrank_top"].shape[1])},
+        "data_config": run.summary["data_config"],
+        "checks": {"images": config.check_images, "tolerance": config.tolerance, "results": [c.to_dict() for c in checks]},
+        "source": {"run_dir": str(run.path.resolve()), "name": run.name, "recipe_hash": run.summary.get("recipe_hash")},
+        "export": {"format": config.format, "opset": config.opset, "multiple_of": config.multiple_of,
+                   "dynamic_batch": config.batch is None, "plan": plan.layers,
+                   "truncated": plan.truncated},
         "versions": tool_versions(),
-    }
-    if tuned is not None:
-        meta["tune"] = tuned.to_dict() | {"cache": str(tune_cache)}
-    meta = json.loads(json.dumps(meta))  # the dict returned is exactly what meta.json holds
-    atomic_write_bytes(out_dir / LOWRANK_FILE, protos["lowrank"].SerializeToString())
-    atomic_write_bytes(out_dir / DENSE_FILE, protos["dense"].SerializeToString())
-    # meta first: a failed engine build still leaves a complete ONNX artifact directory
+    }))
+
+
+def validation_sample(run: Run, count: int) -> torch.Tensor:
+    """The first ``count`` validation images of the run (its real data, val transform)."""
+    val = run.validation_set()
+    n = min(count, len(val))
+    if n == 0:
+        raise LrexportError(f"the validation set of {run.path} is empty; nothing to check the export on")
+    return torch.stack([val[i][0] for i in range(n)])
+
+
+@torch.no_grad()
+def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = None, config: ExportConfig | None = None,
+               runs_root: str | Path = "runs", progress=None, log=None) -> ExportResult:
+    """Export a run's finetuned low-rank model and its dense baseline for ``config.target``.
+
+    ``run_dir`` defaults to the newest run under ``runs_root``, ``out_dir`` to RUN/artifacts.
+    ``progress(name, choice)`` hears each tuned layer, ``log(text)`` each pass of the
+    accuracy check of ranks below the energy rule's.
+    """
+    config = config or ExportConfig()
+    config.validate()
+    run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
+    out_dir = Path(out_dir) if out_dir is not None else run.path / "artifacts"
+    trained, dense = run.load_models()
+    plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
+                       config.multiple_of, _below_checker(run, trained, config.tune, log), progress)
+    built = build(plan.model(trained), dense, plan, run.input_size, config)
+    checks = check(built, validation_sample(run, config.check_images), config)
+    val = run.validation_set()
+    reference = reference_predictions(built.originals, val, min(5, len(run.data_info["class_names"])))
+    meta = write(out_dir, built, plan, reference, describe(run, built, plan, config, checks, reference), run.input_size)
+    if config.format == "trt":
+        meta = _write_engines(out_dir, meta, config.trt, config.batch, val)
+    return ExportResult(out_dir, meta, plan, checks)
+
+
+def _write_engines(out_dir: Path, meta: dict, trt: TrtConfig, batch: int | None, val) -> dict:
+    try:
+        meta["engines"] = build_trt_engines(out_dir, trt.precision, (batch,) if batch else tuple(trt.batch_sizes), val)
+    except RuntimeMissingError as e:
+        raise RuntimeMissingError(f"{e} (the ONNX artifacts are written: {out_dir})") from None
+    meta["versions"]["tensorrt"] = meta["engines"].pop("tensorrt_version", None)
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2))
-    if format == "trt":
-        try:
-            meta["engines"] = build_trt_engines(out_dir, precision, (batch,) if batch else tuple(trt_batch_sizes), run.validation_set())
-        except RuntimeMissingError as e:
-            raise RuntimeMissingError(f"{e} (the ONNX artifacts are written: {out_dir})") from None
-        meta["versions"]["tensorrt"] = meta["engines"].pop("tensorrt_version", None)
-        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2))
-    return ExportResult(out_dir, meta, checks)
+    return meta
 
 
 def build_trt_engines(out_dir: Path, precision: str, batch_sizes: tuple[int, ...], calibration_set) -> dict:
@@ -263,7 +330,7 @@ def build_trt_engines(out_dir: Path, precision: str, batch_sizes: tuple[int, ...
     from .calibration import CalibrationReader
 
     engines = {}
-    for name, file in (("lowrank", LOWRANK_FILE), ("dense", DENSE_FILE)):
+    for name, file in FILES.items():
         calibration = None
         if precision == "int8":
             calibration = CalibrationReader.from_dataset(

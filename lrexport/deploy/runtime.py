@@ -37,7 +37,7 @@ def load_meta(artifacts_dir: str | Path) -> dict:
 class OrtRunner:
     """One onnxruntime CPU session; ``run(x) -> logits`` for a float32 NCHW batch."""
 
-    name = "ort"
+    clock = "wall"
     spinning = "during runs only"  # as recorded in verify.json and the benchmarks
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
@@ -66,6 +66,20 @@ class OrtRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def bind(self, x: np.ndarray):
+        """The call that runs ``x``, for timing (the Runner protocol of lrexport.deploy.runners)."""
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        return lambda: self.session.run(None, feed)
+
+    def settings(self) -> dict:
+        import onnxruntime
+
+        from .timing import cpu_name
+
+        return {"runtime": "ort", "version": onnxruntime.__version__, "device": cpu_name(),
+                "provider": self.session.get_providers()[0], "threads": self.threads, "precision": "fp32",
+                "spinning": self.spinning}
 
 
 def run_batched(run, x: np.ndarray, batch: int | None, chunk: int = 64) -> np.ndarray:

@@ -293,7 +293,7 @@ class TrtRunner:
     replaying a CUDA graph of the enqueue when the engine can be captured.
     """
 
-    name = "tensorrt"
+    clock = "cuda-events"
 
     def __init__(self, engine_path: str | Path):
         path = Path(engine_path)
@@ -357,31 +357,30 @@ class TrtRunner:
             out = self._out[:batch].float().cpu()  # waits for this stream only
         return out.numpy()
 
-    def time(self, batch: int, repeats: int = 200, warmup: int = 20, cuda_graph: bool = True):
-        """Per-call GPU time (``lrexport.deploy.gpu_timing.Timing``) at ``batch``, input already on the device."""
-        from .gpu_timing import time_calls
-
+    def bind(self, x: np.ndarray):
+        """Copy ``x`` to the device once; the call to time replays a CUDA graph of the enqueue where it can."""
         torch = self._torch
+        batch = len(x)
         self._set_batch(batch)
         with torch.cuda.stream(self.stream):
-            self._in[:batch].normal_()
+            self._in[:batch].copy_(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
             # one plain enqueue after a shape change lets TensorRT finish its deferred setup,
             # which must not happen during a stream capture
             self._enqueue()
         self.stream.synchronize()
-        step, note, captured = self._enqueue, "", False
-        if cuda_graph:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                    self._enqueue()
-                step, captured = graph.replay, True
-            except Exception as e:  # engines with data-dependent shapes or host syncs cannot be captured
-                torch.cuda.synchronize()
-                note = f"CUDA graph capture failed ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); timed plain enqueues"
-        with torch.cuda.stream(self.stream):
-            timing = time_calls(step, repeats, warmup, cuda=True)
-        timing.cuda_graph = captured
-        timing.note = note
-        timing.extra = {"batch": batch, "runtime": "tensorrt", "engine": str(self.path)}
-        return timing
+        self.note = ""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._enqueue()
+            return graph.replay
+        except Exception as e:  # engines with data-dependent shapes or host syncs cannot be captured
+            torch.cuda.synchronize()
+            self.note = f"CUDA graph capture failed ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); timed plain enqueues"
+            return self._enqueue
+
+    def settings(self) -> dict:
+        trt = import_tensorrt()
+        return {"runtime": "trt", "version": trt.__version__, "device": self._torch.cuda.get_device_name(),
+                "provider": "cuda", "threads": None, "precision": str(self.engine.get_tensor_dtype(self.input_name)),
+                "engine": str(self.path), "note": getattr(self, "note", "")}

@@ -5,9 +5,10 @@ energy rule's rank r_e and at r_e rounded up to multiples of 8, 16 and 32 (below
 break-even). Each candidate is built as a one-layer ONNX model with the geometry the
 export gives it (conv1 → conv2 of the pair, or one conv, bias as after BN folding), set
 between cheap depthwise stand-ins for its neighbours (so that layout reorders land where
-they would in the network), and timed on the target runtime at the deployment's batch and
-input shape: warm-up, then rounds interleaved across the layer's candidates, median per
-candidate, less the stand-ins' own time.
+they would in the network), and timed on the target runtime (any tunable runtime of
+``lrexport.deploy.runners``) at each deployment batch and input shape: warm-up, then rounds
+interleaved across the layer's candidates, median per candidate, less the stand-ins' own
+time. A layer's candidates are compared by the sum of their times over the batches.
 
 ``choose`` then keeps the fastest candidate that does not change the model: dense, or a
 pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Where the recipe allows
@@ -16,7 +17,7 @@ choice changes the model, so the export keeps it only where validation accuracy 
 (``lrexport.deploy.below``) and otherwise falls back to the fastest choice at ranks ≥ r_e.
 
 Times are cached in a JSON file keyed by layer geometry, candidate, runtime, provider,
-runtime version, CPU, threads and batch, so a second export (or another model with the
+runtime version, device, threads, precision, layout and batch, so a second export (or another model with the
 same layer shapes) times nothing twice.
 """
 
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,12 +33,12 @@ import numpy as np
 
 from ..errors import LrexportError, RuntimeMissingError
 from ..train.checkpoint import atomic_write_text
-from .latency import LatencyStats, time_rounds
+from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner
+from .timing import CUDA_EVENTS, Stats, interleave_within
 
 CACHE_FILE = "tune_cache.json"
-CACHE_VERSION = 3  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs
+CACHE_VERSION = 4  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime
 DENSE = "dense"
-RUNTIMES = ("ort",)
 MULTIPLES = (8, 16, 32)
 
 
@@ -138,6 +137,7 @@ class Choice:
     reason: str
     times_ms: dict[str, float] = field(default_factory=dict)
     energy_rank: int = 0
+    batch_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # batch → candidate → ms (``times_ms`` sums them)
     # for a choice below the energy rank: the fastest choice at ranks ≥ it, deployed if accuracy does not confirm
     fallback: "Choice | None" = None
 
@@ -154,7 +154,8 @@ class Choice:
         """The fallback, saying why: the rank below r_e did not hold validation accuracy."""
         fb = self.fallback
         note = f"; {_label(self.choice)} (below the energy rank {self.energy_rank}, {self.ms:.3f} ms) reverted: validation accuracy fell too far"
-        return Choice(fb.name, fb.choice, fb.ms, fb.default, fb.default_ms, fb.macs, fb.reason + note, self.times_ms, fb.energy_rank)
+        return Choice(fb.name, fb.choice, fb.ms, fb.default, fb.default_ms, fb.macs, fb.reason + note, self.times_ms, fb.energy_rank,
+                      self.batch_ms)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -301,62 +302,64 @@ def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int =
 
 
 # -- timing on the runtime -----------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-@dataclass
+@dataclass(frozen=True)
 class Target:
-    """Where the deployment runs: what a cached time is only valid for."""
+    """Where the deployment runs: the runtime, its settings as its runner reports them, the batches."""
 
-    runtime: str = "ort"
-    threads: int = 1
-    batch: int = 1
-    precision: str = "fp32"
-    provider: str = "CPUExecutionProvider"
-    version: str = ""
-    device: str = ""
+    runtime: str
+    options: RuntimeOptions
+    settings: dict
+    batches: tuple[int, ...]
 
-    def key(self) -> str:
-        return f"{self.runtime}-{self.version}:{self.provider}:{self.device}:{self.precision}:t{self.threads}:b{self.batch}"
+    def key(self, batch: int) -> str:
+        """What a cached time is only valid for: runtime, version, device, provider, threads, precision, layout, batch."""
+        s = self.settings
+        return (f"{s['runtime']}-{s['version']}:{s['provider']}:{s['device']}:{s['precision']}:t{s['threads']}"
+                f":cl{int(bool(s.get('channels_last')))}:b{batch}")
 
-
-def ort_target(threads: int | None = None, batch: int = 1) -> Target:
-    import onnxruntime
-
-    return Target("ort", threads or os.cpu_count() or 1, batch, "fp32", "CPUExecutionProvider", onnxruntime.__version__, cpu_name())
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, **self.settings, "batches": list(self.batches)}
 
 
-def time_candidates(shape: LayerShape, candidates, target: Target, warmup: int = 3, budget_ms: float = 1500.0,
-                    min_repeats: int = 9, max_repeats: int = 40) -> dict[str | int, LatencyStats]:
-    """Latency of each candidate deployment of one layer on ``target`` (onnxruntime).
+def layer_source(shape: LayerShape, candidate, batch: int) -> ModelSource:
+    """One candidate as every runtime takes it: its one-layer ONNX graph, and the same convs as PyTorch modules."""
+    from .onnx_graph import conv_chain_module
+
+    proto = layer_onnx(shape, candidate, batch)
+    return ModelSource(onnx=proto.SerializeToString(), torch=lambda: conv_chain_module(proto), label=f"candidate {candidate}")
+
+
+def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
+    """The target of ``runtime`` here, its settings read off a runner of a small layer."""
+    batches = tuple(int(b) for b in batches)
+    if not batches or min(batches) < 1:
+        raise LrexportError(f"tune batches must be ≥ 1; got {list(batches)}")
+    if not get_runtime(runtime).tunable:
+        raise RuntimeMissingError(f"per-layer tuning on {runtime} is not implemented; export with --no-tune")
+    probe = LayerShape("channel", 8, 8, 1, 1, (1, 1), (0, 0), (1, 1), (4, 4))
+    settings = open_runner(runtime, layer_source(probe, DENSE, 1), options).settings()
+    return Target(runtime, options, settings, batches)
+
+
+def time_candidates(shape: LayerShape, candidates, target: Target, batch: int, warmup: int = 3, budget_ms: float = 1500.0,
+                    min_repeats: int = 9, max_repeats: int = 40) -> dict[str | int, Stats]:
+    """Latency of each candidate deployment of one layer on ``target`` at ``batch``.
 
     Rounds are interleaved across candidates (a slow spell of a shared machine hits all
     alike); their number fits ``budget_ms`` of timed calls, within [min_repeats, max_repeats].
     """
-    if target.runtime != "ort":
-        raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
-    from .runtime import OrtRunner
-
     rng = np.random.default_rng(1)
     inputs = {
-        (shape.c, *shape.in_hw): rng.standard_normal((target.batch, shape.c, *shape.in_hw), dtype=np.float32),
-        (shape.n, *shape.out_hw): rng.standard_normal((target.batch, shape.n, *shape.out_hw), dtype=np.float32),
+        CONTEXT_OUT: rng.standard_normal((batch, shape.n, *shape.out_hw), dtype=np.float32),
+        "in": rng.standard_normal((batch, shape.c, *shape.in_hw), dtype=np.float32),
     }
-    runners = {}
+    calls, clock = {}, None
     for cand in candidates:
-        runner = OrtRunner(layer_onnx(shape, cand, target.batch).SerializeToString(), target.threads)
-        xi = inputs[(shape.n, *shape.out_hw) if cand == CONTEXT_OUT else (shape.c, *shape.in_hw)]
-        runners[cand] = lambda _, run=runner.run, xi=xi: run(xi)  # each candidate on its own input (x unused)
-    probe = time_rounds(runners, None, warmup=warmup, repeats=1)
-    round_ms = sum(t[0] for t in probe.values())
-    repeats = int(min(max_repeats, max(min_repeats, budget_ms / max(round_ms, 1e-3))))
-    times = time_rounds(runners, None, warmup=0, repeats=repeats)
-    return {cand: LatencyStats.from_ms(target.batch, t) for cand, t in times.items()}
+        runner = open_runner(target.runtime, layer_source(shape, cand, batch), target.options)
+        calls[cand] = runner.bind(inputs[CONTEXT_OUT if cand == CONTEXT_OUT else "in"])
+        clock = runner.clock
+    timed = interleave_within(calls, budget_ms, min_repeats, max_repeats, warmup, cuda=clock == CUDA_EVENTS)
+    return {cand: timed.stats(cand, batch) for cand in candidates}
 
 
 # -- cache ------------------------------------------------------------------------------------------
@@ -376,14 +379,14 @@ class TuneCache:
                 self.entries = dict(data.get("entries", {}))
 
     @staticmethod
-    def key(target: Target, shape: LayerShape, candidate) -> str:
-        return f"{target.key()}|{shape.key()}|{candidate}"
+    def key(target: Target, batch: int, shape: LayerShape, candidate) -> str:
+        return f"{target.key(batch)}|{shape.key()}|{candidate}"
 
-    def get(self, target: Target, shape: LayerShape, candidate) -> dict | None:
-        return self.entries.get(self.key(target, shape, candidate))
+    def get(self, target: Target, batch: int, shape: LayerShape, candidate) -> dict | None:
+        return self.entries.get(self.key(target, batch, shape, candidate))
 
-    def put(self, target: Target, shape: LayerShape, candidate, stats: LatencyStats) -> None:
-        self.entries[self.key(target, shape, candidate)] = {
+    def put(self, target: Target, batch: int, shape: LayerShape, candidate, stats: Stats) -> None:
+        self.entries[self.key(target, batch, shape, candidate)] = {
             "median_ms": stats.median_ms, "min_ms": stats.min_ms, "p90_ms": stats.p90_ms, "repeats": stats.repeats,
         }
 
@@ -401,7 +404,6 @@ class TuneResult:
     cache_misses: int
     seconds: float
     margin: float
-    end_to_end: "EndToEnd | None" = None  # whole-model check of the tuned plan against the untuned one
     below: bool = False  # ranks below the energy rule's were candidates
     below_check: dict | None = None  # the validation-accuracy check of the choices below it
 
@@ -423,122 +425,81 @@ class TuneResult:
     def default_plan(self) -> dict[str, str | int]:
         return {c.name: c.default for c in self.choices}
 
-    @property
-    def deployed(self) -> str:
-        """"tuned", or "untuned" where the whole tuned model measured slower than the untuned one."""
-        return self.end_to_end.deployed if self.end_to_end is not None else "tuned"
+    def predicted(self) -> list[dict]:
+        """Per batch, sums of one-layer times (decomposed convs only): the tuned, untuned and dense plans."""
+        rows = []
+        for b in self.target.batches:
+            def total(pick) -> float:
+                return sum(c.batch_ms.get(str(b), {}).get(str(pick(c)), math.nan) for c in self.choices)
 
-    def predicted(self) -> dict:
-        """Sums of per-layer times (decomposed convs only): the deployed, tuned, untuned and dense models."""
-        tuned, untuned = sum(c.ms for c in self.choices), sum(c.default_ms for c in self.choices)
-        return {
-            "batch": self.target.batch,
-            "lowrank_ms": tuned if self.deployed == "tuned" else untuned,
-            "tuned_ms": tuned,
-            "untuned_ms": untuned,
-            "dense_ms": sum(c.times_ms[DENSE] for c in self.choices),
-            "layers": len(self.choices),
-            "note": "sum of the decomposed convs' one-layer times; other ops (pooling, adds, fc, undecomposed convs) not included",
-        }
+            rows.append({"batch": b, "tuned_ms": total(lambda c: c.choice), "untuned_ms": total(lambda c: c.default),
+                         "dense_ms": total(lambda c: DENSE)})
+        return rows
 
     def to_dict(self) -> dict:
         return {
-            "target": asdict(self.target), "margin": self.margin, "cache_hits": self.cache_hits,
+            "target": self.target.to_dict(), "margin": self.margin, "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses, "seconds": self.seconds, "predicted": self.predicted(),
-            "rule": "fastest of dense and pairs at ranks ≥ the energy rank; the default kept within the margin"
+            "predicted_note": "sums of the decomposed convs' one-layer times; other ops (pooling, adds, fc, undecomposed convs) not included",
+            "rule": "fastest of dense and pairs at ranks ≥ the energy rank over the tune batches; the default kept within the margin"
                     + ("; a pair below the energy rank where faster by more than the margin and validation accuracy confirms it"
                        if self.below else ""),
-            "deployed": self.deployed, "below_check": self.below_check,
-            "end_to_end": None if self.end_to_end is None else self.end_to_end.to_dict(),
+            "below_check": self.below_check,
             "layers": [c.to_dict() for c in self.choices],
         }
 
 
-@dataclass
-class EndToEnd:
-    """The whole tuned and untuned low-rank models timed side by side: one-layer times miss the
-    layout changes (reorders) between neighbouring convs, so a plan must also win as a whole."""
-
-    tuned_ms: float
-    untuned_ms: float
-    tuned_min_ms: float
-    untuned_min_ms: float
-    speedup: float  # median over interleaved rounds of untuned time / tuned time
-    repeats: int
-
-    @property
-    def deployed(self) -> str:
-        return "tuned" if self.speedup >= 1.0 else "untuned"
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"deployed": self.deployed}
-
-
-def end_to_end(tuned_model: bytes, untuned_model: bytes, input_size, target: Target, warmup: int = 5,
-               budget_ms: float = 6000.0, min_repeats: int = 21, max_repeats: int = 80) -> EndToEnd:
-    """Time the two whole ONNX models (serialized) at ``target``'s batch, interleaved."""
-    if target.runtime != "ort":
-        raise RuntimeMissingError(f"tuning on runtime {target.runtime!r} is not implemented (only ort)")
-    from .runtime import OrtRunner
-
-    runners = {name: OrtRunner(m, target.threads).run for name, m in (("tuned", tuned_model), ("untuned", untuned_model))}
-    x = np.random.default_rng(2).standard_normal((target.batch, *input_size), dtype=np.float32)
-    probe = time_rounds(runners, x, warmup=warmup, repeats=1)
-    round_ms = sum(t[0] for t in probe.values())
-    repeats = int(min(max_repeats, max(min_repeats, budget_ms / max(round_ms, 1e-3))))
-    times = time_rounds(runners, x, warmup=0, repeats=repeats)
-    t, u = np.asarray(times["tuned"]), np.asarray(times["untuned"])
-    return EndToEnd(float(np.median(t)), float(np.median(u)), float(t.min()), float(u.min()), float(np.median(u / t)), repeats)
+def layer_times(layer: TuneLayer, cands, target: Target, batch: int, cache: TuneCache, **timing) -> tuple[dict, int]:
+    """Candidate → ms of one layer at ``batch`` (timed or cached), less its contexts' share; and how many were timed."""
+    ctx = contexts(layer.shape)
+    raw, todo = {}, []
+    for cand in cands + ctx:
+        entry = cache.get(target, batch, layer.shape, cand)
+        if entry is None:
+            todo.append(cand)
+        else:
+            raw[cand] = entry["median_ms"]
+    if todo:
+        for cand, stats in time_candidates(layer.shape, todo, target, batch, **timing).items():
+            cache.put(target, batch, layer.shape, cand, stats)
+            raw[cand] = stats.median_ms
+        cache.save()  # per layer: an interrupted tune keeps what it timed
+    # a candidate in context, less half of each context's own two depthwise convs (and their reorders)
+    overhead = 0.5 * sum(raw[c] for c in ctx)
+    return {cand: max(raw[cand] - overhead, 1e-6) for cand in cands}, len([c for c in todo if c not in ctx])
 
 
 def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None, margin: float = 0.02,
          multiples=MULTIPLES, progress=None, below: bool = False, **timing) -> TuneResult:
-    """Time every candidate of every layer on ``target`` (cached ones excepted) and choose per layer.
+    """Time every candidate of every layer on ``target`` at each of its batches (cached ones excepted)
+    and choose per layer by the sum of its times over those batches.
 
     ``below``: ranks below the energy rank are candidates too (see ``choose``).
-
     ``progress(name, choice)`` is called after each layer (the CLI draws it). ``timing`` goes
     to ``time_candidates`` (warmup, budget_ms, min_repeats, max_repeats).
     """
     cache = cache if cache is not None else TuneCache(None)
     start = time.perf_counter()
-    hits = misses = 0
+    timed = total = 0
     choices = []
     for layer in layers:
         cands = layer.candidates(multiples, below)
-        ctx = contexts(layer.shape)
-        raw, todo = {}, []
-        for cand in cands + ctx:
-            entry = cache.get(target, layer.shape, cand)
-            if entry is None:
-                todo.append(cand)
-            else:
-                raw[cand] = entry["median_ms"]
-        hits += len(cands) - len([c for c in todo if c not in ctx])
-        misses += len([c for c in todo if c not in ctx])
-        if todo:
-            for cand, stats in time_candidates(layer.shape, todo, target, **timing).items():
-                cache.put(target, layer.shape, cand, stats)
-                raw[cand] = stats.median_ms
-            cache.save()  # per layer: an interrupted tune keeps what it timed
-        # a candidate in context, less half of each context's own two depthwise convs (and their reorders)
-        overhead = 0.5 * sum(raw[c] for c in ctx)
-        times = {cand: max(raw[cand] - overhead, 1e-6) for cand in cands}
+        total += len(cands) * len(target.batches)
+        per_batch = {}
+        for b in target.batches:
+            per_batch[b], n = layer_times(layer, cands, target, b, cache, **timing)
+            timed += n
+        times = {cand: sum(per_batch[b][cand] for b in target.batches) for cand in cands}
         choice = choose(times, layer, margin, below)
+        choice.batch_ms = {str(b): {str(c): t for c, t in per_batch[b].items()} for b in target.batches}
         choices.append(choice)
         if progress is not None:
             progress(layer.name, choice)
-    return TuneResult(target, choices, hits, misses, time.perf_counter() - start, margin, below=below)
+    return TuneResult(target, choices, total - timed, timed, time.perf_counter() - start, margin, below=below)
 
 
-def tune_model(model, input_size, batch: int = 1, threads: int | None = None, runtime: str = "ort",
-               cache_path: str | Path | None = None, multiple_of: int = 8, margin: float = 0.02, progress=None,
-               below: bool = False, **timing) -> TuneResult:
-    """Tune every decomposed conv of ``model`` at ``input_size`` (C, H, W) and ``batch`` on ``runtime``."""
-    if runtime not in RUNTIMES:
-        raise RuntimeMissingError(f"--tune supports runtime {', '.join(RUNTIMES)} here; {runtime!r} is not implemented")
-    if batch < 1:
-        raise LrexportError(f"tune batch must be ≥ 1; got {batch}")
-    target = ort_target(threads, batch)
+def tune_model(model, input_size, target: Target, cache_path: str | Path | None = None, multiple_of: int = 8,
+               margin: float = 0.02, progress=None, below: bool = False, **timing) -> TuneResult:
+    """Tune every decomposed conv of ``model`` at ``input_size`` (C, H, W) for ``target`` (see ``make_target``)."""
     return tune(tune_layers_of(model, input_size, multiple_of), target, TuneCache(cache_path), margin,
                 progress=progress, below=below, **timing)

@@ -1,30 +1,29 @@
 """Measure exported artifacts through the runtime that will serve them (DESIGN §6).
 
-Accuracy (top-1, top-5) of the low-rank and the dense model on the run's validation set,
-next to PyTorch's on the same images; latency of both on the same runtime in one process;
-MACs speedup, wall-clock speedup and their ratio. The result goes to verify.json.
+Works from the artifact directory alone: meta.json, plan.json, the model files, PyTorch's
+predictions that export recorded (reference.npz) and the validation data named in
+meta.json. Accuracy (top-1, top-k) of the low-rank and the dense model through the runtime,
+next to PyTorch's on the same images; latency of both on the same runtime in one process,
+interleaved; MACs speedup, wall-clock speedup and their ratio. The result goes to verify.json.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..errors import LrexportError, RuntimeMissingError
-from ..lowrank.prune import truncated
+from ..errors import LrexportError
 from ..train.checkpoint import atomic_write_text
-from .latency import LatencyStats, measure
-from .rundir import newest_run, open_run
-from .runtime import OrtRunner, load_meta, run_batched
+from .export import MODELS, REFERENCE_FILE
+from .plan import PLAN_FILE
+from .rundir import newest_run
+from .runners import ModelSource, RuntimeOptions, open_runner
+from .runtime import load_meta, run_batched
+from .timing import CUDA_EVENTS, interleave, machine
 
-RUNTIMES = ("ort", "trt", "torch")
-MODELS = ("lowrank", "dense")
 VERIFY_FILE = "verify.json"
 
 
@@ -32,54 +31,64 @@ class VerifyError(LrexportError):
     """Accuracy through the runtime differs from PyTorch's beyond the tolerance."""
 
 
-class TorchRunner:
-    """The rewritten (plain) PyTorch module behind the same ``run(np) -> np`` interface."""
-
-    name = "torch"
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module.eval()
-
-    @torch.no_grad()
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+@dataclass(frozen=True)
+class VerifyConfig:
+    batch_sizes: tuple[int, ...] = (1, 8)  # timed where the artifacts have a dynamic batch
+    warmup: int = 10
+    repeats: int = 50
+    limit: int | None = None  # evaluate the first N validation images
+    tolerance: float = 0.1  # accuracy points the runtime may differ from PyTorch
+    eval_batch: int = 64
 
 
-def load_exported_models(run, meta: dict):
-    """(low-rank, dense) PyTorch models as exported: the run's, truncated where export --tune went below a trained rank."""
-    lowrank, dense = run.load_models()
-    below = (meta.get("export") or {}).get("truncated")
-    return (truncated(lowrank, below) if below else lowrank), dense
+@dataclass
+class Artifacts:
+    path: Path
+    meta: dict
+    plan: dict
+    reference: dict[str, np.ndarray]
+
+    def source(self, m: str) -> ModelSource:
+        """Model ``m`` ("lowrank" or "dense") in every form the artifacts hold."""
+        program = (self.meta.get("programs") or {}).get(m)
+        engine = (self.meta.get("engines") or {}).get(m)
+
+        def load_program():
+            import torch
+
+            return torch.export.load(str(self.path / program)).module()
+
+        return ModelSource(
+            onnx=self.path / self.meta["models"][m]["file"], torch=load_program if program else None,
+            engine=self.path / engine if engine else None, label=f"the {m} model of {self.path}",
+        )
+
+    def validation_set(self):
+        """The validation set named in meta.json, rebuilt with its validation transform."""
+        from ..data import DataConfig, build_datasets
+
+        try:
+            cfg = DataConfig(**self.meta["data_config"])
+        except TypeError as e:
+            raise LrexportError(f"meta.json of {self.path} has a data_config this lrexport cannot read: {e}") from None
+        return build_datasets(cfg)[1]
 
 
-def open_runners(runtime: str, artifacts_dir: Path, meta: dict, threads: int, models=None) -> dict:
-    """One runner per model ("lowrank", "dense") on ``runtime``; ``models`` (from load_exported_models) for torch."""
-    if runtime == "ort":
-        return {m: OrtRunner(artifacts_dir / meta["models"][m]["file"], threads) for m in MODELS}
-    if runtime == "trt":
-        from .trt import TrtRunner, import_tensorrt, require_gpu
-
-        import_tensorrt()  # what is missing on this machine comes before what the artifacts lack
-        require_gpu()
-        engines = meta.get("engines")
-        if not engines:
-            raise RuntimeMissingError(f"{artifacts_dir} holds no TensorRT engines; export with `lrexport export --format trt`")
-        return {m: TrtRunner(artifacts_dir / engines[m]) for m in MODELS}
-    if runtime == "torch":
-        from ..lowrank.rewrite import to_plain
-
-        lowrank, dense = models
-        size = tuple(meta["input"]["shape"][1:])
-        return {
-            "lowrank": TorchRunner(to_plain(lowrank, size, meta["export"]["multiple_of"], meta["export"].get("plan"))[0]),
-            "dense": TorchRunner(to_plain(dense, size, 1)[0]),
-        }
-    raise LrexportError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-
-
-def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> tuple[int, int]:
-    order = np.argsort(-logits, axis=1)
-    return int((order[:, 0] == labels).sum()), int((order[:, :k] == labels[:, None]).any(axis=1).sum())
+def load_artifacts(path: str | Path) -> Artifacts:
+    """An artifact directory that ``lrexport export`` wrote; what is missing is one clear line."""
+    path = Path(path)
+    meta = load_meta(path)
+    missing = [f for f in (PLAN_FILE, REFERENCE_FILE) if not (path / f).is_file()]
+    if missing or "data_config" not in meta:
+        what = ", ".join(missing) or "meta.json's data_config"
+        raise LrexportError(f"{path} lacks {what}: it was exported by an older lrexport; export the run again")
+    try:
+        plan = json.loads((path / PLAN_FILE).read_text())
+        with np.load(path / REFERENCE_FILE) as ref:
+            reference = {k: ref[k] for k in ref.files}
+    except (ValueError, OSError) as e:
+        raise LrexportError(f"{path}: plan.json or reference.npz is damaged ({e}); export the run again") from None
+    return Artifacts(path, meta, plan, reference)
 
 
 @dataclass
@@ -98,43 +107,39 @@ class VerifyResult:
             raise VerifyError("; ".join(self.failures))
 
 
-@torch.no_grad()
-def _accuracy(runners: dict, references: dict, val, meta: dict, eval_batch: int) -> dict:
-    from torch.utils.data import DataLoader
+def _hits(top: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    return int((top[:, 0] == labels).sum()), int((top == labels[:, None]).any(axis=1).sum())
 
-    batch = meta.get("batch")
-    k = min(5, len(meta["class_names"]))
-    counts = {m: dict(top1=0, top5=0, torch_top1=0, torch_top5=0, top1_disagree=0) for m in MODELS}
-    n = 0
-    for x, y in DataLoader(val, batch_size=batch or eval_batch, shuffle=False):
-        labels, x_np = y.numpy(), x.numpy()
-        n += len(labels)
-        for m in MODELS:
-            out = run_batched(runners[m].run, x_np, batch)
-            ref = references[m](x).numpy()
-            c = counts[m]
-            t1, t5 = _topk_hits(out, labels, k)
-            r1, r5 = _topk_hits(ref, labels, k)
-            c["top1"] += t1
-            c["top5"] += t5
-            c["torch_top1"] += r1
-            c["torch_top5"] += r5
-            c["top1_disagree"] += int((out.argmax(1) != ref.argmax(1)).sum())
+
+def measure_accuracy(runners: dict, art: Artifacts, val, config: VerifyConfig) -> dict:
+    """Top-1/top-k through the runtime beside PyTorch's recorded predictions on the same images."""
+    from torch.utils.data import DataLoader, Subset
+
+    ref, batch = art.reference, art.meta.get("batch")
+    n = min(len(val), len(ref["labels"]), config.limit or len(val))
     if n == 0:
         raise LrexportError("the validation set is empty; nothing to verify on")
-    acc = {}
-    for m, c in counts.items():
-        acc[m] = {key: (100.0 * v / n if key != "top1_disagree" else v) for key, v in c.items()}
-    acc["images"], acc["top5_k"] = n, k
-    return acc
-
-
-def _time_models(runners: dict, x: np.ndarray, warmup: int, repeats: int) -> tuple[dict[str, LatencyStats], str]:
-    """Per-model latency at ``len(x)``; GPU runners time themselves with CUDA events."""
-    if all(hasattr(r, "time") for r in runners.values()):
-        # input already on the device, no host copies in the timed region
-        return {m: LatencyStats.from_ms(len(x), r.time(len(x), repeats, warmup).times_ms) for m, r in runners.items()}, "cuda-events"
-    return measure({m: r.run for m, r in runners.items()}, x, warmup, repeats), "wall"
+    k = ref["lowrank_top"].shape[1]
+    counts = {m: dict(top1=0, top5=0, torch_top1=0, torch_top5=0, top1_disagree=0) for m in MODELS}
+    seen = 0
+    for x, y in DataLoader(Subset(val, range(n)), batch_size=batch or config.eval_batch, shuffle=False):
+        labels = y.numpy()
+        if not np.array_equal(labels, ref["labels"][seen:seen + len(labels)]):
+            raise LrexportError(f"the validation data named in {art.path}/meta.json changed since export (labels differ); "
+                                "export the run again")
+        for m in MODELS:
+            out = run_batched(runners[m].run, x.numpy(), batch)
+            top = np.argsort(-out, axis=1)[:, :k]
+            torch_top = ref[f"{m}_top"][seen:seen + len(labels)]
+            c = counts[m]
+            for prefix, t in (("", top), ("torch_", torch_top)):
+                t1, t5 = _hits(t, labels)
+                c[f"{prefix}top1"] += t1
+                c[f"{prefix}top5"] += t5
+            c["top1_disagree"] += int((top[:, 0] != torch_top[:, 0]).sum())
+        seen += len(labels)
+    acc = {m: {key: (100.0 * v / n if key != "top1_disagree" else v) for key, v in c.items()} for m, c in counts.items()}
+    return acc | {"images": n, "top5_k": k}
 
 
 def _latency_inputs(val, batch: int) -> np.ndarray:
@@ -143,124 +148,83 @@ def _latency_inputs(val, batch: int) -> np.ndarray:
     return np.resize(x, (batch, *x.shape[1:])) if n < batch else x
 
 
-def slower_than_dense(latency: list[dict], runtime: str, tuned: bool) -> list[str]:
-    """A note where the low-rank model measured slower than the dense one: fewer MACs did not pay here."""
-    slow = [row for row in latency if row["wall_speedup"] < 1.0]
+def measure_latency(runners: dict, val, sizes, macs_speedup: float, config: VerifyConfig) -> list[dict]:
+    """Both models timed interleaved at each batch; the speedup is the median of per-round ratios."""
+    cuda = next(iter(runners.values())).clock == CUDA_EVENTS
+    rows = []
+    for b in sizes:
+        x = _latency_inputs(val, b)
+        timed = interleave({m: r.bind(x) for m, r in runners.items()}, config.warmup, config.repeats, cuda)
+        wall = timed.ratio("dense", "lowrank")
+        rows.append({"batch": b, "lowrank": timed.stats("lowrank", b).to_dict(), "dense": timed.stats("dense", b).to_dict(),
+                     "wall_speedup": wall, "ratio": wall / macs_speedup, "clock": timed.clock})
+    return rows
+
+
+NOISE = 0.97  # a speedup this close to 1 is equal within the noise of interleaved timing on a shared machine
+
+
+def slower_than_dense(latency: list[dict], runtime: str, deployed: str) -> list[str]:
+    """A note where the low-rank model measured slower than the dense one beyond noise: fewer MACs did not pay here."""
+    slow = [row for row in latency if row["wall_speedup"] < NOISE]
     if not slow:
         return []
     at = ", ".join(f"{row['wall_speedup']:.2f}x at batch {row['batch']}" for row in slow)
-    hint = ("even as tuned: deploy the dense model on this runtime" if tuned else
-            "`lrexport export --tune` deploys each layer dense or factored by measured latency")
-    return [f"the low-rank model ran slower than the dense one on {runtime} ({at}): the saved MACs did not pay off "
-            f"on this runtime (small layers are bound by memory and per-call overhead); {hint}"]
+    hint = {"untuned": "export without --no-tune to deploy each layer dense or factored by measured latency",
+            "dense": "every layer is already deployed dense, so the models are alike: the machine was busy"}.get(
+        deployed, f"export for this runtime and batch (lrexport export --runtime {runtime} --batch B) to tune for it")
+    return [f"the low-rank model ran slower than the dense one on {runtime} ({at}); {hint}"]
 
 
-def predicted_latency(meta: dict, latency: list[dict]) -> dict | None:
-    """The tuned export's predicted latency (sum of per-layer times) beside the measured one.
+def predicted_latency(plan: dict, latency: list[dict]) -> list[dict]:
+    """The tuned plan's predicted per-batch times (sums of one-layer times) beside the measured ones."""
+    rows = []
+    measured = {row["batch"]: row for row in latency}
+    for p in (plan.get("tune") or {}).get("predicted", []):
+        row = {"batch": p["batch"], "lowrank_ms": p["tuned_ms" if plan["deployed"] == "tuned" else "untuned_ms"],
+               "dense_ms": p["dense_ms"]}
+        if p["batch"] in measured:
+            row["measured_lowrank_ms"] = measured[p["batch"]]["lowrank"]["median_ms"]
+            row["measured_dense_ms"] = measured[p["batch"]]["dense"]["median_ms"]
+        rows.append(row)
+    return rows
 
-    None when the artifacts were not tuned. ``measured_*`` are filled where verify timed
-    the batch the layers were tuned at; the prediction covers the decomposed convs only.
+
+def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | None = None, options: RuntimeOptions | None = None,
+                     config: VerifyConfig | None = None, runs_root: str | Path = "runs") -> VerifyResult:
+    """Accuracy and latency of both artifacts through ``runtime`` (default: the one exported for); writes verify.json.
+
+    ``artifacts_dir`` defaults to the newest run's artifacts. An accuracy further than
+    ``config.tolerance`` points from PyTorch's is a failure, reported in ``failures``
+    (``check()`` raises).
     """
-    tune = meta.get("tune")
-    if not tune:
-        return None
-    pred = dict(tune["predicted"])
-    pred["target"] = tune["target"]
-    row = next((r for r in latency if r["batch"] == pred["batch"]), None)
-    if row is not None:
-        pred["measured_lowrank_ms"] = row["lowrank"]["median_ms"]
-        pred["measured_dense_ms"] = row["dense"]["median_ms"]
-        pred["lowrank_ratio"] = pred["lowrank_ms"] / pred["measured_lowrank_ms"]
-        pred["dense_ratio"] = pred["dense_ms"] / pred["measured_dense_ms"]
-    return pred
-
-
-def verify_artifacts(
-    artifacts_dir: str | Path | None = None,
-    runtime: str = "ort",
-    threads: int | None = None,
-    batch_sizes: tuple[int, ...] = (1, 8),
-    warmup: int = 10,
-    repeats: int = 50,
-    limit: int | None = None,
-    tolerance: float = 0.1,
-    eval_batch: int = 64,
-    run_dir: str | Path | None = None,
-    runs_root: str | Path = "runs",
-) -> VerifyResult:
-    """Accuracy and latency of both artifacts through ``runtime``; writes verify.json.
-
-    ``artifacts_dir`` defaults to the newest run's artifacts. ``tolerance`` is in accuracy
-    points (%): a runtime top-1/top-5 further than that from PyTorch's is a failure,
-    reported in ``failures`` (``check()`` raises). ``limit`` evaluates the first N images.
-    The PyTorch reference and the validation set come from the source run named in
-    meta.json (``run_dir`` overrides it, e.g. when the artifacts were copied elsewhere).
-    """
-    if runtime not in RUNTIMES:
-        raise LrexportError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-    artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else newest_run(runs_root) / "artifacts"
-    meta = load_meta(artifacts_dir)
-    source = Path(run_dir) if run_dir is not None else Path(meta["source"]["run_dir"])
-    if not source.is_dir():
-        raise LrexportError(f"source run {source} (from meta.json) is gone; pass the run directory with --run")
-    run = open_run(source)
-    threads = threads or os.cpu_count() or 1
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the torch runtime and the reference use the same count
-    try:
-        lowrank, dense = load_exported_models(run, meta)
-        runners = open_runners(runtime, artifacts_dir, meta, threads, (lowrank, dense))
-        val = run.validation_set()
-        if limit:
-            val = torch.utils.data.Subset(val, range(min(limit, len(val))))
-        accuracy = _accuracy(runners, {"lowrank": lowrank, "dense": dense}, val, meta, eval_batch)
-        sizes = [meta["batch"]] if meta.get("batch") else list(batch_sizes)
-        tuned_at = (meta.get("tune") or {}).get("target", {}).get("batch")
-        if tuned_at and tuned_at not in sizes and not meta.get("batch"):
-            sizes.append(tuned_at)  # the predicted latency is compared at the batch it was tuned for
-        latency = []
-        for b in sizes:
-            stats, clock = _time_models(runners, _latency_inputs(val, b), warmup, repeats)
-            wall = stats["dense"].median_ms / stats["lowrank"].median_ms
-            latency.append({
-                "batch": b, "lowrank": stats["lowrank"].to_dict(), "dense": stats["dense"].to_dict(),
-                "wall_speedup": wall, "ratio": wall / meta["macs_speedup"], "clock": clock,
-            })
-    finally:
-        torch.set_num_threads(torch_threads)
-
-    failures = []
-    for m in MODELS:
-        for key in ("top1", "top5"):
-            got, ref = accuracy[m][key], accuracy[m][f"torch_{key}"]
-            if abs(got - ref) > tolerance:
-                failures.append(f"{m} {key} through {runtime} is {got:.2f}%, PyTorch's {ref:.2f}% (tolerance {tolerance:g} points)")
-    lr, dn = meta["models"]["lowrank"], meta["models"]["dense"]
-    predicted = predicted_latency(meta, latency)
-    notes = slower_than_dense(latency, runtime, tuned="tune" in meta)
+    config, options = config or VerifyConfig(), options or RuntimeOptions()
+    art = load_artifacts(artifacts_dir if artifacts_dir is not None else newest_run(runs_root) / "artifacts")
+    runtime = runtime or art.meta.get("runtime", "ort")
+    runners = {m: open_runner(runtime, art.source(m), options) for m in MODELS}
+    val = art.validation_set()
+    accuracy = measure_accuracy(runners, art, val, config)
+    sizes = [art.meta["batch"]] if art.meta.get("batch") else list(config.batch_sizes)
+    latency = measure_latency(runners, val, sizes, art.meta["macs_speedup"], config)
+    failures = [
+        f"{m} {key} through {runtime} is {accuracy[m][key]:.2f}%, PyTorch's {accuracy[m][f'torch_{key}']:.2f}% "
+        f"(tolerance {config.tolerance:g} points)"
+        for m in MODELS for key in ("top1", "top5") if abs(accuracy[m][key] - accuracy[m][f"torch_{key}"]) > config.tolerance
+    ]
+    lr, dn = art.meta["models"]["lowrank"], art.meta["models"]["dense"]
     report = {
-        "runtime": runtime,
-        "threads": threads,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "accuracy": accuracy,
-        "latency": latency,
-        "timing": {"warmup": warmup, "repeats": repeats, "interleaved": True},
-        "macs": {
-            "dense": dn["macs"], "lowrank": lr["macs"], "lowrank_deployed": lr["deployed_macs"], "speedup": meta["macs_speedup"],
-            "deployed_speedup": dn["macs"] / lr["deployed_macs"],
-        },
-        "predicted": predicted,
-        "tolerance": tolerance,
-        "failures": failures,
-        "passed": not failures,
-        "notes": notes,
+        "runtime": runtime, "settings": runners["lowrank"].settings(), "threads": runners["lowrank"].settings().get("threads"),
+        "machine": machine(), "accuracy": accuracy, "latency": latency,
+        "timing": {"warmup": config.warmup, "repeats": config.repeats, "interleaved": True, "speedup": "median of per-round ratios"},
+        "macs": {"dense": dn["macs"], "lowrank": lr["macs"], "lowrank_deployed": lr["deployed_macs"],
+                 "speedup": art.meta["macs_speedup"], "deployed_speedup": dn["macs"] / lr["deployed_macs"]},
+        "plan": {"runtime": art.plan["runtime"], "deployed": art.plan["deployed"], "target": art.plan.get("target")},
+        "predicted": predicted_latency(art.plan, latency) if runtime == art.plan["runtime"] else [],
+        "tolerance": config.tolerance, "failures": failures, "passed": not failures,
+        "notes": slower_than_dense(latency, runtime, art.plan["deployed"]),
     }
-    if runtime == "ort":
-        import onnxruntime
-
-        report["runtime_version"] = onnxruntime.__version__
-        report["ort_spinning"] = OrtRunner.spinning
-    elif runtime == "torch":
-        report["runtime_version"] = torch.__version__
-    atomic_write_text(artifacts_dir / VERIFY_FILE, json.dumps(report, indent=2))
-    return VerifyResult(artifacts_dir, report, failures)
+    if runtime != art.plan["runtime"] and art.plan["deployed"] != "untuned":
+        report["notes"].append(f"the plan was measured on {art.plan['runtime']}, not {runtime}: "
+                               f"export with --runtime {runtime} to deploy for it")
+    atomic_write_text(art.path / VERIFY_FILE, json.dumps(report, indent=2))
+    return VerifyResult(art.path, report, failures)

@@ -1,0 +1,145 @@
+"""The export's first stage: which rank each layer is deployed at, measured on the target runtime.
+
+1. Tune: every decomposed conv is timed on the runtime at the deployment's batches, dense
+   and as thin pairs at the candidate ranks (lrexport.deploy.tune); where the recipe allows,
+   ranks below the energy rule's are kept only where validation accuracy confirms them
+   (lrexport.deploy.below).
+2. Guard: one-layer times miss what happens between layers, so the whole models are timed
+   too, interleaved, at each batch: the tuned plan, the untuned (MACs-only) plan and every
+   layer dense. The plan with the best worst-batch speedup over all-dense is deployed, if
+   that speedup is at least 1; otherwise every layer goes out dense, so the artifact is
+   never slower than the dense model on the runtime it was exported for.
+
+The plan is data (``Plan.to_dict`` is plan.json): verify and a user read it without the run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..lowrank import truncated
+from ..lowrank.rewrite import plan_layers, to_plain
+from .onnx_graph import to_onnx
+from .runners import RUNTIMES, ModelSource, RuntimeOptions, open_runner
+from .timing import CUDA_EVENTS, interleave_within
+from .tune import CACHE_FILE, DENSE, make_target, tune_model
+
+PLAN_FILE = "plan.json"
+DEFAULT_BATCHES = (1, 8)  # what verify times by default
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How the plan is measured. ``enabled=False``: the MACs-only plan, nothing timed."""
+
+    enabled: bool = True
+    batches: tuple[int, ...] | None = None  # None: the export's fixed batch, else DEFAULT_BATCHES
+    cache: Path | None = None  # None: this machine's cache (default_cache)
+    margin: float = 0.02
+    guard: bool = True
+    below: bool | None = None  # None: the run's prune.tune_below
+    below_images: int = 2000
+    guard_budget_ms: float = 6000.0
+
+
+@dataclass
+class Plan:
+    """What export deploys: per-layer ranks ("dense" or a rank) and why."""
+
+    runtime: str
+    deployed: str  # "tuned", "untuned" (MACs rule), or "dense" (every layer dense: nothing faster)
+    layers: dict[str, str | int] | None  # for to_plain; None: the MACs rule
+    truncated: dict[str, int] = field(default_factory=dict)  # layers deployed below their energy rank
+    target: dict | None = None  # the runtime's settings the plan was measured at
+    tune: dict | None = None  # per-layer times and choices (TuneResult.to_dict)
+    guard: list[dict] = field(default_factory=list)  # per batch: whole-model times of each plan
+    note: str = ""
+
+    def model(self, trained: torch.nn.Module) -> torch.nn.Module:
+        """The low-rank model this plan deploys: the trained one, truncated where it went below."""
+        return truncated(trained, self.truncated) if self.truncated else trained
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, "deployed": self.deployed, "layers": self.layers, "truncated": self.truncated,
+                "target": self.target, "note": self.note, "guard": self.guard, "tune": self.tune}
+
+
+def default_cache() -> Path:
+    """The machine's timing cache: layer times outlive one export, keyed by runtime, version, device and settings."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lrexport" / CACHE_FILE
+
+
+def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, config: TuneConfig, batch: int | None,
+                multiple_of: int, below_check=None, progress=None) -> Plan:
+    """The deployment plan of ``trained`` on ``runtime`` (see the module docstring).
+
+    ``below_check(proposed) -> (kept, check dict)`` confirms ranks below the energy rule's
+    on validation images; without it they are not candidates.
+    """
+    if not config.enabled:
+        return Plan(runtime, "untuned", None, note="not tuned (--no-tune): ranks by the MACs rule")
+    if not RUNTIMES[runtime].tunable:
+        return Plan(runtime, "untuned", None, note=f"per-layer tuning on {runtime} is not implemented: ranks by the MACs rule")
+    batches = (batch,) if batch else tuple(config.batches or DEFAULT_BATCHES)
+    target = make_target(runtime, options, batches)
+    tuned = tune_model(trained, input_size, target, config.cache or default_cache(), multiple_of, config.margin,
+                       progress, below=below_check is not None)
+    kept = {}
+    if tuned.below_ranks():
+        kept, tuned.below_check = below_check(tuned.below_ranks())
+        tuned.revert(set(tuned.below_ranks()) - set(kept))
+    plan = Plan(runtime, "tuned", tuned.plan, kept, target.to_dict(), tuned.to_dict())
+    if config.guard:
+        guard(plan, trained, input_size, target.options, batch, multiple_of, config.guard_budget_ms)
+    return plan
+
+
+def _variants(plan: Plan, trained, input_size, multiple_of: int) -> dict[str, tuple[torch.nn.Module, dict | None]]:
+    """The whole models the guard times: name → (low-rank model, per-layer plan)."""
+    layers = plan_layers(trained, input_size, multiple_of)
+    default = {p.name: DENSE if p.dense else p.deployed_rank for p in layers}
+    variants = {"tuned": (plan.model(trained), plan.layers), "untuned": (trained, None),
+                "dense": (trained, {p.name: DENSE for p in layers})}
+    if not plan.truncated and all(default[n] == r for n, r in (plan.layers or {}).items()):
+        del variants["untuned"]  # the tuned plan is the untuned one
+    return variants
+
+
+def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int | None, multiple_of: int,
+          budget_ms: float) -> None:
+    """Time the whole variants on the plan's runtime and deploy the fastest that beats all-dense (in place)."""
+    variants = _variants(plan, trained, input_size, multiple_of)
+    runners = {}
+    for name, (model, layers) in variants.items():
+        plain, _ = to_plain(model, input_size, multiple_of, layers)
+        source = ModelSource(onnx=to_onnx(plain, input_size, batch).SerializeToString(), torch=lambda p=plain: p,
+                             label=f"the {name} plan")
+        runners[name] = open_runner(plan.runtime, source, options)
+    worst = {name: float("inf") for name in runners}
+    gen = torch.Generator().manual_seed(2)
+    for b in plan.target["batches"]:
+        x = torch.randn(b, *input_size, generator=gen).numpy()
+        calls = {name: r.bind(x) for name, r in runners.items()}
+        cuda = next(iter(runners.values())).clock == CUDA_EVENTS
+        timed = interleave_within(calls, budget_ms, min_repeats=21, max_repeats=80, warmup=5, cuda=cuda)
+        row = {"batch": b, "rounds": len(timed.times_ms["dense"])}
+        for name in runners:
+            row[name] = {"median_ms": timed.stats(name, b).median_ms, "speedup_over_dense": timed.ratio("dense", name)}
+            worst[name] = min(worst[name], row[name]["speedup_over_dense"])
+        plan.guard.append(row)
+    best = max((n for n in runners if n != "dense"), key=lambda n: worst[n])
+    if worst[best] >= 1.0:
+        deployed = best
+    else:
+        deployed = "dense"
+        plan.note = (f"no low-rank plan ran faster than every layer dense at every batch (best: {best}, "
+                     f"{worst[best]:.2f}x at its worst batch): every layer is deployed dense")
+    plan.deployed = deployed
+    if deployed != "tuned":
+        plan.layers = variants[deployed][1]
+        plan.truncated = {}

@@ -1,0 +1,256 @@
+"""The runtimes a model can be deployed on, behind one ``Runner`` protocol.
+
+A runner runs a float32 NCHW batch (``run``), prepares a batch for timing (``bind``:
+input copied once, to the device where there is one, returning the call to time) and says
+what it is (``settings``: runtime, version, device, threads, precision). Tuning, the
+export's whole-model guard, verify and the benchmarks all open models through
+``open_runner`` and time them with ``lrexport.deploy.timing``.
+
+A model reaches a runtime as a ``ModelSource``: the ONNX graph (onnxruntime, OpenVINO), the
+plain PyTorch module (torch) or a TensorRT engine. A runtime that is not installed is a
+``RuntimeMissingError``: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..errors import LrexportError, RuntimeMissingError
+from .timing import CUDA_EVENTS, WALL, cpu_name
+
+
+class UnknownRuntimeError(LrexportError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a runtime runs a model: the settings a measurement is only valid for."""
+
+    threads: int | None = None  # None: all CPUs
+    device: str = "cpu"  # "cpu" or "cuda" (torch)
+    precision: str = "fp32"  # "fp32"; torch on CUDA also "fp16", "bf16"
+    channels_last: bool = False  # torch
+    cuda_graph: bool = True  # torch on CUDA: replay the call as one CUDA graph
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+@dataclass
+class ModelSource:
+    """One model in the forms runtimes take; each runtime reads the one it needs."""
+
+    onnx: bytes | Path | None = None
+    torch: Callable[[], object] | None = None  # builds the plain nn.Module
+    engine: Path | None = None
+    label: str = "the model"
+
+
+class Runner(Protocol):
+    clock: str  # timing.WALL or timing.CUDA_EVENTS
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def bind(self, x: np.ndarray) -> Callable[[], object]: ...
+
+    def settings(self) -> dict: ...
+
+
+# -- OpenVINO --------------------------------------------------------------------------------------
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeMissingError('OpenVINO is not installed: pip install "lrexport[openvino]"') from None
+    return openvino
+
+
+class OpenVinoRunner:
+    """An ONNX model compiled by OpenVINO for the CPU, once per input shape (static shapes run fastest)."""
+
+    clock = WALL
+
+    def __init__(self, model: bytes | Path, options: RuntimeOptions, label: str = "the model"):
+        ov = _openvino()
+        if options.device != "cpu" or options.precision != "fp32":
+            raise RuntimeMissingError(f"lrexport runs OpenVINO on the CPU in fp32; got {options.device} {options.precision}")
+        self.version = ov.__version__
+        self.options = options
+        self.core = ov.Core()
+        try:
+            if isinstance(model, bytes):
+                with tempfile.TemporaryDirectory() as tmp:  # read_model takes ONNX from a file
+                    path = Path(tmp) / "model.onnx"
+                    path.write_bytes(model)
+                    self.model = self.core.read_model(str(path))
+            else:
+                self.model = self.core.read_model(str(model))
+        except Exception as e:  # OpenVINO raises its own RuntimeError subclasses
+            raise LrexportError(f"OpenVINO cannot read {label}: {str(e).splitlines()[0]}") from None
+        self.compiled: dict[tuple, object] = {}
+
+    def _request(self, shape: tuple):
+        if shape not in self.compiled:
+            model = self.model.clone()
+            model.reshape({0: list(shape)})
+            config = {
+                "INFERENCE_NUM_THREADS": self.options.cpu_threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                "INFERENCE_PRECISION_HINT": "f32",  # CPUs with AMX would otherwise run bf16
+            }
+            self.compiled[shape] = self.core.compile_model(model, "CPU", config).create_infer_request()
+        return self.compiled[shape]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        request = self._request(x.shape)
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()
+
+    def bind(self, x: np.ndarray):
+        import openvino as ov
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        request = self._request(x.shape)
+        request.set_input_tensor(ov.Tensor(x))
+        return request.infer
+
+    def settings(self) -> dict:
+        return {"runtime": "openvino", "version": self.version, "device": cpu_name(), "provider": "CPU",
+                "threads": self.options.cpu_threads, "precision": "fp32"}
+
+
+# -- PyTorch ------------------------------------------------------------------------------------------
+class TorchRunner:
+    """The plain (rewritten) PyTorch module: CPU, or CUDA in fp32/fp16/bf16, channels_last, CUDA-graph replay."""
+
+    def __init__(self, module, options: RuntimeOptions):
+        import torch
+
+        self.torch, self.options = torch, options
+        self.device = torch.device(options.device)
+        if options.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeMissingError("no CUDA GPU visible (torch.cuda.is_available() is False); use --device cpu")
+        if options.device == "cpu" and options.precision != "fp32":
+            raise RuntimeMissingError(f"torch runs {options.precision} on CUDA only; use fp32 on the CPU")
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.precision]
+        if options.device == "cpu" and options.threads:
+            torch.set_num_threads(options.threads)  # the process's intra-op pool: what a deployed torch model uses
+        self.format = torch.channels_last if options.channels_last else torch.contiguous_format
+        # in eval mode already (plain rewrites, exported programs, which refuse .eval())
+        self.module = module.to(self.device, self.dtype).to(memory_format=self.format)
+        self.clock = CUDA_EVENTS if options.device == "cuda" else WALL
+
+    def _input(self, x: np.ndarray):
+        t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return t.to(self.device, self.dtype).contiguous(memory_format=self.format)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.module(self._input(x)).float().cpu().numpy()
+
+    def bind(self, x: np.ndarray):
+        torch = self.torch
+        static = self._input(x)
+
+        def call():
+            with torch.inference_mode():
+                return self.module(static)
+
+        if self.options.device != "cuda" or not self.options.cuda_graph:
+            return call
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graphs asks
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            self._graph_out = self.module(static)  # the graph's output buffer must stay alive
+        return graph.replay
+
+    def settings(self) -> dict:
+        torch = self.torch
+        cuda = self.options.device == "cuda"
+        return {
+            "runtime": "torch", "version": torch.__version__, "device": torch.cuda.get_device_name() if cuda else cpu_name(),
+            "provider": self.options.device, "threads": None if cuda else torch.get_num_threads(),
+            "precision": self.options.precision, "channels_last": self.options.channels_last,
+            "cuda_graph": cuda and self.options.cuda_graph,
+        }
+
+
+# -- the registry ----------------------------------------------------------------------------------------
+def _open_ort(source: ModelSource, options: RuntimeOptions):
+    from .runtime import OrtRunner
+
+    if options.device != "cpu" or options.precision != "fp32":
+        raise RuntimeMissingError(f"lrexport runs onnxruntime on the CPU in fp32; got {options.device} {options.precision}")
+    return OrtRunner(source.onnx, options.cpu_threads)
+
+
+def _open_openvino(source: ModelSource, options: RuntimeOptions):
+    return OpenVinoRunner(source.onnx, options, source.label)
+
+
+def _open_torch(source: ModelSource, options: RuntimeOptions):
+    if source.torch is None:
+        raise LrexportError(f"{source.label} has no PyTorch program; re-export it with this lrexport")
+    return TorchRunner(source.torch(), options)
+
+
+def _open_trt(source: ModelSource, options: RuntimeOptions):
+    from .trt import TrtRunner
+
+    if source.engine is None:
+        raise RuntimeMissingError(f"{source.label} has no TensorRT engine; export with `lrexport export --format trt`")
+    return TrtRunner(source.engine)
+
+
+def _check_trt() -> None:
+    from .trt import import_tensorrt, require_gpu
+
+    import_tensorrt()
+    require_gpu()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    what: str
+    open: Callable[[ModelSource, RuntimeOptions], Runner]
+    check: Callable[[], object]  # raises RuntimeMissingError where the runtime is not installed
+    tunable: bool = True  # layers can be timed on it one by one
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "ort": Runtime("ort", "onnxruntime, CPU provider", _open_ort, lambda: __import__("onnxruntime")),
+    "openvino": Runtime("openvino", "OpenVINO, CPU", _open_openvino, _openvino),
+    "torch": Runtime("torch", "the plain PyTorch module (CPU, or CUDA with --device cuda)", _open_torch, lambda: None),
+    "trt": Runtime("trt", "TensorRT engines (NVIDIA GPU)", _open_trt, _check_trt, tunable=False),
+}
+
+
+def get_runtime(name: str) -> Runtime:
+    """The registered runtime ``name``, checked to be installed here."""
+    if name not in RUNTIMES:
+        raise UnknownRuntimeError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    runtime = RUNTIMES[name]
+    runtime.check()
+    return runtime
+
+
+def open_runner(runtime: str, source: ModelSource, options: RuntimeOptions | None = None) -> Runner:
+    return get_runtime(runtime).open(source, options or RuntimeOptions())
+
+
+def options_dict(options: RuntimeOptions) -> dict:
+    return asdict(options)
