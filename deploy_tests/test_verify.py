@@ -152,3 +152,28 @@ def test_slower_low_rank_model_gets_a_note():
     assert "0.84x at batch 1" in note and "batch 8" not in note and "--no-tune" in note
     assert "--runtime ort --batch" in slower_than_dense(rows, "ort", deployed="tuned")[0]
     assert slower_than_dense([{"batch": 1, "wall_speedup": 0.98}], "ort", deployed="tuned") == []  # within noise
+
+
+def test_torch_on_cuda_without_a_gpu_is_one_line(channel_export):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: test_torch_runner_on_cuda covers it")
+    _, result = channel_export
+    res = CliRunner().invoke(main, ["verify", str(result.out_dir), "--runtime", "torch", "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA GPU visible" in one_line(res)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_runner_on_cuda(precision):
+    from lrexport.deploy.runners import TorchRunner
+    from lrexport.deploy.timing import interleave
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 64, 10))
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    runner = TorchRunner(net.eval(), RuntimeOptions(device="cuda", precision=precision, channels_last=True))
+    assert np.abs(runner.run(x) - ref).max() / np.abs(ref).max() < (1e-4 if precision == "fp32" else 5e-2)
+    timed = interleave({"net": runner.bind(x)}, warmup=2, repeats=5, cuda=True)  # a CUDA-graph replay
+    assert timed.clock == "cuda-events" and len(timed.times_ms["net"]) == 5 and runner.settings()["cuda_graph"]

@@ -226,10 +226,12 @@ def test_disk_full_during_training_is_one_line_and_last_checkpoint_survives(reci
 @pytest.fixture(scope="module")
 def garbage_artifacts(recovered, tmp_path_factory):
     """A real export of the recovered run whose model.onnx is then overwritten with garbage."""
-    from lrexport.deploy.export import export_run
+    from lrexport.deploy.export import ExportConfig, export_run
+    from lrexport.deploy.plan import TuneConfig
 
     run = recovered[0]
-    art = export_run(run, tmp_path_factory.mktemp("art") / "artifacts", check_images=4).out_dir
+    config = ExportConfig(check_images=4, tune=TuneConfig(enabled=False))
+    art = export_run(run, tmp_path_factory.mktemp("art") / "artifacts", config).out_dir
     (art / "model.onnx").write_bytes(b"\x08\x07not an onnx model\xff" * 20)
     return art
 
@@ -245,9 +247,9 @@ def test_infer_with_a_model_file_that_is_not_onnx_is_one_line(garbage_artifacts,
 
 def test_verify_with_a_model_file_that_is_not_onnx_is_one_error(garbage_artifacts):
     """In-process (torch is loaded already); the CLI prints LrexportErrors as infer's test shows."""
-    from lrexport.deploy.verify import verify_artifacts
+    from lrexport.deploy.verify import VerifyConfig, verify_artifacts
     from lrexport.errors import LrexportError
 
     with pytest.raises(LrexportError, match="cannot load .*model.onnx") as info:
-        verify_artifacts(garbage_artifacts, warmup=0, repeats=1, batch_sizes=(1,), threads=1)
+        verify_artifacts(garbage_artifacts, config=VerifyConfig(warmup=0, repeats=1, batch_sizes=(1,)))
     assert "\n" not in str(info.value)
