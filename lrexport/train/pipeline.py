@@ -35,8 +35,8 @@ from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
 from .checkpoint import atomic_write_text, build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
-from .loop import (EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate, make_loader,
-                   resolve_device, train_one_epoch)
+from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
+                   load_optimizer_state, make_loader, resolve_device, train_one_epoch)
 
 PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
 Progress = Callable[[str, dict], None]
@@ -120,6 +120,7 @@ class Pipeline:
             torch.backends.cudnn.benchmark = True
         compile_regs = recipe.reg.compile
         self.compile_regularizers = compile_regs is True or (compile_regs == "auto" and device.type == "cuda")
+        self.cuda_graphs = CudaGraphs(recipe.train.cuda_graph, device, recipe.amp, self.dist.world)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.summary: dict = {}
         self.completed: list[str] = []
@@ -232,7 +233,7 @@ class Pipeline:
                 warnings.simplefilter("ignore")
                 for _ in range(start_epoch):
                     scheduler.step()
-            optimizer.load_state_dict(resume["optimizer"])
+            load_optimizer_state(optimizer, resume["optimizer"])
             if resume["scaler"]:
                 scaler.load_state_dict(resume["scaler"])
             if resume["epoch_state"]:
@@ -244,11 +245,12 @@ class Pipeline:
         for epoch in range(start_epoch, cfg.epochs):
             epoch_state = epoch_state or EpochState()
             self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
-            on_step = lambda step, steps, terms: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **terms})
+            # one event per read of the running loss (train.log_every steps); "advance": the steps since the last
+            on_step = lambda step, steps, info: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **info})
             should_stop = lambda: any_rank(self.dist, self.stop.raised is not None)
             try:
                 stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
-                                        on_step, should_stop, self.dist.all_sum)
+                                        on_step, should_stop, self.dist.all_sum, self.recipe.train.log_every, self.cuda_graphs)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: {e}; the last good checkpoint is {self.ckpt_dir / 'last.pt'}") from None
             if stats is None:
