@@ -301,7 +301,7 @@ class _Step:
             return
         total.backward()
         if self.on_device:
-            self.optimizer.found_inf = skip.float().reshape(1)
+            self.optimizer.found_inf = skip.float()  # 0-dim, as GradScaler makes it (Adam subtracts it from its 0-dim step counts)
             try:
                 self.optimizer.step()
             finally:
@@ -435,13 +435,11 @@ def train_one_epoch(
         if should_stop and state.step < steps and should_stop():
             return None
     state.done = True
-    sums = torch.tensor(state.sums, dtype=torch.float64)
-    stats = reduce(sums) if reduce is not None else sums
-    seen = max(1.0, stats[5].item())
+    sums = reduce(torch.tensor(state.sums, dtype=torch.float64)).tolist() if reduce is not None else state.sums
+    seen = max(1.0, sums[5])
     return {
-        "loss": stats[0].item() / seen, "ce": stats[1].item() / seen, "ortho": stats[2].item() / seen,
-        "sparsity": stats[3].item() / seen, "train_top1": 100.0 * stats[4].item() / seen,
-        "images_per_s": seen / max(state.elapsed, 1e-9),
+        "loss": sums[0] / seen, "ce": sums[1] / seen, "ortho": sums[2] / seen, "sparsity": sums[3] / seen,
+        "train_top1": 100.0 * sums[4] / seen, "images_per_s": seen / max(state.elapsed, 1e-9),
     }
 
 
