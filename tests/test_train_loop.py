@@ -88,22 +88,31 @@ def _plain_sgd(params):
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=False)  # no found_inf protocol
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda p: build_optimizer(p, PhaseConfig(lr=0.01, momentum=0.9, weight_decay=5e-4)),
-    lambda p: build_optimizer(p, PhaseConfig(optimizer="adam", lr=0.01, weight_decay=5e-4)),
-    _plain_sgd,
-], ids=["fused-sgd", "fused-adam", "plain-sgd"])
-def test_nan_step_and_later_steps_change_no_weight_and_the_next_read_names_it(make_optimizer):
-    """Weight decay and momentum would move weights even with zero gradients: the whole update is skipped."""
+def _sgd(p):
+    return build_optimizer(p, PhaseConfig(lr=0.01, momentum=0.9, weight_decay=5e-4))
+
+
+@pytest.mark.parametrize("make_optimizer,scaled", [
+    (_sgd, False),
+    (lambda p: build_optimizer(p, PhaseConfig(optimizer="adam", lr=0.01, weight_decay=5e-4)), False),
+    (_plain_sgd, False),
+    (_sgd, True),
+], ids=["fused-sgd", "fused-adam", "plain-sgd", "fused-sgd-gradscaler"])
+def test_nan_step_and_later_steps_change_no_weight_and_the_next_read_names_it(make_optimizer, scaled):
+    """Weight decay and momentum would move weights even with zero gradients: the whole update is skipped.
+
+    "gradscaler": fp16's path (a GradScaler, here on the CPU), where the scaler skips the step.
+    """
     model = svd_model()
     reference = copy.deepcopy(model)
     opt, ref_opt = make_optimizer(model.parameters()), make_optimizer(reference.parameters())
+    scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=1.0)) if scaled else (lambda: None)
     data = batches(6, nan_at=3)
     events = []
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 3 of the epoch \(ce=nan, ortho=.*, sparsity=.*\)"):
-        train_one_epoch(model, data, opt, LOSS, CPU, log_every=6, on_step=lambda *a: events.append(a))
+        train_one_epoch(model, data, opt, LOSS, CPU, scaler(), log_every=6, on_step=lambda *a: events.append(a))
     assert events == []  # the read that raises comes before any progress
-    train_one_epoch(reference, data[:2], ref_opt, LOSS, CPU)  # the two good steps only
+    train_one_epoch(reference, data[:2], ref_opt, LOSS, CPU, scaler())  # the two good steps only
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
         assert all(torch.equal(v, opt.state[p][k]) for k, v in ref_opt.state[q].items() if torch.is_tensor(v)), name

@@ -344,7 +344,14 @@ class _GraphedStep:
         self.x, self.y = x.clone(), y.clone()
         self.step.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the grads it rewrites on replay
         graph = torch.cuda.CUDAGraph()
+        groups = self.step.optimizer.param_groups
+        capturable = [g.get("capturable") for g in groups]
         try:
+            # Adam refuses a capture unless `capturable`; the fused kernels ignore it ("needed for
+            # consistency"), and set outside a capture it warns at every eager step: on for the capture only
+            for g in groups:
+                if "capturable" in g and g.get("fused"):
+                    g["capturable"] = True
             # thread_local: the DataLoader's pin-memory thread keeps allocating during the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.step(self.x, self.y)
@@ -352,6 +359,10 @@ class _GraphedStep:
             self.step.optimizer.zero_grad(set_to_none=True)
             self.graphs.failed(e)
             return False
+        finally:
+            for g, c in zip(groups, capturable):
+                if c is not None:
+                    g["capturable"] = c
         self.graph = graph
         return True
 
