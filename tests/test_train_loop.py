@@ -138,3 +138,25 @@ def test_cuda_graphs_are_off_on_the_cpu_and_true_says_why():
         stats = train_one_epoch(model, batches(2), build_optimizer(model.parameters(), PhaseConfig(lr=0.01)), LOSS, CPU,
                                 cuda_graphs=graphs)
     assert stats["loss"] > 0
+
+
+def test_gpu_train_throughput_script_dry_run(tmp_path, capsys):
+    """benchmarks/gpu/train_throughput.py's plumbing on the CPU: `lrexport train` on device-resident batches, timed between reads."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("lrexport_train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    out = tmp_path / "report.json"
+    module.main(["--dry-run", "--modes", "channel", "--steps", "6", "--workdir", str(tmp_path / "runs"), "--json", str(out)])
+    assert "| model | plain loop | dense phase |" in capsys.readouterr().out
+    row = json.loads(out.read_text())["models"]["cifar_resnet20"]
+    for phase in ("dense", "svd"):
+        r = row["channel"][phase]
+        assert r["timed_steps"] == 4 and r["reads"] == 2 and r["images_per_s"] > 0, r  # reads at steps 2, 4, 6 of the last epoch
+    assert row["plain"]["images_per_s"] > 0 and row["channel"]["warnings"] == []
