@@ -67,7 +67,7 @@ class TrainProgress(_LiveBar):
             total = data["epochs"] * data["steps"]
             self.task = self.bar.add_task("", total=total, phase=data["phase"], info="")
         elif kind == "step" and self.task is not None:
-            self.bar.update(self.task, advance=1, info=f"epoch {data['epoch']} loss {data['loss']:.3f} ce {data['ce']:.3f}")
+            self.bar.update(self.task, advance=data.get("advance", 1), info=f"epoch {data['epoch']} loss {data['loss']:.3f} ce {data['ce']:.3f}")
         elif kind == "epoch_end":
             acc = f" val top-1 {data['top1']:.2f}%" if "top1" in data else ""
             extra = "".join(f" {k} {data[k]:.4g}" for k in ("ortho", "sparsity") if data.get(k))
@@ -404,7 +404,7 @@ class SweepProgress(_LiveBar):
         elif kind == "phase_start" and data["epochs"]:
             self.phase = self.bar.add_task(data["phase"], total=data["epochs"] * data["steps"], info="")
         elif kind == "step" and self.phase is not None:
-            self.bar.update(self.phase, advance=1, info=f"epoch {data['epoch']} loss {data['loss']:.3f}")
+            self.bar.update(self.phase, advance=data.get("advance", 1), info=f"epoch {data['epoch']} loss {data['loss']:.3f}")
         elif kind == "energy_step":
             mark = "" if data["within"] else " (beyond tolerance)"
             self.bar.console.print(f"    e = {data['energy']:g}: top-1 {data['top1']:.2f}%, MACs speedup {data['speedup']:.2f}x{mark}",

@@ -104,6 +104,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrainConfig:
+    # the running loss, the NaN check and stop signals are read every N steps (and at each
+    # epoch's end): each read waits for the GPU, so reading every step starves it
+    log_every: int = field(default=50, metadata=_check(ge=1))
+    # capture each training step as one CUDA graph (SVD training is bound by kernel launches);
+    # "auto": on one CUDA GPU without fp16's gradient scaler; where capture fails, one warning
+    # and eager steps
+    cuda_graph: bool | str = field(default="auto", metadata=_check("auto", True, False))
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     output_dir: str = "runs"
@@ -117,6 +128,7 @@ class Recipe:
     reg: RegConfig = field(default_factory=RegConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

@@ -52,6 +52,8 @@ def test_overrides_and_types():
         ({"decompose": {"mode": "diagonal"}}, "decompose.mode must be one of channel, spatial"),
         ({"reg": {"type": "l2"}}, "reg.type must be one of"),
         ({"phases": {"svd": {"epochs": True}}}, "phases.svd.epochs must be of type int"),
+        ({"train": {"log_every": 0}}, "train.log_every must be ≥ 1"),
+        ({"train": {"cuda_graph": "always"}}, "train.cuda_graph must be one of auto, True, False"),
     ],
 )
 def test_malformed_recipes_name_key_and_file(raw, message):

@@ -103,6 +103,36 @@ def test_signal_saves_state_and_exits_cleanly(recipe, uninterrupted, tmp_path, s
     assert comparable(json.loads((out / "summary.json").read_text())) == comparable(uninterrupted)
 
 
+def test_sigterm_inside_an_epoch_resumes_from_that_read_and_matches(recipe, tmp_path):
+    """Reads every 3 steps: SIGTERM at the svd phase's second epoch, step 6, stops at that read.
+    Resumed, the run ends as an uninterrupted one that read once per epoch (the cadence
+    changes no arithmetic). In-process, so that the signal lands at a chosen step."""
+    from lrexport.recipe import load_recipe
+    from lrexport.train import run_recipe
+    from lrexport.train.checkpoint import load_checkpoint
+    from lrexport.train.pipeline import Interrupted
+
+    def kill_at(kind, data):
+        if kind == "step" and (data["phase"], data["epoch"], data["step"]) == ("svd", 2, 6):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    whole = run_recipe(load_recipe(recipe), tmp_path / "whole").summary
+    every3 = load_recipe(recipe, ["train.log_every=3"])
+    with pytest.raises(Interrupted, match=r"signal 15 in the svd phase \(epoch 2, step 6\).*--resume"):
+        run_recipe(every3, tmp_path / "run", kill_at)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (last["phase"], last["epoch"], last["epoch_state"]["step"]) == ("svd", 1, 6)
+    resumed = run_recipe(every3, resume=tmp_path / "run").summary
+    assert comparable(resumed) == comparable(whole)
+
+    def svd_epoch2(run):  # its training means: the resumed half-epoch continued the saved sums
+        lines = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        (line,) = [l for l in lines if (l["phase"], l["epoch"]) == ("svd", 2)]
+        return {k: line[k] for k in ("loss", "ce", "ortho", "sparsity", "train_top1")}
+
+    assert svd_epoch2("run") == svd_epoch2("whole")
+
+
 def test_resume_with_a_changed_recipe_warns(recipe, tmp_path):
     out = tmp_path / "run"
     proc = train(recipe, out, wait=False)

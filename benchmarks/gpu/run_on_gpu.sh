@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (about 5 minutes on one H100/H200): gpu_check.py, the GPU
-# tests, the quickstart trained on the GPU, exported and verified,
-# and a short spatial-wise run. Writes eight files into OUT (default ./gpu-out); prints the reports.
+# The whole GPU check in one call (about 5 minutes on one H100/H200, plus a few for
+# train_throughput.py, not timed yet): `lrexport train`'s own throughput (train_throughput.py),
+# gpu_check.py, the GPU tests, the quickstart trained on the GPU, exported and verified, and a
+# short spatial-wise run. Writes ten files into OUT (default ./gpu-out); prints the reports.
+# ONLY=train runs the environment lines and train_throughput.py alone.
 #
 #     bash benchmarks/gpu/run_on_gpu.sh [OUT]
+#     ONLY=train bash benchmarks/gpu/run_on_gpu.sh [OUT]
 set -u
 out=${1:-gpu-out}
 mkdir -p "$out"
@@ -17,6 +20,12 @@ step() { echo; echo "### $*"; }
   $py -c 'import torch, torchvision, onnx, onnxruntime as o; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "| torchvision", torchvision.__version__, "| onnx", onnx.__version__, "| onnxruntime", o.__version__, o.get_available_providers())'
 } >"$out/gpu_check.log" 2>&1
 cat "$out/gpu_check.log"
+
+step "train_throughput.py: lrexport train itself, dense and SVD phases against a plain loop"
+timeout 420 $py benchmarks/gpu/train_throughput.py --json "$out/train_throughput.json" --workdir "$work/throughput" \
+  >"$out/train_throughput.md" 2>"$out/train_throughput.log"
+echo "rc $?"; cat "$out/train_throughput.md"; tail -n 5 "$out/train_throughput.log"
+[ "${ONLY:-}" = train ] && exit 0
 
 step "gpu_check.py"
 timeout 240 $py benchmarks/gpu/gpu_check.py --json "$out/gpu_check.json" --workdir "$work/check" \

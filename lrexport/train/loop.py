@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -150,9 +151,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(params, cfg: PhaseConfig) -> torch.optim.Optimizer:
+    # fused: one kernel per step, and it takes GradScaler's found_inf flag, which lets a step
+    # whose loss is not finite be skipped on the device, without a host read
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the built optimizer's implementation.
+
+    A state saved by a non-fused optimizer (an older lrexport) would otherwise switch it off.
+    """
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, impl):
+        group.update(keep)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: PhaseConfig):
@@ -177,10 +191,11 @@ class Precision:
     def from_recipe(cls, recipe: Recipe, device: torch.device) -> "Precision":
         return cls(device, recipe.amp, recipe.channels_last)
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
+        """``cache=False`` under CUDA-graph capture, as torch's docs require (the cache would outlive the graph)."""
         if self.amp == "none":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16, cache_enabled=cache)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16" and self.device.type == "cuda")
@@ -205,6 +220,178 @@ class EpochState:
     done: bool = False
 
 
+class CudaGraphs:
+    """``train.cuda_graph`` resolved for one run: whether training steps are captured, and one warning when they cannot be."""
+
+    def __init__(self, setting: bool | str, device: torch.device, amp: str = "none", processes: int = 1):
+        reason = ("the device is not a CUDA GPU" if device.type != "cuda"
+                  else "it runs under torchrun (DistributedDataParallel's hooks are not captured)" if processes > 1
+                  else "fp16's gradient scaler is not captured (bf16 needs none)" if amp == "fp16" else None)
+        self.enabled = setting is not False and reason is None
+        if setting is True and reason:
+            warnings.warn(f"train.cuda_graph = true, but {reason}: training steps run eagerly", stacklevel=2)
+        self._warm: weakref.WeakSet = weakref.WeakSet()
+
+    def warmup_steps(self, optimizer: torch.optim.Optimizer) -> int:
+        """Eager steps before a capture: more in a phase's first epoch, where lazy set-up happens
+        (optimizer state, cudnn.benchmark's choices, torch.compile of the regularizers)."""
+        first = optimizer not in self._warm
+        self._warm.add(optimizer)
+        return 3 if first else 1
+
+    def failed(self, error: BaseException) -> None:
+        """A capture failed: warn (once, as capture is tried no more) and train eagerly from here on."""
+        self.enabled = False
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+        warnings.warn(f"capturing the training step as a CUDA graph failed ({reason}); training eagerly "
+                      "(train.cuda_graph = false skips the attempt)", stacklevel=2)
+
+
+# An epoch's statistics live in one float64 vector on the device, read by the host every
+# log_every steps: a read waits for the GPU, so reading every step starves it.
+_SUMS = slice(0, 6)  # Σ loss·n, Σ ce·n, Σ ortho·n, Σ sparsity·n, correct, seen: EpochState.sums
+_STEP = 6  # steps done in the epoch
+_BAD = 7  # the first step whose loss was not finite (0: none)
+_BAD_TERMS = slice(8, 12)  # that step's loss, ce, ortho, sparsity
+_TERMS = ("ce", "ortho", "sparsity")
+
+
+class _Step:
+    """One training step that decides everything on the device: no host reads.
+
+    A step whose loss is not finite, and every step after it, changes no weight: the fused
+    optimizer gets the skip flag the way GradScaler hands it ``found_inf`` (under fp16's
+    scaler, a NaN factor makes the gradients non-finite and the scaler skips the step).
+    ``stats`` records that first step and its loss terms for the next read to report.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Loss, precision: Precision,
+                 scaler: torch.amp.GradScaler, stats: torch.Tensor, graphed: bool = False):
+        self.model, self.optimizer, self.loss, self.precision, self.scaler, self.stats = model, optimizer, loss, precision, scaler, stats
+        self.autocast_cache = not graphed
+        # a caller's own optimizer may lack the found_inf protocol: then the host decides, one read per step
+        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in optimizer.param_groups)
+        self.names: list[str] = ["ce"]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast(self.autocast_cache):
+            logits = self.model(x)
+        # outside autocast: the Gram-matrix deviations of the orthogonality term lose most
+        # of their precision in bf16/fp16
+        terms = self.loss.terms(_regularized_module(self.model), logits.float(), y)
+        total = self.loss.total(terms)
+        self.names = list(terms)
+        s, n = self.stats, y.shape[0]
+        with torch.no_grad():
+            zero = total.new_zeros(())
+            values = torch.stack([total, *(terms.get(k, zero) for k in _TERMS)]).double()
+            s[_STEP] += 1
+            first = ~torch.isfinite(total) & (s[_BAD] == 0)
+            s[_BAD] = torch.where(first, s[_STEP], s[_BAD])
+            s[_BAD_TERMS] = torch.where(first, values, s[_BAD_TERMS])
+            skip = s[_BAD] > 0
+            s[0:4] += values * n
+            s[4] += (logits.argmax(1) == y).sum()
+            s[5] += n
+        if self.scaler.is_enabled():
+            self.scaler.scale(total * torch.where(skip, torch.nan, 1.0)).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
+        total.backward()
+        if self.on_device:
+            self.optimizer.found_inf = skip.float()  # 0-dim, as GradScaler makes it (Adam subtracts it from its 0-dim step counts)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not skip.item():
+            self.optimizer.step()
+
+
+class _GraphedStep:
+    """A ``_Step`` captured as one CUDA graph, replayed with each batch copied into static inputs.
+
+    The first steps run eagerly on a side stream (torch's recipe for whole-network capture):
+    lazy set-up must not happen inside a capture. Each epoch captures anew, as the learning
+    rate is baked into the graph. A batch of another shape (an epoch's last) runs eagerly.
+    """
+
+    def __init__(self, step: _Step, graphs: CudaGraphs):
+        self.step, self.graphs = step, graphs
+        self.warmup = graphs.warmup_steps(step.optimizer)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.side = torch.cuda.Stream(step.precision.device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.graph is not None and x.shape == self.x.shape and y.shape == self.y.shape:
+            self.x.copy_(x)
+            self.y.copy_(y)
+            self.graph.replay()
+        elif self.graph is None and self.graphs.enabled and self.warmup > 0:
+            self.warmup -= 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.step(x, y)
+            torch.cuda.current_stream().wait_stream(self.side)
+        elif self.graph is None and self.graphs.enabled and self._capture(x, y):
+            self.graph.replay()  # capturing records the step without running it
+        else:
+            self.step(x, y)
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        self.x, self.y = x.clone(), y.clone()
+        self.step.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the grads it rewrites on replay
+        graph = torch.cuda.CUDAGraph()
+        groups = self.step.optimizer.param_groups
+        capturable = [g.get("capturable") for g in groups]
+        try:
+            # Adam refuses a capture unless `capturable`; the fused kernels ignore it ("needed for
+            # consistency"), and set outside a capture it warns at every eager step: on for the capture only
+            for g in groups:
+                if "capturable" in g and g.get("fused"):
+                    g["capturable"] = True
+            # thread_local: the DataLoader's pin-memory thread keeps allocating during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.step(self.x, self.y)
+        except Exception as e:  # noqa: BLE001 (whatever stopped the capture, the eager step computes the same)
+            self.step.optimizer.zero_grad(set_to_none=True)
+            self.graphs.failed(e)
+            return False
+        finally:
+            for g, c in zip(groups, capturable):
+                if c is not None:
+                    g["capturable"] = c
+        self.graph = graph
+        return True
+
+
+def _device_batches(loader, precision: Precision) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches on the device; on CUDA the next batch is copied on a side stream while a step runs."""
+    device = precision.device
+    if device.type != "cuda":
+        for x, y in loader:
+            yield precision.inputs(x), y.to(device)
+        return
+    stream, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def load(batch):
+        with torch.cuda.stream(stream):
+            return precision.inputs(batch[0]), batch[1].to(device, non_blocking=True)
+
+    it = iter(loader)
+    batch = next(it, None)
+    ready = load(batch) if batch is not None else None
+    while ready is not None:
+        current.wait_stream(stream)
+        for t in ready:
+            t.record_stream(current)  # made on the side stream, used (and freed) on this one
+        yield ready
+        batch = next(it, None)  # the caller has queued its step: load the next batch meanwhile
+        ready = load(batch) if batch is not None else None
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -216,51 +403,54 @@ def train_one_epoch(
     on_step: Callable[[int, int, dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    log_every: int = 50,
+    cuda_graphs: CudaGraphs | None = None,
 ) -> dict[str, float] | None:
     """Train over ``loader`` (from ``state.step`` on); mean loss terms, accuracy and images/s.
 
-    Returns None when ``should_stop()`` asked to stop early; ``state`` then says where.
-    Raises NonFiniteLoss, naming the step, before a NaN/inf loss touches the weights.
+    The host reads the running statistics only every ``log_every`` steps (counted from the
+    epoch's start) and after the last step; ``on_step(step, steps, info)`` and
+    ``should_stop()`` are called at those reads, ``info`` holding the mean loss and ce since
+    the previous read and ``advance``, the steps since it. Returns None when ``should_stop()``
+    asked to stop early; ``state`` then says where. Raises NonFiniteLoss at the first read
+    after a NaN/inf loss, naming its step; neither that step nor any later one changed a weight.
     """
     model.train()
     scaler = scaler or precision.scaler()
     state = state or EpochState()
-    sums = torch.tensor(state.sums, dtype=torch.float64)
     steps = state.step + len(loader)
+    stats = torch.zeros(12, dtype=torch.float64, device=precision.device)
+    stats[_SUMS] = torch.tensor(state.sums, dtype=torch.float64)
+    stats[_STEP] = state.step
+    graphed = cuda_graphs is not None and cuda_graphs.enabled
+    step = _Step(model, optimizer, loss, precision, scaler, stats, graphed)
+    run = _GraphedStep(step, cuda_graphs) if graphed else step
     start = time.perf_counter() - state.elapsed
-    for x, y in loader:
-        x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x)
-        # outside autocast: the Gram-matrix deviations of the orthogonality term lose most
-        # of their precision in bf16/fp16
-        terms = loss.terms(_regularized_module(model), logits.float(), y)
-        total = loss.total(terms)
-        if not torch.isfinite(total):
-            raise NonFiniteLoss(f"loss became {total.item()} at step {state.step + 1} of the epoch ("
-                                + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()) + "); lower the learning rate or λ")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        n = y.shape[0]
-        sums += torch.tensor([
-            total.item() * n, terms["ce"].item() * n, terms.get("ortho", torch.zeros(())).item() * n,
-            terms.get("sparsity", torch.zeros(())).item() * n, (logits.argmax(1) == y).sum().item(), n,
-        ], dtype=torch.float64)
+    shown_step, shown = state.step, list(state.sums)  # at the previous read
+    for x, y in _device_batches(loader, precision):
+        run(x, y)
         state.step += 1
-        state.sums, state.elapsed = sums.tolist(), time.perf_counter() - start
+        if state.step % log_every and state.step < steps:
+            continue
+        read = stats.tolist()  # the one host read: it waits for the device
+        if read[_BAD]:
+            bad = dict(zip(("loss", *_TERMS), read[_BAD_TERMS]))
+            raise NonFiniteLoss(f"loss became {bad['loss']} at step {int(read[_BAD])} of the epoch ("
+                                + ", ".join(f"{k}={bad[k]:.4g}" for k in step.names) + "); lower the learning rate or λ")
+        state.sums, state.elapsed = read[_SUMS], time.perf_counter() - start
         if on_step:
-            on_step(state.step, steps, {"loss": total.item(), "ce": terms["ce"].item()})
-        if should_stop and should_stop() and state.step < steps:
+            seen = max(1.0, state.sums[5] - shown[5])
+            on_step(state.step, steps, {"loss": (state.sums[0] - shown[0]) / seen, "ce": (state.sums[1] - shown[1]) / seen,
+                                        "advance": state.step - shown_step})
+        shown_step, shown = state.step, state.sums
+        if should_stop and state.step < steps and should_stop():
             return None
     state.done = True
-    stats = reduce(sums) if reduce is not None else sums
-    seen = max(1.0, stats[5].item())
+    sums = reduce(torch.tensor(state.sums, dtype=torch.float64)).tolist() if reduce is not None else state.sums
+    seen = max(1.0, sums[5])
     return {
-        "loss": stats[0].item() / seen, "ce": stats[1].item() / seen, "ortho": stats[2].item() / seen,
-        "sparsity": stats[3].item() / seen, "train_top1": 100.0 * stats[4].item() / seen,
-        "images_per_s": seen / max(state.elapsed, 1e-9),
+        "loss": sums[0] / seen, "ce": sums[1] / seen, "ortho": sums[2] / seen, "sparsity": sums[3] / seen,
+        "train_top1": 100.0 * sums[4] / seen, "images_per_s": seen / max(state.elapsed, 1e-9),
     }
 
 
@@ -268,17 +458,17 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader: DataLoader, precision: Precision, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``."""
     model.eval()
-    stats = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
-    for x, y in loader:
-        x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
+    stats = torch.zeros(4, dtype=torch.float64, device=precision.device)  # loss sum, top1, top5, count: read once, at the end
+    for x, y in _device_batches(loader, precision):
         with precision.autocast():
             logits = model(x).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, 1).indices
-        stats += torch.tensor([
-            F.cross_entropy(logits, y, reduction="sum").item(), (top[:, 0] == y).sum().item(),
-            (top == y[:, None]).any(1).sum().item(), y.shape[0],
-        ], dtype=torch.float64)
+        stats[0] += F.cross_entropy(logits, y, reduction="sum")
+        stats[1] += (top[:, 0] == y).sum()
+        stats[2] += (top == y[:, None]).any(1).sum()
+        stats[3] += y.shape[0]
+    stats = stats.cpu()
     if reduce is not None:
         stats = reduce(stats)
     n = max(1.0, stats[3].item())

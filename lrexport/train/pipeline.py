@@ -35,8 +35,8 @@ from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
 from .checkpoint import atomic_write_text, build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
-from .loop import (EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate, make_loader,
-                   resolve_device, train_one_epoch)
+from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
+                   load_optimizer_state, make_loader, resolve_device, train_one_epoch)
 
 PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
 Progress = Callable[[str, dict], None]
@@ -120,6 +120,7 @@ class Pipeline:
             torch.backends.cudnn.benchmark = True
         compile_regs = recipe.reg.compile
         self.compile_regularizers = compile_regs is True or (compile_regs == "auto" and device.type == "cuda")
+        self.cuda_graphs = CudaGraphs(recipe.train.cuda_graph, device, recipe.amp, self.dist.world)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.summary: dict = {}
         self.completed: list[str] = []
@@ -217,6 +218,14 @@ class Pipeline:
         return count_macs(self.model, tuple(self.info.input_size)).to_dict()
 
     # -- a training phase ------------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        """SIGINT/SIGTERM seen (on any rank: all ranks stop at the same step)."""
+        return any_rank(self.dist, self.stop.raised is not None)
+
+    def _interrupted(self, where: str) -> Interrupted:
+        return Interrupted(f"stopped by signal {self.stop.raised} {where}; state saved to {self.ckpt_dir / 'last.pt'}; "
+                           f"continue with --resume {self.run_dir}")
+
     def _train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, resume: dict | None = None, track_best: bool = False) -> dict:
         """Train ``cfg.epochs`` epochs, from ``resume`` (a last.pt state inside this phase) if given."""
         trained = self._trained()
@@ -232,7 +241,7 @@ class Pipeline:
                 warnings.simplefilter("ignore")
                 for _ in range(start_epoch):
                     scheduler.step()
-            optimizer.load_state_dict(resume["optimizer"])
+            load_optimizer_state(optimizer, resume["optimizer"])
             if resume["scaler"]:
                 scaler.load_state_dict(resume["scaler"])
             if resume["epoch_state"]:
@@ -244,17 +253,16 @@ class Pipeline:
         for epoch in range(start_epoch, cfg.epochs):
             epoch_state = epoch_state or EpochState()
             self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
-            on_step = lambda step, steps, terms: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **terms})
-            should_stop = lambda: any_rank(self.dist, self.stop.raised is not None)
+            # one event per read of the running loss (train.log_every steps); "advance": the steps since the last
+            on_step = lambda step, steps, info: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **info})
             try:
                 stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
-                                        on_step, should_stop, self.dist.all_sum)
+                                        on_step, self._should_stop, self.dist.all_sum, self.recipe.train.log_every, self.cuda_graphs)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: {e}; the last good checkpoint is {self.ckpt_dir / 'last.pt'}") from None
             if stats is None:
                 self._save_last(phase, epoch, epoch_state, optimizer, scaler, best)
-                raise Interrupted(f"stopped by signal {self.stop.raised} in the {phase} phase (epoch {epoch + 1}, step {epoch_state.step}); "
-                                  f"state saved to {self.ckpt_dir / 'last.pt'}; continue with --resume {self.run_dir}")
+                raise self._interrupted(f"in the {phase} phase (epoch {epoch + 1}, step {epoch_state.step})")
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             last = epoch + 1 == cfg.epochs
@@ -273,6 +281,11 @@ class Pipeline:
             if last or (epoch + 1) % self.recipe.checkpoint.every == 0:
                 self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
             self.progress("epoch_end", record)
+            # signals are looked at when the loss is read; one in an epoch's last log_every steps stops here
+            if not last and self._should_stop():
+                if (epoch + 1) % self.recipe.checkpoint.every:  # else saved just above
+                    self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
+                raise self._interrupted(f"in the {phase} phase (after epoch {epoch + 1})")
         result = {"epochs": cfg.epochs, **metrics, "seconds": round(time.perf_counter() - started, 2)}
         if track_best:
             result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
@@ -425,6 +438,8 @@ class Pipeline:
                 self._complete(phase, getattr(self, f"_phase_{phase}")(inside))
                 if phase == stop_after:
                     break
+                if phase != PHASES[-1] and self._should_stop():  # a signal after the phase's last read; last.pt is its end
+                    raise self._interrupted(f"after the {phase} phase")
         if "finetune" in self.completed:
             self._finish()
             self.progress("done", self.summary)
