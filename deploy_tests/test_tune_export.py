@@ -87,9 +87,13 @@ def test_whole_model_guard_deploys_the_fastest_and_never_slower_than_dense(tuned
 
     run, first = tuned
     real_choose = T.choose
-    # every layer but the first "chooses" its largest candidate pair, so the tuned plan differs from the untuned one
-    monkeypatch.setattr(T, "choose", lambda times_, layer, margin=0.02, below=False: real_choose(
-        {k: v for k, v in times_.items() if k == "dense"} if layer.name != "conv1" else times_, layer, margin))
+
+    def largest_pair(times_, layer, margin=0.02, below=False):
+        """Every layer deploys its largest candidate pair: a plan unlike both the untuned and the all-dense one."""
+        pairs = [k for k in times_ if k != "dense"]
+        return real_choose({max(pairs, key=int): 1.0} if pairs else times_, layer, margin)
+
+    monkeypatch.setattr(T, "choose", largest_pair)
     monkeypatch.setattr(P, "interleave_within", lambda calls, *a, **k: Timed({n: [times[n]] * 5 for n in calls}, "wall", 0))
     res = export_run(run, tmp_path / "guard", tuned_config(first.out_dir.parent / "cache.json", guard=True, batches=(1, 2)))
     plan = res.plan
@@ -152,3 +156,19 @@ def test_cli_export_errors(tuned, tmp_path):
     assert unknown.exit_code == 2 and "unknown runtime 'tflite'" in unknown.output and not (tmp_path / "x").exists()
     trt = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "trt"), "--runtime", "trt"])
     assert trt.exit_code == 1 and "--format trt" in trt.output and not (tmp_path / "trt").exists()
+
+
+def test_a_plan_of_dense_layers_is_deployed_dense_without_timing_it_twice(tuned, tmp_path, monkeypatch):
+    from lrexport.deploy import plan as P
+    from lrexport.deploy import tune as T
+
+    run, first = tuned
+    real_choose = T.choose
+    monkeypatch.setattr(T, "choose", lambda times_, layer, margin=0.02, below=False: real_choose({"dense": times_["dense"]}, layer))
+    calls = []
+    monkeypatch.setattr(P, "interleave_within", lambda calls_, *a, **k: calls.append(set(calls_)) or Timed(
+        {n: [1.0 if n == "dense" else 2.0] * 3 for n in calls_}, "wall", 0))
+    res = export_run(run, tmp_path / "dense", tuned_config(first.out_dir.parent / "cache.json", guard=True))
+    # the tuned plan is the all-dense model: only the untuned one is timed against it
+    assert calls == [{"dense", "untuned"}] and res.plan.deployed == "dense"
+    assert all(layer["dense"] for layer in res.meta["models"]["lowrank"]["layers"])

@@ -207,3 +207,12 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
     if cfg.dataset == "imagefolder":
         return _image_folders(cfg, "ImageFolder data")
     raise DataError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+
+
+def recorded_validation_set(data_config: dict, where: str) -> Dataset:
+    """The validation set of a data config that a run or an export recorded (``where`` names the file)."""
+    try:
+        cfg = DataConfig(**data_config)
+    except TypeError as e:
+        raise DataError(f"{where} has a data_config this lrexport cannot read: {e}") from None
+    return build_datasets(cfg)[1]

@@ -100,13 +100,18 @@ def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, conf
 
 
 def _variants(plan: Plan, trained, input_size, multiple_of: int) -> dict[str, tuple[torch.nn.Module, dict | None]]:
-    """The whole models the guard times: name → (low-rank model, per-layer plan)."""
-    layers = plan_layers(trained, input_size, multiple_of)
-    default = {p.name: DENSE if p.dense else p.deployed_rank for p in layers}
-    variants = {"tuned": (plan.model(trained), plan.layers), "untuned": (trained, None),
-                "dense": (trained, {p.name: DENSE for p in layers})}
-    if not plan.truncated and all(default[n] == r for n, r in (plan.layers or {}).items()):
-        del variants["untuned"]  # the tuned plan is the untuned one
+    """The distinct whole models the guard times: name → (low-rank model, per-layer plan); "dense" always."""
+    def deployed(model, layers) -> dict:
+        return {p.name: DENSE if p.dense else p.deployed_rank for p in plan_layers(model, input_size, multiple_of, layers)}
+
+    all_dense = {name: DENSE for name in deployed(trained, None)}
+    variants = {"dense": (trained, all_dense)}
+    seen = [all_dense]
+    for name, model, layers in (("untuned", trained, None), ("tuned", plan.model(trained), plan.layers)):
+        effective = deployed(model, layers)
+        if plan.truncated and name == "tuned" or effective not in seen:  # the same model twice is timed once
+            variants[name] = (model, layers)
+            seen.append(effective)
     return variants
 
 
@@ -114,6 +119,10 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
           budget_ms: float) -> None:
     """Time the whole variants on the plan's runtime and deploy the fastest that beats all-dense (in place)."""
     variants = _variants(plan, trained, input_size, multiple_of)
+    if len(variants) == 1:
+        plan.deployed, plan.layers = "dense", variants["dense"][1]
+        plan.note = f"every decomposed layer measured fastest dense on {plan.runtime}: every layer is deployed dense"
+        return
     runners = {}
     for name, (model, layers) in variants.items():
         plain, _ = to_plain(model, input_size, multiple_of, layers)

@@ -59,13 +59,9 @@ class Run:
 
     def validation_set(self):
         """The run's validation set, rebuilt from its data config (no augmentation)."""
-        from ..data import DataConfig, build_datasets
+        from ..data import recorded_validation_set
 
-        try:
-            cfg = DataConfig(**self.summary["data_config"])
-        except TypeError as e:
-            raise LrexportError(f"summary.json of {self.path} has a data_config this lrexport cannot read: {e}") from None
-        return build_datasets(cfg)[1]
+        return recorded_validation_set(self.summary["data_config"], f"{self.path}/summary.json")
 
 
 def open_run(path: str | Path) -> Run:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -251,6 +251,3 @@ def get_runtime(name: str) -> Runtime:
 def open_runner(runtime: str, source: ModelSource, options: RuntimeOptions | None = None) -> Runner:
     return get_runtime(runtime).open(source, options or RuntimeOptions())
 
-
-def options_dict(options: RuntimeOptions) -> dict:
-    return asdict(options)

@@ -65,13 +65,9 @@ class Artifacts:
 
     def validation_set(self):
         """The validation set named in meta.json, rebuilt with its validation transform."""
-        from ..data import DataConfig, build_datasets
+        from ..data import recorded_validation_set
 
-        try:
-            cfg = DataConfig(**self.meta["data_config"])
-        except TypeError as e:
-            raise LrexportError(f"meta.json of {self.path} has a data_config this lrexport cannot read: {e}") from None
-        return build_datasets(cfg)[1]
+        return recorded_validation_set(self.meta["data_config"], f"{self.path}/meta.json")
 
 
 def load_artifacts(path: str | Path) -> Artifacts:
