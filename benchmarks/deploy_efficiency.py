@@ -8,6 +8,9 @@ Variants per mode: the exact energy ranks exported as they are ("exact"), zero-p
 upward to multiples of 8 or 16 at export ("aligned8", "aligned16": same model, more MACs
 deployed), and ranks rounded to the nearest multiple of 16 at pruning time, as the
 recipe's prune step would do before finetuning ("pruned16": nothing to pad). With
+``--precision int8``, every model is quantized (onnxruntime's static QDQ quantization,
+int8 weights per channel, uint8 activations; random calibration, as ranges do not change
+speed) and the fp32 dense model is timed beside them in the same rounds. With
 ``--tune``, "tuned@B" per runtime, mode and batch B: the energy-rule model deployed as
 ``lrexport export --runtime R --batch B`` plans it on that runtime (per-layer times, then
 the whole-model guard against the untuned and the all-dense plans); and, where "pruned16"
@@ -17,7 +20,7 @@ torch``) times all models in this one process, on its own settings, calls interl
 alternating order (lrexport.deploy.timing); per round we take dense time / low-rank time,
 and report the median and p10–p90 of those ratios beside the medians of the latencies.
 
-    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--threads 2] [--repeats 60] [--variants exact,aligned8] [--tune] [--json out.json]
+    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,aligned8] [--tune] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 import lrexport
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, plan_export
+from lrexport.deploy.quantize import quantize, random_batches
 from lrexport.deploy.runners import ModelSource, RuntimeOptions, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
@@ -146,11 +150,24 @@ def add_tuned(models, details, pruned, variants, runtime: str, options: RuntimeO
                           plan=plan.to_dict())
 
 
-def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int, batches, warmup: int, repeats: int, seed: int):
-    """Rows of speedups over dense: every model on ``runtime``, interleaved, per batch."""
+def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
+    """A runner per model of ``runtime``; in int8 every model quantized (QDQ), plus the fp32 dense one as "dense_fp32"."""
     own = {name: m for name, m in models.items() if ":" not in name or name.startswith(f"{runtime}:")}
-    runners = {name: open_runner(runtime, ModelSource(onnx=proto.SerializeToString(), torch=lambda p=plain: p, label=name), options)
-               for name, (plain, proto, *_) in own.items()}
+    runners = {}
+    for name, (plain, proto, *_) in own.items():
+        if options.precision == "int8":
+            graph = quantize(proto, random_batches((2, *INPUT)), ranges="minmax")  # ranges do not change an int8 kernel's speed
+        runners[name] = open_runner(runtime, ModelSource(onnx=(graph if options.precision == "int8" else proto).SerializeToString(),
+                                                         torch=lambda p=plain: p, label=name), options)
+    if options.precision == "int8":
+        runners["dense_fp32"] = open_runner(runtime, ModelSource(onnx=models["dense"][1].SerializeToString()),
+                                            RuntimeOptions(threads=options.threads))
+    return runners
+
+
+def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int, batches, warmup: int, repeats: int, seed: int):
+    """Rows of speedups over dense (and in int8 over the fp32 dense model): every model on ``runtime``, interleaved, per batch."""
+    runners = open_models(runtime, options, models)
     settings = runners["dense"].settings()
     rng = np.random.default_rng(seed)
     rows = []
@@ -161,29 +178,34 @@ def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int,
         active = {name: r.bind(x) for name, r in runners.items() if "@" not in name or name.endswith(f"@{batch}")}
         times = interleave(active, warmup, rounds, cuda=runners["dense"].clock == CUDA_EVENTS).times_ms
         for name in active:
-            if name != "dense":
+            if name not in ("dense", "dense_fp32"):
                 rows.append(speedup_row(runtime, name, batch, times, dense_macs / models[name][2], dense_macs / models[name][3]))
+        if "dense_fp32" in times:
+            rows.append(speedup_row(runtime, "dense", batch, times, 1.0, 1.0))
     return settings, rows
 
 
 def speedup_row(runtime: str, name: str, batch: int, times: dict, macs_speedup: float, deployed_speedup: float) -> dict:
-    per_round = [d / t for d, t in zip(times["dense"], times[name])]
+    base = "dense_fp32" if name == "dense" else "dense"  # in int8, the dense int8 model's row is over fp32
+    per_round = [d / t for d, t in zip(times[base], times[name])]
     wall = statistics.median(per_round)
     return {
         "runtime": runtime, "model": name.split(":")[-1], "batch": batch, "repeats": len(per_round),
-        "dense_ms": statistics.median(times["dense"]), "dense_p90_ms": quantile(times["dense"], 0.9),
+        "dense_ms": statistics.median(times[base]), "dense_p90_ms": quantile(times[base], 0.9),
         "lowrank_ms": statistics.median(times[name]), "lowrank_p90_ms": quantile(times[name], 0.9),
         "wall_speedup": wall, "wall_p10": quantile(per_round, 0.1), "wall_p90": quantile(per_round, 0.9),
         # the least disturbed call of each: a load-robust second estimate on a shared machine
-        "wall_speedup_min": min(times["dense"]) / min(times[name]),
+        "wall_speedup_min": min(times[base]) / min(times[name]),
         "macs_speedup": macs_speedup, "deployed_macs_speedup": deployed_speedup, "ratio": wall / macs_speedup,
-    }
+    } | ({"vs_fp32": statistics.median(f / t for f, t in zip(times["dense_fp32"], times[name]))} if "dense_fp32" in times else {})
 
 
 def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
-    print(f"\n{runtime} {settings['version']}, {settings['threads']} threads, {settings['precision']}; interleaved rounds after warm-up")
+    int8 = any("vs_fp32" in r for r in rows)
+    print(f"\n{runtime} {settings['version']}, {settings['threads']} threads, {settings['precision']}; interleaved rounds after warm-up"
+          + ("; every model int8 (QDQ) but dense fp32: wall x over dense int8, vs fp32 over dense fp32" if int8 else ""))
     header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"
-              f"{'min x':>7}{'MACs x':>8}{'deployed':>9}{'ratio':>7}")
+              f"{'min x':>7}{'MACs x':>8}{'deployed':>9}{'ratio':>7}" + (f"{'vs fp32':>9}" if int8 else ""))
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -191,13 +213,16 @@ def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
               f"{r['dense_ms']:>9.2f} ({r['dense_p90_ms']:>6.2f})"
               f"{r['lowrank_ms']:>9.2f} ({r['lowrank_p90_ms']:>6.2f})"
               f"{r['wall_speedup']:>8.2f} ({r['wall_p10']:.2f}–{r['wall_p90']:.2f})"
-              f"{r['wall_speedup_min']:>7.2f}{r['macs_speedup']:>8.2f}{r['deployed_macs_speedup']:>9.2f}{r['ratio']:>7.2f}")
+              f"{r['wall_speedup_min']:>7.2f}{r['macs_speedup']:>8.2f}{r['deployed_macs_speedup']:>9.2f}{r['ratio']:>7.2f}"
+              + (f"{r['vs_fp32']:>9.2f}" if int8 else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", default="ort", help="comma-separated runtimes, e.g. ort,openvino,torch")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                    help="int8: every model quantized (QDQ, per-channel), timed beside the fp32 dense model")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=60, help="timed rounds at batch 1 (fewer at larger batches)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -210,7 +235,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     runtimes = [r for r in args.runtime.split(",") if r]
-    options = RuntimeOptions(threads=args.threads)
+    options = RuntimeOptions(threads=args.threads, precision=args.precision)
     if "torch" not in runtimes:
         torch.set_num_threads(1)  # torch only builds and checks the models: no OpenMP contention with the runtime
     exclude = tuple(p for p in args.exclude.split(",") if p)

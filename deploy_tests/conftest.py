@@ -52,3 +52,17 @@ def exported(request, build):
 @pytest.fixture
 def channel_export(build):
     return build("channel")
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    """The quickstart recipe, shrunk to seconds but trained to ~97 % top-1: a run the real pipeline wrote."""
+    from lrexport.recipe import load_recipe
+    from lrexport.train import run_recipe
+
+    overrides = [
+        "data.train_size=2000", "data.val_size=500", "data.batch_size=64", "data.eval_batch_size=250",
+        "phases.dense.epochs=6", "phases.svd.epochs=3", "phases.finetune.epochs=2", "prune.energy=0.01", "device=cpu",
+    ]
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes/quickstart.toml", overrides)
+    return run_recipe(recipe, tmp_path_factory.mktemp("runs") / "quickstart").run_dir

@@ -3,28 +3,15 @@
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
 
 from lrexport.cli import main
-from lrexport.recipe import load_recipe
-from lrexport.train import run_recipe
 
-from test_runtime import REPO, no_torch_env, save_val_image
+from test_runtime import no_torch_env, save_val_image
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """The quickstart recipe, shrunk to seconds: the same phases and run-directory layout."""
-    overrides = [
-        "data.train_size=256", "data.val_size=64", "data.batch_size=64", "data.eval_batch_size=64",
-        "phases.dense.epochs=2", "phases.svd.epochs=1", "phases.finetune.epochs=1", "device=cpu",
-    ]
-    recipe = load_recipe(REPO / "recipes/quickstart.toml", overrides)
-    return run_recipe(recipe, tmp_path_factory.mktemp("runs") / "quickstart").run_dir
-
-
-def test_recipe_run_exports_verifies_and_infers(trained_run, tmp_path):
+def test_recipe_run_exports_verifies_and_infers(quickstart_run, tmp_path):
+    trained_run = quickstart_run
     res = CliRunner().invoke(main, ["export", str(trained_run), "--threads", "1"])  # tuned: the default
     assert res.exit_code == 0, res.output
     art = trained_run / "artifacts"

@@ -230,9 +230,15 @@ def runtime_options(fn):
 @click.option("--check-images", type=click.IntRange(min=1), default=64, show_default=True, help="Validation images to compare runtimes on.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative error of the logits.")
 @click.option("--trt-batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="TensorRT only, with a dynamic batch.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=256, show_default=True, help="int8: images to calibrate on.")
+@click.option("--calibration-split", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="int8: calibrate on the run's training images (validation transform) or validation images.")
+@click.option("--max-layer-error", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="int8: a conv whose own relative output error in int8 exceeds this stays in float.")
 @reports_errors
 def export(run, fmt, out_dir, batch, runtime, threads, device, precision, channels_last, no_tune, tune_batches, tune_cache,
-           tune_below, tune_images, multiple_of, opset, check_images, tolerance, trt_batch_sizes):
+           tune_below, tune_images, multiple_of, opset, check_images, tolerance, trt_batch_sizes, calibration_images,
+           calibration_split, max_layer_error):
     """Export RUN (default: newest under ./runs) for a runtime: model.onnx, dense.onnx, plan.json, meta.json.
 
     Each decomposed layer is timed on the runtime, dense and as thin pairs, and deployed as
@@ -241,6 +247,7 @@ def export(run, fmt, out_dir, batch, runtime, threads, device, precision, channe
     """
     from .deploy.export import ExportConfig, TrtConfig, export_run
     from .deploy.plan import TuneConfig
+    from .deploy.quantize import QuantConfig
 
     trt_precision = precision or "fp16"
     config = ExportConfig(
@@ -248,6 +255,7 @@ def export(run, fmt, out_dir, batch, runtime, threads, device, precision, channe
         tolerance=tolerance, options=_runtime_options(threads, device, None if fmt == "trt" else precision, channels_last),
         tune=TuneConfig(enabled=not no_tune, batches=tune_batches, cache=tune_cache and Path(tune_cache), below=tune_below,
                         below_images=tune_images),
+        quant=QuantConfig(images=calibration_images, split=calibration_split, max_layer_error=max_layer_error),
         trt=TrtConfig(trt_precision, trt_batch_sizes),
     )
 
@@ -282,6 +290,13 @@ def _print_plan(plan) -> None:
                           for n in ("tuned", "untuned", "dense") if n in row)
         say(f"  whole model at batch {row['batch']} ({row['rounds']} rounds): {times}")
     say(f"  deployed: {plan.deployed} plan for {plan.runtime}" + (f" · {plan.note}" if plan.note else ""))
+    q = plan.quantization
+    if q:
+        for m in ("lowrank", "dense"):
+            errors = q[m]["layer_errors"].values()
+            worst = f", worst layer error {max(errors):.3f}" if errors else ""
+            say(f"  {m} int8 on {q['calibration']['images']} {q['calibration']['split']} images: {len(q[m]['float_layers'])} layers "
+                f"left in float{worst}; top-1 agrees with PyTorch on {100 * q[m]['check']['top1_agree']:.1f}% of the check images")
 
 
 def _export_table(meta: dict):
@@ -308,7 +323,7 @@ def _export_table(meta: dict):
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N validation images.")
-@click.option("--tolerance", type=float, default=0.1, show_default=True, help="Accuracy points the runtime may differ from PyTorch.")
+@click.option("--tolerance", type=float, default=None, help="Accuracy points the runtime may differ from PyTorch (default 0.1; int8/fp16: 0.5).")
 @reports_errors
 def verify(artifacts, runtime, threads, device, precision, channels_last, batch_sizes, warmup, repeats, limit, tolerance):
     """Accuracy and latency of ARTIFACTS (default: newest run's) through a runtime; writes verify.json."""
@@ -331,7 +346,7 @@ def _verify_tables(r: dict):
 
     acc = r["accuracy"]
     k = acc["top5_k"]
-    t1 = Table(title=f"accuracy through {r['runtime']} · {acc['images']} validation images")
+    t1 = Table(title=f"accuracy through {r['runtime']} ({r.get('precision', 'fp32')}) beside PyTorch (fp32) · {acc['images']} validation images")
     for col in ("model", "top-1 %", f"top-{k} %", "PyTorch top-1 %", f"PyTorch top-{k} %", "top-1 disagree"):
         t1.add_column(col, justify="left" if col == "model" else "right")
     for m in ("lowrank", "dense"):
@@ -339,18 +354,24 @@ def _verify_tables(r: dict):
         t1.add_row(m, f"{a['top1']:.2f}", f"{a['top5']:.2f}", f"{a['torch_top1']:.2f}", f"{a['torch_top5']:.2f}", str(a["top1_disagree"]))
     st = r["settings"]
     how = f"{st['threads']} threads" if st.get("threads") else st["device"]
-    t2 = Table(title=f"latency on {r['runtime']} {st['version']} · {how} · {st['precision']} · median of {r['timing']['repeats']} "
-                     "interleaved rounds (p10–p90)")
-    for col in ("batch", "dense ms", "low-rank ms", "wall speedup", "MACs speedup", "ratio"):
+    t2 = Table(title=f"latency on {r['runtime']} {st['version']} · {how} · {r.get('precision', st['precision'])} · median of {r['timing']['repeats']} "
+                     "interleaved rounds, ms (p10–p90)")
+    fp32 = any("dense_fp32" in row for row in r["latency"])
+    cols = ["batch", *(["dense fp32"] if fp32 else []), "dense", "low-rank", "wall x", "MACs x", "ratio", *(["vs fp32"] if fp32 else [])]
+    for col in cols:
         t2.add_column(col, justify="right")
+
+    def ms(s: dict) -> str:
+        return f"{s['median_ms']:.3f} ({s['p10_ms']:.3f}–{s['p90_ms']:.3f})"
+
     for row in r["latency"]:
-        d, lr = row["dense"], row["lowrank"]
         t2.add_row(
-            str(row["batch"]), f"{d['median_ms']:.3f} ({d['p10_ms']:.3f}–{d['p90_ms']:.3f})",
-            f"{lr['median_ms']:.3f} ({lr['p10_ms']:.3f}–{lr['p90_ms']:.3f})",
+            str(row["batch"]), *([ms(row["dense_fp32"])] if fp32 else []), ms(row["dense"]), ms(row["lowrank"]),
             f"{row['wall_speedup']:.2f}x", f"{r['macs']['speedup']:.2f}x", f"{row['ratio']:.2f}",
+            *([f"{row['speedup_over_fp32']:.2f}x"] if fp32 else []),
         )
-    t2.caption = f"wall speedup: median of per-round dense/low-rank ratios · plan: {r['plan']['deployed']} for {r['plan']['runtime']}"
+    t2.caption = (f"wall x: median of per-round dense/low-rank ratios{'; vs fp32: of dense fp32/low-rank' if fp32 else ''} · "
+                  f"plan: {r['plan']['deployed']} for {r['plan']['runtime']}")
     if not r.get("predicted"):
         return t1, t2
     t3 = Table(title="predicted (sums of tuned one-layer times, decomposed convs only) vs measured")

@@ -209,10 +209,15 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
     raise DataError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
 
 
-def recorded_validation_set(data_config: dict, where: str) -> Dataset:
-    """The validation set of a data config that a run or an export recorded (``where`` names the file)."""
+def recorded_datasets(data_config: dict, where: str, **changes) -> tuple[Dataset, Dataset, DataInfo]:
+    """``build_datasets`` of a data config that a run or an export recorded (``where`` names the file)."""
     try:
-        cfg = DataConfig(**data_config)
+        cfg = DataConfig(**(data_config | changes))
     except TypeError as e:
         raise DataError(f"{where} has a data_config this lrexport cannot read: {e}") from None
-    return build_datasets(cfg)[1]
+    return build_datasets(cfg)
+
+
+def recorded_validation_set(data_config: dict, where: str) -> Dataset:
+    """The validation set of a recorded data config, with its validation transform."""
+    return recorded_datasets(data_config, where)[1]

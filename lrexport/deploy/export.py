@@ -5,6 +5,9 @@
   dense, as planned), exported to ONNX, checked against our graph rules.
 - check: the rewritten modules and onnxruntime must reproduce PyTorch on real validation
   images; any output beyond tolerance fails the export before a file is written.
+- quantize (``--precision int8``): both graphs quantized statically, ranges calibrated on the
+  run's images (lrexport.deploy.quantize); the fp32 dense graph stays beside them as the
+  reference verify times them against.
 - write: model.onnx, dense.onnx, the same plain models as PyTorch programs (model.pt2,
   dense.pt2, for the torch runtime), plan.json, PyTorch's predictions on the validation set
   (reference.npz, what verify compares the runtime with) and meta.json. Verify reads only
@@ -32,13 +35,14 @@ from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
 from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
+from .quantize import QuantConfig, QuantizationError, quantize_checked
 from .rundir import Run, newest_run, open_run
 from .runners import RUNTIMES, RuntimeOptions, UnknownRuntimeError
 from .runtime import META_FILE, OrtRunner, run_batched
 
 FORMATS = ("onnx", "trt")
 MODELS = ("lowrank", "dense")
-FILES = {"lowrank": "model.onnx", "dense": "dense.onnx"}
+FILES = {"lowrank": "model.onnx", "dense": "dense.onnx", "dense_fp32": "dense_fp32.onnx"}  # the last with int8 only
 PROGRAMS = {"lowrank": "model.pt2", "dense": "dense.pt2"}
 REFERENCE_FILE = "reference.npz"
 META_VERSION = 2  # 2: plan.json, reference.npz, PyTorch programs; verify needs no run directory
@@ -67,6 +71,7 @@ class ExportConfig:
     tolerance: float = 1e-4  # largest relative error of the logits
     options: RuntimeOptions = RuntimeOptions()
     tune: TuneConfig = TuneConfig()
+    quant: QuantConfig = QuantConfig()  # with options.precision "int8"
     trt: TrtConfig = TrtConfig()
 
     @property
@@ -84,6 +89,14 @@ class ExportConfig:
             raise LrexportError(f"batch must be ≥ 1 (or dynamic); got {self.batch}")
         if self.multiple_of < 1:
             raise LrexportError(f"multiple_of must be ≥ 1; got {self.multiple_of}")
+        precision = self.options.precision
+        if precision == "int8" and self.target not in ("ort", "openvino"):
+            raise RuntimeMissingError(f"--precision int8 exports quantized ONNX for ort or openvino; {self.target} has no int8 path here")
+        if precision in ("fp16", "bf16") and not (self.target == "torch" or (precision == "fp16" and self.target == "openvino")):
+            raise RuntimeMissingError(f"--precision {precision} runs on {'openvino or ' if precision == 'fp16' else ''}torch (CUDA); "
+                                      f"not on {self.target}")
+        if self.quant.split not in ("train", "val") or self.quant.images < 1:
+            raise LrexportError(f"calibration takes ≥ 1 images of split train or val; got {self.quant.images} of {self.quant.split!r}")
         if self.batch is not None and self.tune.batches and set(self.tune.batches) != {self.batch}:
             raise LrexportError(f"tune batches {list(self.tune.batches)} differ from the fixed export batch {self.batch}")
 
@@ -184,6 +197,34 @@ def check(built: Built, x: torch.Tensor, config: ExportConfig) -> list[Check]:
     return checks
 
 
+def calibration_batches(run: Run, quant: QuantConfig) -> list[np.ndarray]:
+    """The run's images int8 ranges are calibrated on; a run whose data is gone is one line (exit 2)."""
+    from ..errors import DataError
+    from .calibration import CalibrationError, CalibrationReader
+
+    try:
+        data = run.calibration_set(quant.split)
+        n = min(quant.images, len(data))
+        batch = min(quant.batch, n)
+        reader = CalibrationReader((data[i] for i in range(n)), batch_size=max(batch, 1), max_batches=max(n // max(batch, 1), 1))
+        return reader.materialize()
+    except (DataError, CalibrationError) as e:
+        raise QuantizationError(f"--precision int8 calibrates on the run's {quant.split} images, which cannot be read: {e}") from None
+
+
+@torch.no_grad()
+def quantize_built(built: Built, calibration: list[np.ndarray], quant: QuantConfig, x: torch.Tensor, batch: int | None) -> dict:
+    """Both graphs in int8 (the fp32 dense one kept as "dense_fp32"); their agreement with PyTorch and per-layer evidence."""
+    built.protos["dense_fp32"] = built.protos["dense"]
+    evidence = {"calibration": {"split": quant.split, "images": sum(len(b) for b in calibration)},
+                "format": "QDQ, weights int8 per channel, activations uint8 per tensor, percentile ranges"}
+    for m in MODELS:
+        built.protos[m], evidence[m] = quantize_checked(built.protos[m], calibration, quant.max_layer_error)
+        out = run_batched(OrtRunner(built.protos[m].SerializeToString(), precision="int8").run, x.numpy(), batch)
+        evidence[m]["check"] = compare(f"{m}: onnxruntime int8 vs original fp32", out, built.originals[m](x).numpy()).to_dict()
+    return evidence
+
+
 @torch.no_grad()
 def reference_predictions(models: dict[str, torch.nn.Module], val, k: int, batch_size: int = 256) -> dict[str, np.ndarray]:
     """PyTorch's top-k classes per validation image for each model, and the labels: what verify compares with."""
@@ -211,8 +252,8 @@ def torch_program(plain: torch.nn.Module, input_size, batch: int | None) -> byte
 
 def write(out_dir: Path, built: Built, plan: Plan, reference: dict[str, np.ndarray], meta: dict, input_size) -> dict:
     """Every artifact file, each written atomically; meta.json last, so a complete meta means complete artifacts."""
-    for m in MODELS:
-        atomic_write_bytes(out_dir / FILES[m], built.protos[m].SerializeToString())
+    for m, proto in built.protos.items():
+        atomic_write_bytes(out_dir / FILES[m], proto.SerializeToString())
     programs, note = {}, ""
     try:
         blobs = {m: torch_program(built.plain[m], input_size, meta["batch"]) for m in MODELS}
@@ -263,6 +304,11 @@ def describe(run: Run, built: Built, plan: Plan, config: ExportConfig, checks: l
         "models": models,
         "macs_speedup": macs["dense"] / macs["lowrank"],
         "runtime": plan.runtime,
+        "precision": config.options.precision,
+        "quantization": None if plan.quantization is None else {
+            "calibration": plan.quantization["calibration"], "format": plan.quantization["format"],
+            "float_layers": {m: plan.quantization[m]["float_layers"] for m in MODELS},
+            "reference": {"dense_fp32": FILES["dense_fp32"]}},
         "plan": {"file": PLAN_FILE, "deployed": plan.deployed, "note": plan.note},
         "reference": {"file": REFERENCE_FILE, "by": "PyTorch, the models as trained (and truncated as planned)",
                       "accuracy": _accuracy(reference), "topk": int(reference["lowrank_top"].shape[1])},
@@ -298,11 +344,16 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     config.validate()
     run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
     out_dir = Path(out_dir) if out_dir is not None else run.path / "artifacts"
+    int8 = config.options.precision == "int8"
+    calibration = calibration_batches(run, config.quant) if int8 else None  # before any work: the data may be gone
     trained, dense = run.load_models()
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
                        config.multiple_of, _below_checker(run, trained, config.tune, log), progress)
     built = build(plan.model(trained), dense, plan, run.input_size, config)
-    checks = check(built, validation_sample(run, config.check_images), config)
+    x = validation_sample(run, config.check_images)
+    checks = check(built, x, config)  # the fp32 graphs reproduce PyTorch; int8 is judged by verify's accuracy
+    if int8:
+        plan.quantization = quantize_built(built, calibration, config.quant, x, config.batch)
     val = run.validation_set()
     reference = reference_predictions(built.originals, val, min(5, len(run.data_info["class_names"])))
     meta = write(out_dir, built, plan, reference, describe(run, built, plan, config, checks, reference), run.input_size)
@@ -330,7 +381,8 @@ def build_trt_engines(out_dir: Path, precision: str, batch_sizes: tuple[int, ...
     from .calibration import CalibrationReader
 
     engines = {}
-    for name, file in FILES.items():
+    for name in MODELS:
+        file = FILES[name]
         calibration = None
         if precision == "int8":
             calibration = CalibrationReader.from_dataset(

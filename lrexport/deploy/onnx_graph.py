@@ -137,21 +137,25 @@ def conv_weight_shapes(proto: onnx.ModelProto) -> list[tuple[int, ...]]:
     return [dims[node.input[1]] for node in proto.graph.node if node.op_type == "Conv"]
 
 
+def conv_from_node(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> nn.Conv2d:
+    """One ONNX Conv node (2-D, symmetric pads) as the same ``nn.Conv2d``; ``weights`` holds its initializers."""
+    a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    w = torch.from_numpy(np.array(weights[node.input[1]], dtype=np.float32))
+    group = a.get("group", 1)
+    pads = a.get("pads", [0, 0, 0, 0])
+    conv = nn.Conv2d(w.shape[1] * group, w.shape[0], tuple(w.shape[2:]), stride=tuple(a.get("strides", (1, 1))),
+                     padding=tuple(pads[:2]), dilation=tuple(a.get("dilations", (1, 1))), groups=group, bias=len(node.input) > 2)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if conv.bias is not None:
+            conv.bias.copy_(torch.from_numpy(np.array(weights[node.input[2]], dtype=np.float32)))
+    return conv
+
+
 def conv_chain_module(proto: onnx.ModelProto) -> nn.Module:
     """A graph of Conv nodes in a chain (tuning's one-layer models) as the same PyTorch convs."""
-    weights = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in proto.graph.initializer}
-    convs = []
+    weights = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type != "Conv":
             raise GraphError(f"conv_chain_module takes Conv nodes only; got {node.op_type}")
-        a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-        w = weights[node.input[1]]
-        pads = a.get("pads", [0, 0, 0, 0])
-        conv = nn.Conv2d(w.shape[1] * a.get("group", 1), w.shape[0], tuple(w.shape[2:]), stride=tuple(a.get("strides", (1, 1))),
-                         padding=tuple(pads[:2]), dilation=tuple(a.get("dilations", (1, 1))), groups=a.get("group", 1),
-                         bias=len(node.input) > 2)
-        conv.weight.data.copy_(w)
-        if conv.bias is not None:
-            conv.bias.data.copy_(weights[node.input[2]])
-        convs.append(conv)
-    return nn.Sequential(*convs)
+    return nn.Sequential(*(conv_from_node(node, weights) for node in proto.graph.node))

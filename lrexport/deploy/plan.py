@@ -58,6 +58,7 @@ class Plan:
     tune: dict | None = None  # per-layer times and choices (TuneResult.to_dict)
     guard: list[dict] = field(default_factory=list)  # per batch: whole-model times of each plan
     note: str = ""
+    quantization: dict | None = None  # int8: per-layer errors on calibration images and the layers left in float
 
     def model(self, trained: torch.nn.Module) -> torch.nn.Module:
         """The low-rank model this plan deploys: the trained one, truncated where it went below."""
@@ -65,7 +66,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "deployed": self.deployed, "layers": self.layers, "truncated": self.truncated,
-                "target": self.target, "note": self.note, "guard": self.guard, "tune": self.tune}
+                "target": self.target, "note": self.note, "guard": self.guard, "tune": self.tune,
+                "quantization": self.quantization}
 
 
 def default_cache() -> Path:
@@ -126,8 +128,12 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
     runners = {}
     for name, (model, layers) in variants.items():
         plain, _ = to_plain(model, input_size, multiple_of, layers)
-        source = ModelSource(onnx=to_onnx(plain, input_size, batch).SerializeToString(), torch=lambda p=plain: p,
-                             label=f"the {name} plan")
+        graph = to_onnx(plain, input_size, batch)
+        if options.precision == "int8":
+            from .quantize import quantize, random_batches
+
+            graph = quantize(graph, random_batches((batch or 2, *input_size)), ranges="minmax")
+        source = ModelSource(onnx=graph.SerializeToString(), torch=lambda p=plain: p, label=f"the {name} plan")
         runners[name] = open_runner(plan.runtime, source, options)
     worst = {name: float("inf") for name in runners}
     gen = torch.Generator().manual_seed(2)

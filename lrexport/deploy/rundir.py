@@ -63,6 +63,13 @@ class Run:
 
         return recorded_validation_set(self.summary["data_config"], f"{self.path}/summary.json")
 
+    def calibration_set(self, split: str):
+        """Images to calibrate int8 ranges on: the "train" split without augmentation, or "val"."""
+        from ..data import recorded_datasets
+
+        train, val, _ = recorded_datasets(self.summary["data_config"], f"{self.path}/summary.json", augment=False)
+        return train if split == "train" else val
+
 
 def open_run(path: str | Path) -> Run:
     path = Path(path)

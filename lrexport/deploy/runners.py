@@ -35,7 +35,7 @@ class RuntimeOptions:
 
     threads: int | None = None  # None: all CPUs
     device: str = "cpu"  # "cpu" or "cuda" (torch)
-    precision: str = "fp32"  # "fp32"; torch on CUDA also "fp16", "bf16"
+    precision: str = "fp32"  # "fp32"; "int8" (quantized ONNX: ort, openvino); "fp16" (openvino, torch on CUDA), "bf16" (torch on CUDA)
     channels_last: bool = False  # torch
     cuda_graph: bool = True  # torch on CUDA: replay the call as one CUDA graph
 
@@ -80,8 +80,8 @@ class OpenVinoRunner:
 
     def __init__(self, model: bytes | Path, options: RuntimeOptions, label: str = "the model"):
         ov = _openvino()
-        if options.device != "cpu" or options.precision != "fp32":
-            raise RuntimeMissingError(f"lrexport runs OpenVINO on the CPU in fp32; got {options.device} {options.precision}")
+        if options.device != "cpu" or options.precision not in ("fp32", "fp16", "int8"):
+            raise RuntimeMissingError(f"lrexport runs OpenVINO on the CPU in fp32, fp16 or int8; got {options.device} {options.precision}")
         self.version = ov.__version__
         self.options = options
         self.core = ov.Core()
@@ -103,7 +103,9 @@ class OpenVinoRunner:
             model.reshape({0: list(shape)})
             config = {
                 "INFERENCE_NUM_THREADS": self.options.cpu_threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                "INFERENCE_PRECISION_HINT": "f32",  # CPUs with AMX would otherwise run bf16
+                # float layers in fp32 unless fp16 is asked for (CPUs with AMX would otherwise run bf16);
+                # an int8 (QDQ) model runs its quantized layers in int8 either way
+                "INFERENCE_PRECISION_HINT": "f16" if self.options.precision == "fp16" else "f32",
             }
             self.compiled[shape] = self.core.compile_model(model, "CPU", config).create_infer_request()
         return self.compiled[shape]
@@ -124,7 +126,7 @@ class OpenVinoRunner:
 
     def settings(self) -> dict:
         return {"runtime": "openvino", "version": self.version, "device": cpu_name(), "provider": "CPU",
-                "threads": self.options.cpu_threads, "precision": "fp32"}
+                "threads": self.options.cpu_threads, "precision": self.options.precision}
 
 
 # -- PyTorch ------------------------------------------------------------------------------------------
@@ -138,6 +140,8 @@ class TorchRunner:
         self.device = torch.device(options.device)
         if options.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeMissingError("no CUDA GPU visible (torch.cuda.is_available() is False); use --device cpu")
+        if options.precision == "int8":
+            raise RuntimeMissingError("the torch runtime does not run int8; int8 (QDQ ONNX) runs on ort or openvino")
         if options.device == "cpu" and options.precision != "fp32":
             raise RuntimeMissingError(f"torch runs {options.precision} on CUDA only; use fp32 on the CPU")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.precision]
@@ -192,9 +196,9 @@ class TorchRunner:
 def _open_ort(source: ModelSource, options: RuntimeOptions):
     from .runtime import OrtRunner
 
-    if options.device != "cpu" or options.precision != "fp32":
-        raise RuntimeMissingError(f"lrexport runs onnxruntime on the CPU in fp32; got {options.device} {options.precision}")
-    return OrtRunner(source.onnx, options.cpu_threads)
+    if options.device != "cpu" or options.precision not in ("fp32", "int8"):
+        raise RuntimeMissingError(f"lrexport runs onnxruntime on the CPU in fp32 or int8; got {options.device} {options.precision}")
+    return OrtRunner(source.onnx, options.cpu_threads, options.precision)
 
 
 def _open_openvino(source: ModelSource, options: RuntimeOptions):

@@ -40,13 +40,14 @@ class OrtRunner:
     clock = "wall"
     spinning = "during runs only"  # as recorded in verify.json and the benchmarks
 
-    def __init__(self, model: str | Path | bytes, threads: int | None = None):
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, precision: str = "fp32"):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.threads = threads or os.cpu_count() or 1
+        self.precision = precision  # of the model it runs: an int8 model is a QDQ graph
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         # Worker threads busy-wait between the ops of a run (onnxruntime's default, and what a
@@ -78,7 +79,7 @@ class OrtRunner:
         from .timing import cpu_name
 
         return {"runtime": "ort", "version": onnxruntime.__version__, "device": cpu_name(),
-                "provider": self.session.get_providers()[0], "threads": self.threads, "precision": "fp32",
+                "provider": self.session.get_providers()[0], "threads": self.threads, "precision": self.precision,
                 "spinning": self.spinning}
 
 

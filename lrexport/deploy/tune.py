@@ -321,12 +321,19 @@ class Target:
         return {"runtime": self.runtime, **self.settings, "batches": list(self.batches)}
 
 
-def layer_source(shape: LayerShape, candidate, batch: int) -> ModelSource:
-    """One candidate as every runtime takes it: its one-layer ONNX graph, and the same convs as PyTorch modules."""
+def layer_source(shape: LayerShape, candidate, batch: int, precision: str = "fp32") -> ModelSource:
+    """One candidate as every runtime takes it: its one-layer ONNX graph (quantized for int8), and the same
+    convs as PyTorch modules."""
     from .onnx_graph import conv_chain_module
 
     proto = layer_onnx(shape, candidate, batch)
-    return ModelSource(onnx=proto.SerializeToString(), torch=lambda: conv_chain_module(proto), label=f"candidate {candidate}")
+    graph = proto
+    if precision == "int8":
+        from .quantize import quantize, random_batches
+
+        dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+        graph = quantize(proto, random_batches(dims), ranges="minmax")
+    return ModelSource(onnx=graph.SerializeToString(), torch=lambda: conv_chain_module(proto), label=f"candidate {candidate}")
 
 
 def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
@@ -337,7 +344,7 @@ def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
     if not get_runtime(runtime).tunable:
         raise RuntimeMissingError(f"per-layer tuning on {runtime} is not implemented; export with --no-tune")
     probe = LayerShape("channel", 8, 8, 1, 1, (1, 1), (0, 0), (1, 1), (4, 4))
-    settings = open_runner(runtime, layer_source(probe, DENSE, 1), options).settings()
+    settings = open_runner(runtime, layer_source(probe, DENSE, 1, options.precision), options).settings()
     return Target(runtime, options, settings, batches)
 
 
@@ -355,7 +362,7 @@ def time_candidates(shape: LayerShape, candidates, target: Target, batch: int, w
     }
     calls, clock = {}, None
     for cand in candidates:
-        runner = open_runner(target.runtime, layer_source(shape, cand, batch), target.options)
+        runner = open_runner(target.runtime, layer_source(shape, cand, batch, target.options.precision), target.options)
         calls[cand] = runner.bind(inputs[CONTEXT_OUT if cand == CONTEXT_OUT else "in"])
         clock = runner.clock
     timed = interleave_within(calls, budget_ms, min_repeats, max_repeats, warmup, cuda=clock == CUDA_EVENTS)

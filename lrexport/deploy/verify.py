@@ -10,7 +10,7 @@ interleaved; MACs speedup, wall-clock speedup and their ratio. The result goes t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ class VerifyConfig:
     warmup: int = 10
     repeats: int = 50
     limit: int | None = None  # evaluate the first N validation images
-    tolerance: float = 0.1  # accuracy points the runtime may differ from PyTorch
+    tolerance: float | None = None  # accuracy points the runtime may differ from PyTorch; None: 0.1 (fp32), 0.5 (int8, fp16)
     eval_batch: int = 64
 
 
@@ -48,8 +48,14 @@ class Artifacts:
     plan: dict
     reference: dict[str, np.ndarray]
 
+    @property
+    def precision(self) -> str:
+        return self.meta.get("precision", "fp32")
+
     def source(self, m: str) -> ModelSource:
-        """Model ``m`` ("lowrank" or "dense") in every form the artifacts hold."""
+        """Model ``m`` ("lowrank", "dense", or the int8 artifacts' "dense_fp32") in every form the artifacts hold."""
+        if m == "dense_fp32":
+            return ModelSource(onnx=self.path / self.meta["quantization"]["reference"]["dense_fp32"], label=f"the fp32 dense model of {self.path}")
         program = (self.meta.get("programs") or {}).get(m)
         engine = (self.meta.get("engines") or {}).get(m)
 
@@ -154,6 +160,9 @@ def measure_latency(runners: dict, val, sizes, macs_speedup: float, config: Veri
         wall = timed.ratio("dense", "lowrank")
         rows.append({"batch": b, "lowrank": timed.stats("lowrank", b).to_dict(), "dense": timed.stats("dense", b).to_dict(),
                      "wall_speedup": wall, "ratio": wall / macs_speedup, "clock": timed.clock})
+        if "dense_fp32" in runners:  # quantized artifacts: both beside the fp32 dense model, in the same rounds
+            rows[-1] |= {"dense_fp32": timed.stats("dense_fp32", b).to_dict(), "speedup_over_fp32": timed.ratio("dense_fp32", "lowrank"),
+                         "dense_speedup_over_fp32": timed.ratio("dense_fp32", "dense")}
     return rows
 
 
@@ -197,15 +206,20 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
     config, options = config or VerifyConfig(), options or RuntimeOptions()
     art = load_artifacts(artifacts_dir if artifacts_dir is not None else newest_run(runs_root) / "artifacts")
     runtime = runtime or art.meta.get("runtime", "ort")
+    if options.precision == "fp32" and art.precision != "fp32":
+        options = replace(options, precision=art.precision)  # quantized graphs run as what they are
     runners = {m: open_runner(runtime, art.source(m), options) for m in MODELS}
+    if art.precision == "int8":
+        runners["dense_fp32"] = open_runner(runtime, art.source("dense_fp32"), replace(options, precision="fp32"))
+    tolerance = config.tolerance if config.tolerance is not None else (0.1 if art.precision == "fp32" else 0.5)
     val = art.validation_set()
     accuracy = measure_accuracy(runners, art, val, config)
     sizes = [art.meta["batch"]] if art.meta.get("batch") else list(config.batch_sizes)
     latency = measure_latency(runners, val, sizes, art.meta["macs_speedup"], config)
     failures = [
-        f"{m} {key} through {runtime} is {accuracy[m][key]:.2f}%, PyTorch's {accuracy[m][f'torch_{key}']:.2f}% "
-        f"(tolerance {config.tolerance:g} points)"
-        for m in MODELS for key in ("top1", "top5") if abs(accuracy[m][key] - accuracy[m][f"torch_{key}"]) > config.tolerance
+        f"{m} {key} through {runtime} ({art.precision}) is {accuracy[m][key]:.2f}%, PyTorch's (fp32) {accuracy[m][f'torch_{key}']:.2f}% "
+        f"(tolerance {tolerance:g} points)"
+        for m in MODELS for key in ("top1", "top5") if abs(accuracy[m][key] - accuracy[m][f"torch_{key}"]) > tolerance
     ]
     lr, dn = art.meta["models"]["lowrank"], art.meta["models"]["dense"]
     report = {
@@ -216,7 +230,7 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
                  "speedup": art.meta["macs_speedup"], "deployed_speedup": dn["macs"] / lr["deployed_macs"]},
         "plan": {"runtime": art.plan["runtime"], "deployed": art.plan["deployed"], "target": art.plan.get("target")},
         "predicted": predicted_latency(art.plan, latency) if runtime == art.plan["runtime"] else [],
-        "tolerance": config.tolerance, "failures": failures, "passed": not failures,
+        "precision": art.precision, "tolerance": tolerance, "failures": failures, "passed": not failures,
         "notes": slower_than_dense(latency, runtime, art.plan["deployed"]),
     }
     if runtime != art.plan["runtime"] and art.plan["deployed"] != "untuned":
