@@ -4,7 +4,6 @@ import json
 import shutil
 from collections import Counter
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
