@@ -125,8 +125,12 @@ class OpenVinoRunner:
         return request.infer
 
     def settings(self) -> dict:
-        return {"runtime": "openvino", "version": self.version, "device": cpu_name(), "provider": "CPU",
-                "threads": self.options.cpu_threads, "precision": self.options.precision}
+        settings = {"runtime": "openvino", "version": self.version, "device": cpu_name(), "provider": "CPU",
+                    "threads": self.options.cpu_threads, "precision": self.options.precision}
+        if self.compiled:  # what the plugin made of the hint: "fp16" runs bf16 on CPUs that have bf16 but not fp16 units
+            request = next(iter(self.compiled.values()))
+            settings["float_precision"] = request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT").to_string()
+        return settings
 
 
 # -- PyTorch ------------------------------------------------------------------------------------------
