@@ -57,3 +57,14 @@ def test_unknown_missing_and_unsupported_runtimes_are_one_line(net):
         open_runner("torch", source, RuntimeOptions(precision="fp16"))
     with pytest.raises(RuntimeMissingError, match="fp32 or int8"):
         open_runner("ort", source, RuntimeOptions(precision="fp16"))
+
+
+def test_ort_on_cuda_needs_its_provider(net):
+    import onnxruntime
+
+    _, source = net
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert open_runner("ort", source, RuntimeOptions(device="cuda")).settings()["provider"] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    else:
+        with pytest.raises(RuntimeMissingError, match="onnxruntime-gpu"):
+            open_runner("ort", source, RuntimeOptions(device="cuda"))

@@ -201,7 +201,7 @@ def runtime_options(fn):
         click.option("--runtime", default=None, metavar="|".join(RUNTIMES),
                      help="Runtime to deploy on / measure with (default: export: ort, or trt with --format trt; verify: the one exported for)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of the runtime (default: all CPUs)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch runtime only."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch, or ort with onnxruntime-gpu."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
                      help="fp32 (default); torch on CUDA: fp16/bf16; TensorRT engines: fp32/fp16/int8 (default fp16)."),
         click.option("--channels-last", is_flag=True, help="torch runtime: channels_last memory format."),

@@ -35,12 +35,13 @@ def load_meta(artifacts_dir: str | Path) -> dict:
 
 
 class OrtRunner:
-    """One onnxruntime CPU session; ``run(x) -> logits`` for a float32 NCHW batch."""
+    """One onnxruntime session (CPU provider unless told otherwise); ``run(x) -> logits`` for a float32 NCHW batch."""
 
     clock = "wall"
     spinning = "during runs only"  # as recorded in verify.json and the benchmarks
 
-    def __init__(self, model: str | Path | bytes, threads: int | None = None, precision: str = "fp32"):
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, precision: str = "fp32",
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -57,7 +58,7 @@ class OrtRunner:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         source = model if isinstance(model, bytes) else str(model)
         try:
-            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, opts, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own non-exported exception types
             raise LrexportError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model}: {e}") from None
         inp = self.session.get_inputs()[0]
