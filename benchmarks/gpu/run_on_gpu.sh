@@ -32,13 +32,15 @@ timeout 240 $py benchmarks/gpu/gpu_check.py --json "$out/gpu_check.json" --workd
   >"$out/gpu_check.md" 2>>"$out/gpu_check.log"
 echo "rc $?"; cat "$out/gpu_check.md"
 
-step "quickstart on the GPU: train, export, verify (onnxruntime and torch)"
+step "quickstart on the GPU: train, export, verify (onnxruntime CPU; torch on CUDA, fp16, tuned for it)"
 run="$work/quickstart"
 {
   timeout 180 $py -m lrexport train recipes/quickstart.toml --output "$run" && \
   timeout 90 $py -m lrexport export "$run" && \
   timeout 90 $py -m lrexport verify "$run/artifacts" --runtime ort && \
-  timeout 90 $py -m lrexport verify "$run/artifacts" --runtime torch
+  timeout 120 $py -m lrexport export "$run" --runtime torch --device cuda --precision fp16 --channels-last \
+    --tune-batches 1,32 --output "$run/artifacts-cuda" && \
+  timeout 90 $py -m lrexport verify "$run/artifacts-cuda" --device cuda --precision fp16 --channels-last --batch-sizes 1,32
 } >"$out/quickstart.log" 2>&1
 echo "rc $?"; tail -n 40 "$out/quickstart.log"
 cp "$run/summary.json" "$out/summary.json" 2>/dev/null
