@@ -31,7 +31,7 @@ def test_seed_settings_in_recipes():
     assert (r.reg.type, r.reg.decay, r.prune.energy, r.reg.ortho) == ("hoyer", 0.03, 1.5e-5, 1.0)
     assert r.phases.svd.milestones == [81, 122] and r.data.batch_size == 100
     r = load_recipe("recipes/resnet50_imagenet.toml")
-    assert (r.reg.ortho, r.model.weights, r.data.batch_size) == (10.0, "DEFAULT", 256)
+    assert (r.reg.ortho, r.model.weights, r.data.batch_size) == (10.0, "IMAGENET1K_V1", 256)  # the paper's base
     assert load_recipe("recipes/resnet50_imagenet_spatial.toml").reg.ortho == 5.0
 
 

@@ -74,20 +74,26 @@ class MacReport:
         }
 
 
+def _is_svd(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("macs", "mode", "rank", "full_rank"))
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> MacReport:
-    """Per-layer and total MACs for one image of ``input_size`` (C, H, W), by running the model."""
-    from .svd_layers import SVDConv2d, SVDLinear
+    """Per-layer and total MACs for one image of ``input_size`` (C, H, W), by running the model.
 
+    An SVD layer is any module with ``macs(in_hw)``, ``mode``, ``rank`` and ``full_rank`` (lowrank.svd_layers):
+    recognised by what it does, so that the MAC rules need not import the layers that use them.
+    """
     report = MacReport()
     hooks = []
 
     def hook_for(name: str):
         def hook(module, inputs, output):
             x = inputs[0]
-            if isinstance(module, (SVDConv2d, SVDLinear)):
+            if _is_svd(module):
                 dense, factored = module.macs(tuple(x.shape[-2:]) if x.dim() == 4 else None)
-                kind = f"svd-{module.mode}" if isinstance(module, SVDConv2d) else "svd-linear"
+                kind = f"svd-{module.mode}"
                 report.layers.append(LayerMacs(name, kind, dense, min(dense, factored), module.rank, module.full_rank))
             elif isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
@@ -100,7 +106,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (SVDConv2d, SVDLinear, nn.Conv2d, nn.Linear)):
+        if _is_svd(module) or isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     model.eval()
