@@ -230,7 +230,7 @@ def runtime_options(fn):
 @click.option("--check-images", type=click.IntRange(min=1), default=64, show_default=True, help="Validation images to compare runtimes on.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative error of the logits.")
 @click.option("--trt-batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="TensorRT only, with a dynamic batch.")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=256, show_default=True, help="int8: images to calibrate on.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=1024, show_default=True, help="int8: images to calibrate on.")
 @click.option("--calibration-split", type=click.Choice(["train", "val"]), default="train", show_default=True,
               help="int8: calibrate on the run's training images (validation transform) or validation images.")
 @click.option("--max-layer-error", type=click.FloatRange(min=0), default=0.1, show_default=True,
