@@ -74,6 +74,9 @@ class TrainProgress(_LiveBar):
             self.bar.console.print(
                 f"  {data['phase']} epoch {data['epoch']}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
                 f" · {data['images_per_s']:.0f} img/s", highlight=False, soft_wrap=True)
+        elif kind == "latency_layer":
+            self.bar.console.print(f"  prune: timed {data['layer']} on the target runtime ({data['done']}/{data['total']})",
+                                   highlight=False, soft_wrap=True)
         elif kind == "warning":
             err.print(f"[yellow]warning:[/] {escape(data['message'])}", highlight=False, soft_wrap=True)
         elif kind == "phase_end":

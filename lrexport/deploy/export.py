@@ -31,6 +31,7 @@ from ..lowrank import count_macs
 from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
 from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
+from .latency_ranks import allocated_plan
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
 from .rundir import Run, newest_run, open_run
 from .runners import RUNTIMES, RuntimeOptions, UnknownRuntimeError
@@ -299,8 +300,10 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
     out_dir = Path(out_dir) if out_dir is not None else run.path / "artifacts"
     trained, dense = run.load_models()
+    allocated = allocated_plan(run.summary, config.target)
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
-                       config.multiple_of, _below_checker(run, trained, config.tune, log), progress)
+                       config.multiple_of, _below_checker(run, trained, config.tune, log) if allocated is None else None,
+                       progress, allocated)
     built = build(plan.model(trained), dense, plan, run.input_size, config)
     checks = check(built, validation_sample(run, config.check_images), config)
     val = run.validation_set()
