@@ -79,7 +79,7 @@ class PruneConfig:
     latency_threads: int = field(default=0, metadata=_check(ge=0))  # 0: all CPUs
     latency_device: str = field(default="cpu", metadata=_check("cpu", "cuda"))  # cuda: torch only
     latency_precision: str = field(default="fp32", metadata=_check("fp32", "fp16", "bf16"))  # fp16/bf16: torch on cuda only
-    latency_grid: int = field(default=8, metadata=_check(ge=1))  # candidate ranks are multiples of this
+    latency_grid: int = field(default=8, metadata=_check(ge=1))  # candidate ranks: multiples of this, powers of two below it
     # largest fraction of one layer's energy the allocation may discard; "auto": 10·e
     max_layer_energy: float | str = field(default="auto", metadata=_check(gt=0, words=("auto",)))
 

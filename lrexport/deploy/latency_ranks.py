@@ -1,8 +1,8 @@
 """The prune step that knows its target: each layer's rank from the runtime's measured latency.
 
 For every decomposed conv, the dense conv and the thin pair at the grid ranks (multiples of
-``grid``, from the lowest rank the per-layer cap admits up to break-even; the energy rule's
-rank rounded up to the grid always among them) are timed on the target runtime at the
+``grid`` and powers of two below it, from the lowest rank the per-layer cap admits up to
+break-even; the energy rule's rank rounded up to the grid always among them) are timed on the target runtime at the
 layer's real input shape, with the tuning machinery and its cache (lrexport.deploy.tune).
 A layer's time is its per-image time summed over the batches. lrexport.lowrank.allocate then
 picks the ranks that minimise the summed time within the energy rule's budget, and the model
@@ -48,16 +48,22 @@ def lowest_rank(s, cap: float) -> int:
     return 1 if cap >= 1.0 else energy_rank(s, cap)
 
 
+def on_grid(rank: int, grid: int) -> bool:
+    """The rank grid: multiples of ``grid``, and powers of two below it (concentrated spectra keep very few values)."""
+    return rank % grid == 0 or (rank < grid and rank & (rank - 1) == 0)
+
+
 def grid_ranks(layer: TuneLayer, lowest: int, rule: int, grid: int, max_candidates: int = MAX_CANDIDATES) -> list[int]:
-    """Pair ranks to time: multiples of ``grid`` (coarser where there would be too many) in
-    [lowest, break-even), and ``rule`` rounded up to the grid."""
+    """Pair ranks to time: grid ranks (multiples of ``grid`` coarser where there would be too
+    many) in [lowest, break-even), and ``rule`` rounded up to the grid."""
     top = min(layer.break_even, layer.full_rank + 1)  # pairs below break-even only
     first = math.ceil(lowest / grid) * grid
     count = max(0, math.ceil((top - first) / grid))
     step = grid * max(1, math.ceil(count / max_candidates))
     ranks = {r for r in range(math.ceil(lowest / step) * step, top, step)}
-    up = math.ceil(max(rule, lowest) / grid) * grid
-    if up < top:
+    ranks |= {1 << k for k in range(grid.bit_length()) if lowest <= 1 << k < min(grid, top)}
+    up = next((r for r in range(max(rule, lowest), top) if on_grid(r, grid)), None)
+    if up is not None:
         ranks.add(up)
     return sorted(r for r in ranks if r >= 1)
 

@@ -117,7 +117,10 @@ def _variants(plan: Plan, trained, input_size, multiple_of: int) -> dict[str, tu
     all_dense = {name: DENSE for name in deployed(trained, None)}
     variants = {"dense": (trained, all_dense)}
     seen = [all_dense]
-    for name, model, layers in (("untuned", trained, None), (plan.deployed, plan.model(trained), plan.layers)):
+    order = [("untuned", trained, None), (plan.deployed, plan.model(trained), plan.layers)]
+    if plan.deployed == "allocated":  # the run's own ranks: where the MACs rule deploys the same model, it goes by their name
+        order.reverse()
+    for name, model, layers in order:
         effective = deployed(model, layers)
         if plan.truncated and name == plan.deployed or effective not in seen:  # the same model twice is timed once
             variants[name] = (model, layers)
