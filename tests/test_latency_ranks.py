@@ -133,7 +133,7 @@ def test_grid_ranks_are_multiples_within_the_cap_and_below_break_even():
     assert all(LR.on_grid(r, 8) for r in (1, 2, 4, 8, 16, 24)) and not any(LR.on_grid(r, 8) for r in (3, 5, 12))
 
 
-def fake_layer_times(layer, cands, target, batch, cache, **timing):
+def fake_layer_times(layer, cands, target, batch, cache, stat="median_ms", **timing):
     full = min(layer.shape.n, layer.shape.c * layer.shape.kh * layer.shape.kw)
     return {c: batch * fake_ms(c, full, dense_factor=0.5 if layer.shape.c == 16 else 0.9) for c in cands}, len(cands)
 

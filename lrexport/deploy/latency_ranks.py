@@ -4,7 +4,8 @@ For every decomposed conv, the dense conv and the thin pair at the grid ranks (m
 ``grid`` and powers of two below it, from the lowest rank the per-layer cap admits up to
 break-even; the energy rule's rank rounded up to the grid always among them) are timed on the target runtime at the
 layer's real input shape, with the tuning machinery and its cache (lrexport.deploy.tune).
-A layer's time is its per-image time summed over the batches. lrexport.lowrank.allocate then
+A layer's time is its per-image time (its fastest timed call, robust to other load) summed
+over the batches. lrexport.lowrank.allocate then
 picks the ranks that minimise the summed time within the energy rule's budget, and the model
 is truncated to them, before finetuning (DESIGN §8: choices that change the model belong there).
 """
@@ -36,6 +37,8 @@ class LatencyConfig:
     grid: int = 8
     cache: Path | None = None
     timing: dict = field(default_factory=lambda: dict(TIMING))
+    # each candidate's fastest call: a ranking of many candidates must not follow one slow spell of a shared machine
+    stat: str = "min_ms"
 
 
 def cap_of(max_layer_energy: float | str, energy: float) -> float:
@@ -77,7 +80,7 @@ def measure(layers: list[TuneLayer], ranks: dict[str, list[int]], config: Latenc
         cands = [DENSE, *ranks[layer.name]]
         total = dict.fromkeys(cands, 0.0)
         for b in target.batches:
-            ms, n = layer_times(layer, cands, target, b, cache, **config.timing)
+            ms, n = layer_times(layer, cands, target, b, cache, config.stat, **config.timing)
             timed, asked = timed + n, asked + len(cands)
             for c in cands:
                 total[c] += ms[c] / b
@@ -117,7 +120,7 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
         "runtime": config.runtime, "target": target, "grid": config.grid, "energy": energy, "budget": budget, "cap": cap,
         "mean_discarded": alloc.mean_discarded, "method": alloc.method, "predicted_ms": alloc.total_ms,
         "energy_rule_ms": alloc.rule_ms, "seconds": round(time.perf_counter() - start, 2),
-        "note": "ms: per image, summed over the batches, of each decomposed conv timed alone (context-corrected)",
+        "note": "ms: per image, summed over the batches, of each decomposed conv timed alone (fastest call, context-corrected)",
         "layers": {t.name: {
             "energy_rank": t.rule_rank, "allocated": alloc.ranks[t.name], "discarded": alloc.discarded[t.name],
             "energy_discarded": float(t.discarded[t.rule_rank]), "predicted_ms": alloc.predicted_ms[t.name],
