@@ -14,13 +14,19 @@ speed) and the fp32 dense model is timed beside them in the same rounds. With
 ``--tune``, "tuned@B" per runtime, mode and batch B: the energy-rule model deployed as
 ``lrexport export --runtime R --batch B`` plans it on that runtime (per-layer times, then
 the whole-model guard against the untuned and the all-dense plans); and, where "pruned16"
-is among the variants, "tuned16@B": the pruned16 model planned the same way. The dense
+is among the variants, "tuned16@B": the pruned16 model planned the same way. "latency"
+(per runtime and mode): the ranks ``prune.latency = R`` allocates on that runtime, at the
+same energy budget as the energy-rule model (the mean over layers of the discarded energy
+fraction at the bisected e, no layer discarding more than 10·e), each decomposed conv timed
+dense and as thin pairs on the rank grid at batches 1 and 8, deployed exactly at those
+ranks (lrexport.deploy.latency_ranks). The dense
 model is exported the same way (BN folded in all). Each runtime (``--runtime ort,openvino,
 torch``) times all models in this one process, on its own settings, calls interleaved in
 alternating order (lrexport.deploy.timing); per round we take dense time / low-rank time,
-and report the median and p10–p90 of those ratios beside the medians of the latencies.
+and report the median and p10–p90 of those ratios beside the medians of the latencies;
+"vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.
 
-    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,aligned8] [--tune] [--json out.json]
+    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency] [--tune] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import numpy as np
 import torch
 
 import lrexport
+from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
-from lrexport.deploy.plan import TuneConfig, plan_export
+from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
 from lrexport.deploy.quantize import quantize, random_batches
 from lrexport.deploy.runners import ModelSource, RuntimeOptions, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
@@ -111,6 +118,7 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
     for mode in MODES:
         decomposed = decompose(copy.deepcopy(dense), mode, exclude=exclude)
         synthesize_spectra(decomposed, seed)
+        pruned[mode, "full"] = (decomposed.eval(), None, None)  # what the latency variant allocates from
         for multiple in sorted({m for _, m, _ in variants} | {m for m, _ in TUNED.values()}):
             lowrank = copy.deepcopy(decomposed)
             energy, ranks = prune_to_target(lowrank, target, multiple)
@@ -119,6 +127,22 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
             lowrank, energy, ranks = pruned[mode, prune_multiple]
             add_model(models, details, f"{mode}/{name}", lowrank, *to_plain(lowrank, INPUT, align), energy, ranks, x)
     return models, details, dense_macs, pruned
+
+
+@torch.no_grad()
+def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, batches, cache) -> None:
+    """"R:mode/latency": ranks allocated by measured latency on ``runtime`` at the energy-rule model's budget."""
+    x = torch.randn(2, *INPUT)
+    for mode in MODES:
+        _, energy, _ = pruned[mode, 1]
+        lowrank = copy.deepcopy(pruned[mode, "full"][0])
+        config = LatencyConfig(runtime, tuple(batches), options, 8, cache or default_cache())
+        result = latency_prune(lowrank, INPUT, energy, cap_of("auto", energy), config)
+        plan = allocated_plan({"latency_ranks": result.record}, runtime)
+        ranks = {name: layer.rank for name, layer in svd_layers(lowrank)}
+        record = {k: v for k, v in result.record.items() if k != "layers"} | {"plan": plan}
+        add_model(models, details, f"{runtime}:{mode}/latency", lowrank.eval(), *to_plain(lowrank, INPUT, 8, plan), energy, ranks, x,
+                  allocation=record)
 
 
 def add_model(models, details, name: str, lowrank, plain, report, energy, ranks, x, **extra) -> None:
@@ -165,7 +189,8 @@ def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
     return runners
 
 
-def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int, batches, warmup: int, repeats: int, seed: int):
+def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int, rule_macs: dict, batches, warmup: int,
+                 repeats: int, seed: int):
     """Rows of speedups over dense (and in int8 over the fp32 dense model): every model on ``runtime``, interleaved, per batch."""
     runners = open_models(runtime, options, models)
     settings = runners["dense"].settings()
@@ -179,13 +204,15 @@ def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int,
         times = interleave(active, warmup, rounds, cuda=runners["dense"].clock == CUDA_EVENTS).times_ms
         for name in active:
             if name not in ("dense", "dense_fp32"):
-                rows.append(speedup_row(runtime, name, batch, times, dense_macs / models[name][2], dense_macs / models[name][3]))
+                rule = dense_macs / rule_macs[name.split(":")[-1].split("/")[0]]
+                rows.append(speedup_row(runtime, name, batch, times, dense_macs / models[name][2], dense_macs / models[name][3], rule))
         if "dense_fp32" in times:
-            rows.append(speedup_row(runtime, "dense", batch, times, 1.0, 1.0))
+            rows.append(speedup_row(runtime, "dense", batch, times, 1.0, 1.0, 1.0))
     return settings, rows
 
 
-def speedup_row(runtime: str, name: str, batch: int, times: dict, macs_speedup: float, deployed_speedup: float) -> dict:
+def speedup_row(runtime: str, name: str, batch: int, times: dict, macs_speedup: float, deployed_speedup: float,
+                rule_speedup: float) -> dict:
     base = "dense_fp32" if name == "dense" else "dense"  # in int8, the dense int8 model's row is over fp32
     per_round = [d / t for d, t in zip(times[base], times[name])]
     wall = statistics.median(per_round)
@@ -197,6 +224,8 @@ def speedup_row(runtime: str, name: str, batch: int, times: dict, macs_speedup: 
         # the least disturbed call of each: a load-robust second estimate on a shared machine
         "wall_speedup_min": min(times[base]) / min(times[name]),
         "macs_speedup": macs_speedup, "deployed_macs_speedup": deployed_speedup, "ratio": wall / macs_speedup,
+        # against the energy-rule model's MACs speedup: the latency variant's target is ≥ 1
+        "rule_macs_speedup": rule_speedup, "vs_rule": wall / rule_speedup,
     } | ({"vs_fp32": statistics.median(f / t for f, t in zip(times["dense_fp32"], times[name]))} if "dense_fp32" in times else {})
 
 
@@ -205,7 +234,7 @@ def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
     print(f"\n{runtime} {settings['version']}, {settings['threads']} threads, {settings['precision']}; interleaved rounds after warm-up"
           + ("; every model int8 (QDQ) but dense fp32: wall x over dense int8, vs fp32 over dense fp32" if int8 else ""))
     header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"
-              f"{'min x':>7}{'MACs x':>8}{'deployed':>9}{'ratio':>7}" + (f"{'vs fp32':>9}" if int8 else ""))
+              f"{'min x':>7}{'MACs x':>8}{'deployed':>9}{'ratio':>7}{'vs rule':>8}" + (f"{'vs fp32':>9}" if int8 else ""))
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -214,7 +243,13 @@ def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
               f"{r['lowrank_ms']:>9.2f} ({r['lowrank_p90_ms']:>6.2f})"
               f"{r['wall_speedup']:>8.2f} ({r['wall_p10']:.2f}–{r['wall_p90']:.2f})"
               f"{r['wall_speedup_min']:>7.2f}{r['macs_speedup']:>8.2f}{r['deployed_macs_speedup']:>9.2f}{r['ratio']:>7.2f}"
-              + (f"{r['vs_fp32']:>9.2f}" if int8 else ""))
+              f"{r['vs_rule']:>8.2f}" + (f"{r['vs_fp32']:>9.2f}" if int8 else ""))
+
+
+def allocation_line(a: dict) -> str:
+    return (f"; allocated by latency: mean discarded {a['mean_discarded']:.4f} (budget {a['budget']:.4f}, cap {a['cap']:.3f}), "
+            f"predicted {a['predicted_ms']:.3f} ms/image vs {a['energy_rule_ms']:.3f} for the energy rule's ranks, "
+            f"{a['target']['timed']} timed / {a['target']['cached']} cached, {a['seconds']:.0f} s")
 
 
 def main() -> None:
@@ -228,7 +263,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--target", type=float, default=3.0, help="MACs speedup to prune to")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS), help="subset of " + ", ".join(v[0] for v in VARIANTS))
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                    help="subset of " + ", ".join(v[0] for v in VARIANTS) + ", latency (ranks allocated by latency on each runtime)")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
     ap.add_argument("--tune", action="store_true", help="add tuned@B per runtime, mode and batch: export's measured plan at batch B")
     ap.add_argument("--tune-cache", default=None, help="layer timing cache (JSON) reused across runs")
@@ -240,18 +276,23 @@ def main() -> None:
         torch.set_num_threads(1)  # torch only builds and checks the models: no OpenMP contention with the runtime
     exclude = tuple(p for p in args.exclude.split(",") if p)
     batches = [int(b) for b in args.batches.split(",")]
-    variants = [v for v in VARIANTS if v[0] in set(args.variants.split(","))]
+    names = set(args.variants.split(","))
+    variants = [v for v in VARIANTS if v[0] in names]
     models, details, dense_macs, pruned = build_models(args.seed, args.target, variants, exclude)
-    if args.tune:
-        for runtime in runtimes:
+    rule_macs = {mode: count_macs(pruned[mode, 1][0], INPUT).deployed for mode in MODES}
+    for runtime in runtimes:
+        if "latency" in names:
+            add_latency(models, details, pruned, runtime, options, batches, args.tune_cache)
+        if args.tune:
             add_tuned(models, details, pruned, variants, runtime, options, batches, args.tune_cache)
     for name, d in details.items():
         ranks = list(d["ranks"].values())
         print(f"{name:26s} e = {d['energy']:.4g}, MACs {d['macs'] / 1e9:.3f} G ({dense_macs / d['macs']:.2f}x), "
               f"deployed {d['deployed_macs'] / 1e9:.3f} G, ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, "
-              f"dense layers {len(d['dense_layers'])}" + (f", plan: {d['plan']['deployed']}" if "plan" in d else ""))
+              f"dense layers {len(d['dense_layers'])}" + (f", plan: {d['plan']['deployed']}" if "plan" in d else "")
+              + (allocation_line(d["allocation"]) if "allocation" in d else ""))
     load_before = os.getloadavg()
-    results = {runtime: time_runtime(runtime, options, models, dense_macs, batches, args.warmup, args.repeats, args.seed)
+    results = {runtime: time_runtime(runtime, options, models, dense_macs, rule_macs, batches, args.warmup, args.repeats, args.seed)
                for runtime in runtimes}
     load_after = os.getloadavg()
     print(f"\n{machine()['cpu']}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f} → {load_after[0]:.1f}")
@@ -260,7 +301,7 @@ def main() -> None:
     print("\ndense/low-rank ms: median (p90); wall x: median over rounds of dense time / low-rank time;\n"
           "min x: fastest dense call / fastest low-rank call;\n"
           "MACs x: dense MACs / MACs at the trained ranks; deployed: counting zero-padded ranks and layers deployed dense;\n"
-          "ratio = wall x / MACs x")
+          "ratio = wall x / MACs x; vs rule = wall x / the energy-rule model's MACs x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine() | {"loadavg_before": load_before, "loadavg_after": load_after},

@@ -74,6 +74,9 @@ class TrainProgress(_LiveBar):
             self.bar.console.print(
                 f"  {data['phase']} epoch {data['epoch']}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
                 f" · {data['images_per_s']:.0f} img/s", highlight=False, soft_wrap=True)
+        elif kind == "latency_layer":
+            self.bar.console.print(f"  prune: timed {data['layer']} on the target runtime ({data['done']}/{data['total']})",
+                                   highlight=False, soft_wrap=True)
         elif kind == "warning":
             err.print(f"[yellow]warning:[/] {escape(data['message'])}", highlight=False, soft_wrap=True)
         elif kind == "phase_end":
@@ -287,7 +290,7 @@ def _print_plan(plan) -> None:
                 f"images {b['top1']:.2f}% vs {b['reference_top1']:.2f}% as trained (tolerance {b['tolerance']:g} points)")
     for row in plan.guard:
         times = ", ".join(f"{n} {row[n]['median_ms']:.3f} ms ({row[n]['speedup_over_dense']:.2f}x)"
-                          for n in ("tuned", "untuned", "dense") if n in row)
+                          for n in ("allocated", "tuned", "untuned", "dense") if n in row)
         say(f"  whole model at batch {row['batch']} ({row['rounds']} rounds): {times}")
     say(f"  deployed: {plan.deployed} plan for {plan.runtime}" + (f" · {plan.note}" if plan.note else ""))
     q = plan.quantization

@@ -25,9 +25,11 @@ from .errors import RecipeError
 FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 (or narrower)
 
 
-def _check(*choices: Any, ge: float | None = None, gt: float | None = None, lt: float | None = None, words: tuple = ()) -> dict:
-    """Field metadata: allowed choices, numeric bounds, and the words a number field also takes."""
-    return {"choices": choices, "ge": ge, "gt": gt, "lt": lt, "words": words}
+def _check(*choices: Any, ge: float | None = None, gt: float | None = None, lt: float | None = None, words: tuple = (),
+           nonempty: bool = False) -> dict:
+    """Field metadata: allowed choices, numeric bounds (of each item of a list), the words a number
+    field also takes, and whether a list may be empty."""
+    return {"choices": choices, "ge": ge, "gt": gt, "lt": lt, "words": words, "nonempty": nonempty}
 
 
 @dataclass
@@ -70,6 +72,16 @@ class PruneConfig:
     # export --tune may deploy a layer below its energy rank where that is faster and the
     # validation top-1 stays within ``tolerance`` points (lrexport.deploy.below)
     tune_below: bool = False
+    # choose each decomposed conv's rank from its measured latency on this runtime, within the
+    # energy rule's budget (lrexport.deploy.latency_ranks); "none": the energy rule alone
+    latency: str = field(default="none", metadata=_check("none", "ort", "openvino", "torch"))
+    latency_batches: list[int] = field(default_factory=lambda: [1, 8], metadata=_check(ge=1, nonempty=True))
+    latency_threads: int = field(default=0, metadata=_check(ge=0))  # 0: all CPUs
+    latency_device: str = field(default="cpu", metadata=_check("cpu", "cuda"))  # cuda: torch only
+    latency_precision: str = field(default="fp32", metadata=_check("fp32", "fp16", "bf16"))  # fp16/bf16: torch on cuda only
+    latency_grid: int = field(default=8, metadata=_check(ge=1))  # candidate ranks: multiples of this, powers of two below it
+    # largest fraction of one layer's energy the allocation may discard; "auto": 10·e
+    max_layer_energy: float | str = field(default="auto", metadata=_check(gt=0, words=("auto",)))
 
 
 @dataclass
@@ -219,9 +231,12 @@ def _build(cls, raw: dict, where: str, prefix: str) -> Any:
             value = float(value)
         if meta.get("choices") and value not in meta["choices"]:
             raise RecipeError(f"{where}: {key} must be one of {', '.join(map(str, meta['choices']))}, got {_show(value)}")
+        if meta.get("nonempty") and not value:
+            raise RecipeError(f"{where}: {key} must not be empty")
         for bound, ok, word in (("ge", lambda a, b: a >= b, "≥"), ("gt", lambda a, b: a > b, ">"), ("lt", lambda a, b: a < b, "<")):
-            if meta.get(bound) is not None and not ok(value, meta[bound]):
-                raise RecipeError(f"{where}: {key} must be {word} {meta[bound]}, got {_show(value)}")
+            for item in value if isinstance(value, list) else [value]:
+                if meta.get(bound) is not None and not ok(item, meta[bound]):
+                    raise RecipeError(f"{where}: {key} must be {word} {meta[bound]}, got {_show(value)}")
         values[name] = value
     return cls(**values)
 
@@ -252,7 +267,20 @@ def recipe_from_dict(raw: dict, where: str = "<recipe>", overrides: typing.Itera
     for text in overrides:
         path, value = parse_override(text)
         _apply_override(raw, path, value, text)
-    return _build(Recipe, raw, where, "")
+    recipe = _build(Recipe, raw, where, "")
+    _check_latency(recipe.prune, where)
+    return recipe
+
+
+def _check_latency(p: PruneConfig, where: str) -> None:
+    """Settings a runtime cannot measure at (the runners allow fp16/bf16 and CUDA for torch only)."""
+    if p.latency == "none":
+        return
+    if p.latency_device == "cuda" and p.latency != "torch":
+        raise RecipeError(f"{where}: prune.latency_device = \"cuda\" needs prune.latency = \"torch\"; {p.latency} runs on the CPU")
+    if p.latency_precision != "fp32" and p.latency_device != "cuda":
+        raise RecipeError(f"{where}: prune.latency_precision = \"{p.latency_precision}\" needs prune.latency = \"torch\" "
+                          "with latency_device = \"cuda\"; CPU runtimes measure fp32")
 
 
 def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:

@@ -173,7 +173,28 @@ def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished:
         lines += ["", "Not finished (left out): " + ", ".join(f"`{p}`" for p in unfinished)]
     for title, files in figures.items():
         lines += ["", f"## {title}", ""] + [f"![{Path(f).stem}]({f})" for f in files]
+    for r in rows:
+        lines += latency_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def latency_lines(row: RunRow) -> list[str]:
+    """The ranks a run's prune step allocated by measured latency (summary "latency_ranks"), as a table."""
+    rec = row.summary.get("latency_ranks")
+    if not rec:
+        return []
+    t = rec["target"]
+    lines = ["", f"## Latency-allocated ranks: {row.run}", "",
+             f"Measured on {rec['runtime']} {t.get('version', '')} ({t.get('threads')} threads, {t.get('precision')}, batches "
+             f"{', '.join(map(str, t.get('batches', [])))}); mean discarded energy {rec['mean_discarded']:.3g} "
+             f"(budget {rec['budget']:.3g}, per-layer cap {rec['cap']:.3g}); predicted {rec['predicted_ms']:.3f} ms "
+             f"against {rec['energy_rule_ms']:.3f} ms for the energy rule's ranks ({rec['method']}; {rec['note']}).", "",
+             "| layer | energy rank | allocated | discarded energy | energy rule discards | predicted ms |",
+             "|---|---|---|---|---|---|"]
+    for name, layer in rec["layers"].items():
+        lines.append(f"| {name} | {layer['energy_rank']} | {layer['allocated']} | {layer['discarded']:.3g} | "
+                     f"{layer['energy_discarded']:.3g} | {layer['predicted_ms']:.4f} |")
+    return lines
 
 
 # -- figures -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from ..lowrank import count_macs
 from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
 from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
+from .latency_ranks import allocated_plan
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
 from .quantize import QuantConfig, QuantizationError, quantize_checked
 from .rundir import Run, newest_run, open_run
@@ -347,8 +348,10 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     int8 = config.options.precision == "int8"
     calibration = calibration_batches(run, config.quant) if int8 else None  # before any work: the data may be gone
     trained, dense = run.load_models()
+    allocated = allocated_plan(run.summary, config.target)
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
-                       config.multiple_of, _below_checker(run, trained, config.tune, log), progress)
+                       config.multiple_of, _below_checker(run, trained, config.tune, log) if allocated is None else None,
+                       progress, allocated)
     built = build(plan.model(trained), dense, plan, run.input_size, config)
     x = validation_sample(run, config.check_images)
     checks = check(built, x, config)  # the fp32 graphs reproduce PyTorch; int8 is judged by verify's accuracy

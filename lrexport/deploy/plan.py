@@ -3,7 +3,9 @@
 1. Tune: every decomposed conv is timed on the runtime at the deployment's batches, dense
    and as thin pairs at the candidate ranks (lrexport.deploy.tune); where the recipe allows,
    ranks below the energy rule's are kept only where validation accuracy confirms them
-   (lrexport.deploy.below).
+   (lrexport.deploy.below). A run whose prune step allocated its ranks by latency on this
+   runtime (``prune.latency``, lrexport.deploy.latency_ranks) is deployed at exactly those
+   ranks: nothing is tuned, the guard only confirms them ("allocated").
 2. Guard: one-layer times miss what happens between layers, so the whole models are timed
    too, interleaved, at each batch: the tuned plan, the untuned (MACs-only) plan and every
    layer dense. The plan with the best worst-batch speedup over all-dense is deployed, if
@@ -77,11 +79,13 @@ def default_cache() -> Path:
 
 
 def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, config: TuneConfig, batch: int | None,
-                multiple_of: int, below_check=None, progress=None) -> Plan:
+                multiple_of: int, below_check=None, progress=None, allocated: dict | None = None) -> Plan:
     """The deployment plan of ``trained`` on ``runtime`` (see the module docstring).
 
     ``below_check(proposed) -> (kept, check dict)`` confirms ranks below the energy rule's
-    on validation images; without it they are not candidates.
+    on validation images; without it they are not candidates. ``allocated`` (name → DENSE
+    or rank): the ranks the run's prune step allocated by latency on this runtime; they are
+    deployed as they are, and nothing is tuned: the guard only confirms them.
     """
     if not config.enabled:
         return Plan(runtime, "untuned", None, note="not tuned (--no-tune): ranks by the MACs rule")
@@ -89,6 +93,12 @@ def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, conf
         return Plan(runtime, "untuned", None, note=f"per-layer tuning on {runtime} is not implemented: ranks by the MACs rule")
     batches = (batch,) if batch else tuple(config.batches or DEFAULT_BATCHES)
     target = make_target(runtime, options, batches)
+    if allocated is not None:
+        plan = Plan(runtime, "allocated", dict(allocated), target=target.to_dict(),
+                    note=f"ranks allocated by measured latency on {runtime} before finetuning (summary.json latency_ranks)")
+        if config.guard:
+            guard(plan, trained, input_size, target.options, batch, multiple_of, config.guard_budget_ms)
+        return plan
     tuned = tune_model(trained, input_size, target, config.cache or default_cache(), multiple_of, config.margin,
                        progress, below=below_check is not None)
     kept = {}
@@ -109,9 +119,12 @@ def _variants(plan: Plan, trained, input_size, multiple_of: int) -> dict[str, tu
     all_dense = {name: DENSE for name in deployed(trained, None)}
     variants = {"dense": (trained, all_dense)}
     seen = [all_dense]
-    for name, model, layers in (("untuned", trained, None), ("tuned", plan.model(trained), plan.layers)):
+    order = [("untuned", trained, None), (plan.deployed, plan.model(trained), plan.layers)]
+    if plan.deployed == "allocated":  # the run's own ranks: where the MACs rule deploys the same model, it goes by their name
+        order.reverse()
+    for name, model, layers in order:
         effective = deployed(model, layers)
-        if plan.truncated and name == "tuned" or effective not in seen:  # the same model twice is timed once
+        if plan.truncated and name == plan.deployed or effective not in seen:  # the same model twice is timed once
             variants[name] = (model, layers)
             seen.append(effective)
     return variants
@@ -120,6 +133,7 @@ def _variants(plan: Plan, trained, input_size, multiple_of: int) -> dict[str, tu
 def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int | None, multiple_of: int,
           budget_ms: float) -> None:
     """Time the whole variants on the plan's runtime and deploy the fastest that beats all-dense (in place)."""
+    planned = plan.deployed  # "tuned", or "allocated" by the run's prune step
     variants = _variants(plan, trained, input_size, multiple_of)
     if len(variants) == 1:
         plan.deployed, plan.layers = "dense", variants["dense"][1]
@@ -155,6 +169,6 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
         plan.note = (f"no low-rank plan ran faster than every layer dense at every batch (best: {best}, "
                      f"{worst[best]:.2f}x at its worst batch): every layer is deployed dense")
     plan.deployed = deployed
-    if deployed != "tuned":
+    if deployed != planned:
         plan.layers = variants[deployed][1]
         plan.truncated = {}

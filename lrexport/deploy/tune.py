@@ -456,8 +456,12 @@ class TuneResult:
         }
 
 
-def layer_times(layer: TuneLayer, cands, target: Target, batch: int, cache: TuneCache, **timing) -> tuple[dict, int]:
-    """Candidate → ms of one layer at ``batch`` (timed or cached), less its contexts' share; and how many were timed."""
+def layer_times(layer: TuneLayer, cands, target: Target, batch: int, cache: TuneCache, stat: str = "median_ms",
+                **timing) -> tuple[dict, int]:
+    """Candidate → ms of one layer at ``batch`` (timed or cached), less its contexts' share; and how many were timed.
+
+    ``stat``: "median_ms", or "min_ms" (the least disturbed call: robust to other load on a shared machine).
+    """
     ctx = contexts(layer.shape)
     raw, todo = {}, []
     for cand in cands + ctx:
@@ -465,11 +469,11 @@ def layer_times(layer: TuneLayer, cands, target: Target, batch: int, cache: Tune
         if entry is None:
             todo.append(cand)
         else:
-            raw[cand] = entry["median_ms"]
+            raw[cand] = entry[stat]
     if todo:
         for cand, stats in time_candidates(layer.shape, todo, target, batch, **timing).items():
             cache.put(target, batch, layer.shape, cand, stats)
-            raw[cand] = stats.median_ms
+            raw[cand] = getattr(stats, stat)
         cache.save()  # per layer: an interrupted tune keeps what it timed
     # a candidate in context, less half of each context's own two depthwise convs (and their reorders)
     overhead = 0.5 * sum(raw[c] for c in ctx)

@@ -77,18 +77,26 @@ class PruneResult:
     full_rank: int
 
 
-def prune(model: nn.Module, energy: float, multiple_of: int = 1) -> list[PruneResult]:
+def rule_rank(layer: nn.Module, energy: float, multiple_of: int = 1) -> int:
+    """The rank the energy rule gives ``layer`` at ``energy`` (rounded to ``multiple_of``), never above its rank."""
+    return min(layer.rank, round_rank(energy_rank(layer.s, energy), multiple_of, layer.full_rank))
+
+
+def prune(model: nn.Module, energy: float, multiple_of: int = 1, ranks: dict[str, int] | None = None) -> list[PruneResult]:
     """Cut every SVD layer to its energy rank (optionally rounded); returns per-layer ranks.
 
-    Parameters are replaced, so an optimizer built before pruning must be rebuilt.
+    ``ranks`` (name → rank) overrides the rule for the layers it names (a rank chosen by
+    measured latency, lrexport.deploy.latency_ranks). Parameters are replaced, so an
+    optimizer built before pruning must be rebuilt.
     """
     check_energy(energy)
     if multiple_of < 1:
         raise LrexportError(f"multiple_of must be ≥ 1; got {multiple_of}")
+    ranks = ranks or {}
     results = []
     for name, layer in svd_layers(model):
         before = layer.rank
-        k = min(before, round_rank(energy_rank(layer.s, energy), multiple_of, layer.full_rank))
+        k = min(before, ranks[name]) if name in ranks else rule_rank(layer, energy, multiple_of)
         if k < before:
             truncate(layer, k)
         results.append(PruneResult(name, before, k, layer.full_rank))

@@ -35,6 +35,14 @@ class Dist:
         dist.all_reduce(out)
         return out.cpu()
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (a small picklable value; identity in one process)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -339,12 +339,34 @@ class Pipeline:
             )
             energy = choice.energy
             self.summary["energy_search"] = choice.to_dict()
-        pruned = prune(self.model, energy, p.multiple_of)
+        if p.latency == "none":
+            pruned = prune(self.model, energy, p.multiple_of)
+        else:
+            pruned = self._latency_prune(energy)
         self._save("pruned", phase="prune")
         macs = self._macs()
         self.summary["ranks"] = {res.name: {"full": res.full_rank, "pruned": res.after} for res in pruned}
         self.summary["macs"] = macs
         return {"energy": energy, "multiple_of": p.multiple_of, **self._evaluate(), "macs": macs["macs"], "speedup": macs["speedup"]}
+
+    def _latency_prune(self, energy: float):
+        """Ranks from the target runtime's measured latency within the energy rule's budget.
+
+        Rank 0 times and allocates; under torchrun the other processes take its ranks.
+        """
+        from ..deploy.latency_ranks import cap_of, latency_config, latency_prune
+
+        p, ranks, results = self.recipe.prune, None, None
+        if self.dist.is_main:
+            on_layer = lambda name, done, total: self.progress("latency_layer", {"phase": "prune", "layer": name, "done": done, "total": total})
+            self.model.cpu()  # the forward pass that sizes each layer's input runs on the CPU; the runtimes time on their own
+            result = latency_prune(self.model, tuple(self.info.input_size), energy, cap_of(p.max_layer_energy, energy),
+                                   latency_config(p), p.multiple_of, on_layer)
+            self._place(self.model)
+            self.summary["latency_ranks"] = result.record
+            results, ranks = result.results, {res.name: res.after for res in result.results}
+        ranks = self.dist.broadcast(ranks)
+        return results if results is not None else prune(self.model, energy, ranks=ranks)
 
     def _phase_finetune(self, resume):
         r = self.recipe
@@ -403,6 +425,10 @@ class Pipeline:
         if stop_after is not None and stop_after not in PHASES:
             raise LrexportError(f"stop_after must be one of {', '.join(PHASES)}; got {stop_after!r}")
         self._setup_data()
+        if self.recipe.prune.latency != "none":
+            from ..deploy.runners import get_runtime
+
+            get_runtime(self.recipe.prune.latency)  # a runtime that is not installed fails now, not after training
         state = None
         if resume or start_from is not None:
             source = self.run_dir if resume else Path(start_from)
