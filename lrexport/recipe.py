@@ -78,7 +78,8 @@ class PruneConfig:
     latency_batches: list[int] = field(default_factory=lambda: [1, 8], metadata=_check(ge=1, nonempty=True))
     latency_threads: int = field(default=0, metadata=_check(ge=0))  # 0: all CPUs
     latency_device: str = field(default="cpu", metadata=_check("cpu", "cuda"))  # cuda: torch only
-    latency_precision: str = field(default="fp32", metadata=_check("fp32", "fp16", "bf16"))  # fp16/bf16: torch on cuda only
+    # the deployment's precision: int8 (ort, openvino: QDQ graphs), fp16/bf16 (torch on cuda)
+    latency_precision: str = field(default="fp32", metadata=_check("fp32", "int8", "fp16", "bf16"))
     latency_grid: int = field(default=8, metadata=_check(ge=1))  # candidate ranks: multiples of this, powers of two below it
     # largest fraction of one layer's energy the allocation may discard; "auto": 10·e
     max_layer_energy: float | str = field(default="auto", metadata=_check(gt=0, words=("auto",)))
@@ -278,9 +279,11 @@ def _check_latency(p: PruneConfig, where: str) -> None:
         return
     if p.latency_device == "cuda" and p.latency != "torch":
         raise RecipeError(f"{where}: prune.latency_device = \"cuda\" needs prune.latency = \"torch\"; {p.latency} runs on the CPU")
-    if p.latency_precision != "fp32" and p.latency_device != "cuda":
+    if p.latency_precision == "int8" and p.latency not in ("ort", "openvino"):
+        raise RecipeError(f"{where}: prune.latency_precision = \"int8\" needs prune.latency = \"ort\" or \"openvino\"")
+    if p.latency_precision in ("fp16", "bf16") and p.latency_device != "cuda":
         raise RecipeError(f"{where}: prune.latency_precision = \"{p.latency_precision}\" needs prune.latency = \"torch\" "
-                          "with latency_device = \"cuda\"; CPU runtimes measure fp32")
+                          "with latency_device = \"cuda\"; CPU runtimes measure fp32 or int8")
 
 
 def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:

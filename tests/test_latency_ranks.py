@@ -173,5 +173,10 @@ def test_recipe_keys_validate_and_are_prune_phase_keys():
     with pytest.raises(RecipeError, match="needs prune.latency"):
         recipe_from_dict({}, overrides=["prune.latency=ort", "prune.latency_device=cuda"])
     recipe_from_dict({}, overrides=["prune.latency=torch", "prune.latency_device=cuda", "prune.latency_precision=fp16"])
+    recipe_from_dict({}, overrides=["prune.latency=openvino", "prune.latency_precision=int8"])  # for export --precision int8
+    with pytest.raises(RecipeError, match="int8"):
+        recipe_from_dict({}, overrides=["prune.latency=torch", "prune.latency_precision=int8"])
+    with pytest.raises(RecipeError, match="fp16"):
+        recipe_from_dict({}, overrides=["prune.latency=ort", "prune.latency_precision=fp16"])
     assert {first_phase(k) for k in ("prune.latency", "prune.latency_batches", "prune.latency_grid", "prune.max_layer_energy",
                                       "prune.latency_threads", "prune.latency_precision")} == {"prune"}
