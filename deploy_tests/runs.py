@@ -78,3 +78,10 @@ def expected_conv_shapes(run, layers, mode) -> list[tuple]:
         else:
             shapes += [(r, c, kh, 1), (n, r, 1, kw)]
     return sorted(shapes)
+
+
+def one_line(res) -> str:
+    """The CLI's error output of ``res`` (a click CliRunner result): one line starting with "error:"."""
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]

@@ -13,7 +13,7 @@ from lrexport.deploy.export import ExportConfig, export_run
 from lrexport.deploy.quantize import QuantConfig, layer_errors, quantize, random_batches
 from lrexport.deploy.runners import RuntimeOptions
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
-from runs import NO_TUNE
+from runs import NO_TUNE, one_line
 
 INT8 = RuntimeOptions(threads=1, precision="int8")
 
@@ -72,12 +72,6 @@ def test_a_layer_beyond_the_error_bound_stays_in_float(channel_export, tmp_path)
     made_by = {out: n for n in mixed.graph.node for out in n.output}
     conv = next(n for n in mixed.graph.node if n.name == worst)
     assert made_by.get(conv.input[1]) is None or made_by[conv.input[1]].op_type != "DequantizeLinear"
-
-
-def one_line(res) -> str:
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 def test_int8_without_calibration_images_or_int8_support_is_one_line(channel_export, tmp_path):

@@ -15,7 +15,7 @@ from lrexport.deploy.rundir import open_run
 from lrexport.deploy.runners import RuntimeOptions
 from lrexport.deploy.verify import VerifyConfig, VerifyError, verify_artifacts
 from lrexport.train.checkpoint import load_model
-from runs import NO_TUNE
+from runs import NO_TUNE, one_line
 
 ONE_THREAD = RuntimeOptions(threads=1)
 FAST = dict(options=ONE_THREAD, config=VerifyConfig(batch_sizes=(1, 8), warmup=1, repeats=3))
@@ -119,12 +119,6 @@ def test_trt_runtime_missing_is_one_line_exit_2(channel_export):
 def test_missing_artifacts_is_clear(tmp_path):
     res = CliRunner().invoke(main, ["verify", str(tmp_path)])
     assert res.exit_code == 1 and "no meta.json" in res.output
-
-
-def one_line(res) -> str:
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 def test_bad_artifacts_and_runtimes_are_one_line(channel_export, tmp_path):
