@@ -206,7 +206,8 @@ def runtime_options(fn):
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of the runtime (default: all CPUs)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch, or ort with onnxruntime-gpu."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
-                     help="fp32 (default); torch on CUDA: fp16/bf16; TensorRT engines: fp32/fp16/int8 (default fp16)."),
+                     help="fp32 (default); int8: quantized ONNX for ort/openvino; fp16: openvino, torch on CUDA; "
+                          "bf16: torch on CUDA; TensorRT engines: fp32/fp16/int8 (default fp16)."),
         click.option("--channels-last", is_flag=True, help="torch runtime: channels_last memory format."),
     ]):
         fn = option(fn)
