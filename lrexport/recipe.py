@@ -1,7 +1,9 @@
 """Recipes: TOML → validated, typed recipe objects, with --set overrides and clear errors.
 
-Layering: dataclass defaults < recipe file < ``--set key.path=value``. Every unknown key,
-wrong type or out-of-range value is a RecipeError naming the key and the file.
+Layering: dataclass defaults < base recipes < recipe file < ``--set key.path=value``. A recipe
+may name a ``base`` recipe (a path relative to its own file, which may have a base in turn): its
+tables are deep-merged over the base's. Every unknown key, wrong type or out-of-range value is a
+RecipeError naming the key and the file.
 """
 
 from __future__ import annotations
@@ -286,17 +288,50 @@ def _check_latency(p: PruneConfig, where: str) -> None:
                           "with latency_device = \"cuda\"; CPU runtimes measure fp32 or int8")
 
 
-def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
-    """Read and validate a recipe file; ``overrides`` are ``key.path=value`` strings."""
-    path = Path(path)
+BASE_KEY = "base"  # the one key a recipe file has that a Recipe does not: resolved away on reading
+
+
+def _read_toml(path: Path, via: str) -> dict:
+    """One TOML file as a dict; ``via`` says which recipe named it as a base (for errors)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+        raise RecipeError(f"cannot read recipe {path}{via}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not a text (UTF-8) file: byte {e.start} is {e.object[e.start:e.start + 1]!r}") from None
+        raise RecipeError(f"{path}{via}: not a text (UTF-8) file: byte {e.start} is {e.object[e.start:e.start + 1]!r}") from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
-        raise RecipeError(f"{path}: not valid TOML: {e}") from None
-    return recipe_from_dict(raw, str(path), overrides)
+        raise RecipeError(f"{path}{via}: not valid TOML: {e}") from None
+
+
+def merge_tables(base: dict, over: dict) -> dict:
+    """``over`` deep-merged onto ``base``: tables merge key by key, scalars and lists replace."""
+    out = dict(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_tables(out[key], value) if both_tables else value
+    return out
+
+
+def read_recipe_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as one flat dict, its ``base`` chain merged in (not yet validated)."""
+    path = Path(path)
+    via = f" (base of {_chain[-1]})" if _chain else ""
+    raw = _read_toml(path, via)
+    if BASE_KEY not in raw:
+        return raw
+    base = raw.pop(BASE_KEY)
+    if not isinstance(base, str) or not base or not base.isprintable():
+        raise RecipeError(f"{path}: {BASE_KEY} must be a recipe file name, relative to this file, got {_show(base)}")
+    chain = (*_chain, path)
+    base_path = path.parent / base
+    if any(base_path.resolve() == p.resolve() for p in chain):  # resolve(): a/../a.toml is a.toml
+        cycle = " -> ".join(str(p) for p in (*chain, base_path))
+        raise RecipeError(f"{path}: {BASE_KEY} recipes form a cycle: {cycle}")
+    return merge_tables(read_recipe_dict(base_path, chain), raw)
+
+
+def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Read and validate a recipe file (and its bases); ``overrides`` are ``key.path=value`` strings."""
+    return recipe_from_dict(read_recipe_dict(path), str(path), overrides)

@@ -3,9 +3,11 @@
 Accuracy gains are in percentage points over the paper's uncompressed model: top-1 on
 CIFAR-10 (Tables 3, 6), top-5 on ImageNet (Tables 4, 5, 7, 8). Speedups are MACs ratios.
 Table 3 reaches us flattened, with some "L1"/"None" labels displaced by a row; rows were
-assigned by their values (a tiny e with a non-zero λ_s is a Hoyer row; λ_s = 0 is a None row),
-as in the README's recipe table. Table 6's unlabeled row under CNN-FCF is CNN-FCF's second
-operating point.
+assigned by their values (a tiny e with a non-zero λ_s is a Hoyer row; λ_s = 0 is a None row).
+Table 6's unlabeled row under CNN-FCF is CNN-FCF's second operating point.
+
+This module is the one place for these numbers: recipe headers name a row (``PaperPoint.name``)
+and docs/paper-tables.md is rendered from here (``python -m lrexport.seed_results``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,20 @@ class PaperPoint:
     energy: float  # e
     gain: float  # accuracy points
     speedup: float  # MACs
+    row: int = 1  # its place in its block (model, decomposition, regularizer), from 1
+
+    @property
+    def name(self) -> str:
+        """What a recipe's header calls this row (the numbers live here only)."""
+        return f"Table {self.table}, {self.model} {self.decomposition} {self.regularizer}, row {self.row}"
+
+    @property
+    def recipe(self) -> str:
+        """The recipe file whose block this row is in (its defaults are the block's row 1)."""
+        model = self.model.lower().replace("-", "")
+        if self.table == 3:
+            return f"recipes/cifar10_{model}_{self.decomposition}_{self.regularizer}.toml"
+        return f"recipes/{model}_imagenet{'_spatial' if self.decomposition == 'spatial' else ''}.toml"
 
 
 @dataclass(frozen=True)
@@ -117,8 +133,8 @@ _TABLE8 = [
 ]
 
 PAPER_POINTS: tuple[PaperPoint, ...] = (
-    *(PaperPoint(3, m, d, r, base, *row) for m, d, r, base, rows in _TABLE3 for row in rows),
-    *(PaperPoint(t, m, d, "hoyer", base, *row) for t, m, d, base, rows in _TABLES45 for row in rows),
+    *(PaperPoint(3, m, d, r, base, *row, i) for m, d, r, base, rows in _TABLE3 for i, row in enumerate(rows, 1)),
+    *(PaperPoint(t, m, d, "hoyer", base, *row, i) for t, m, d, base, rows in _TABLES45 for i, row in enumerate(rows, 1)),
 )
 
 BASELINES: tuple[Baseline, ...] = (
@@ -133,9 +149,63 @@ def seed_model(model_name: str) -> tuple[str, str] | None:
     return SEED_MODELS.get(model_name)
 
 
+def paper_point(name: str) -> PaperPoint:
+    """The row a recipe header names, e.g. "Table 3, ResNet-20 channel hoyer, row 1"."""
+    for point in PAPER_POINTS:
+        if point.name == name:
+            return point
+    raise KeyError(f"no seed row named {name!r}")
+
+
 def paper_points(model: str) -> list[PaperPoint]:
     return [p for p in PAPER_POINTS if p.model == model]
 
 
 def baselines(model: str) -> list[Baseline]:
     return [b for b in BASELINES if b.model == model]
+
+
+_TITLES = {3: "Table 3: CIFAR-10, top-1", 4: "Table 4: ImageNet ResNet-18, top-5", 5: "Table 5: ImageNet ResNet-50, top-5"}
+_DOC_INTRO = """\
+# The paper's tables
+
+Generated from `lrexport/seed_results.py` by `python -m lrexport.seed_results > docs/paper-tables.md`
+(a test keeps this file equal to that output): edit the numbers there, not here.
+
+Accuracy gains are percentage points over the paper's uncompressed model (its base accuracy);
+speedups are MACs ratios. Each block (model, decomposition, regularizer) has a recipe whose
+defaults are the block's row 1 and whose header names that row; reach the other rows with
+`lrexport train RECIPE --set reg.decay=λ_s --set prune.energy=e`. Table 3 reaches us flattened,
+with some "L1"/"None" labels displaced by a row: rows were assigned by their values (a tiny e
+with a non-zero λ_s is a Hoyer row; λ_s = 0 is a None row).
+"""
+
+
+def _points_table(table: int) -> list[str]:
+    lines = [f"## {_TITLES[table]}", "", "| seed row | recipe | base acc. (%) | λ_s | e | gain (points) | MACs speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for p in PAPER_POINTS:
+        if p.table == table:
+            lines.append(f"| {p.name} | `{p.recipe}` | {p.base:.2f} | {p.decay:g} | {p.energy:.1e} | {p.gain:+.2f} | {p.speedup:.2f}× |")
+    return [*lines, ""]
+
+
+def _baselines_table() -> list[str]:
+    lines = ["## Tables 6–8: the baselines the paper compares with", "",
+             "| table | model | method | decomposition | gain (points) | MACs speedup |", "|---|---|---|---|---|---|"]
+    for b in BASELINES:
+        lines.append(f"| {b.table} | {b.model} | {b.method} | {b.decomposition or '—'} | {b.gain:+.2f} | {b.speedup:.2f}× |")
+    return [*lines, ""]
+
+
+def render_paper_tables() -> str:
+    """docs/paper-tables.md: every row above as Markdown, one table per seed table."""
+    parts = [_DOC_INTRO]
+    for table in sorted(_TITLES):
+        parts.append("\n".join(_points_table(table)))
+    parts.append("\n".join(_baselines_table()))
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render_paper_tables(), end="")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import tomli_w
 
 from .errors import LrexportError, RecipeError
-from .recipe import Recipe, load_recipe, parse_override, recipe_from_dict
+from .recipe import Recipe, load_recipe, parse_override, read_recipe_dict, recipe_from_dict
 from .train.checkpoint import atomic_write_text
 
 PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
@@ -233,7 +233,7 @@ def run_sweep(
     from .train import run_recipe
 
     base = load_recipe(recipe_path, overrides)  # a bad file or --set fails before anything runs
-    raw = tomllib.loads(Path(recipe_path).read_text())
+    raw = read_recipe_dict(recipe_path)  # its base chain merged, as load_recipe reads it
     grid = parse_grid(grid) if not isinstance(grid, Mapping) else dict(grid)
     plan = plan_sweep(raw, grid, overrides, str(recipe_path))
     output = Path(output) if output is not None else default_output(base)

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from lrexport.errors import RecipeError
-from lrexport.recipe import load_recipe, recipe_from_dict
+from lrexport.recipe import BASE_KEY, load_recipe, recipe_from_dict
 
 RECIPES = sorted(glob.glob("recipes/*.toml"))
 
@@ -101,3 +101,49 @@ def test_reference_recipe_lists_every_key_with_its_default():
     defaults = Recipe().to_dict()
     assert keys(tomllib.loads(path.read_text())) == keys(defaults)
     assert load_recipe(path).to_dict() == defaults
+    # the layering key is no Recipe field, so it is documented as a comment line
+    assert f"# {BASE_KEY} = " in path.read_text()
+
+
+def _write(tmp_path, files: dict[str, str]):
+    for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+
+
+def test_base_recipes_deep_merge_then_overrides(tmp_path):
+    _write(tmp_path, {
+        "shared/root.toml": 'name = "root"\nseed = 3\n[reg]\ndecay = 0.5\ntype = "l1"\n[phases.svd]\nepochs = 4\nmilestones = [1, 2, 3]\n',
+        "shared/mid.toml": 'base = "root.toml"\n[phases.svd]\nmilestones = [2]\nlr = 0.5\n',
+        "child.toml": 'base = "shared/mid.toml"\nname = "child"\n[reg]\ndecay = 0.25\n',
+    })
+    r = load_recipe(tmp_path / "child.toml", ["phases.svd.epochs=7"])
+    assert (r.name, r.seed, r.reg.type, r.reg.decay) == ("child", 3, "l1", 0.25)  # tables merge key by key
+    assert (r.phases.svd.epochs, r.phases.svd.lr, r.phases.svd.milestones) == (7, 0.5, [2])  # lists replace, --set last
+    assert "base" not in r.to_toml()  # the run directory's recipe.toml is the flattened recipe
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"a.toml": 'base = "missing.toml"\n'}, "cannot read recipe {tmp}/missing.toml (base of {tmp}/a.toml)"),
+        ({"a.toml": 'base = "b.toml"\n', "b.toml": 'base = "a.toml"\n'}, "{tmp}/a.toml -> {tmp}/b.toml -> {tmp}/a.toml"),
+        ({"a.toml": 'base = "a.toml"\n'}, "cycle: {tmp}/a.toml -> {tmp}/a.toml"),
+        ({"a.toml": 'base = "b.toml"\n', "b.toml": "[model\n"}, "{tmp}/b.toml (base of {tmp}/a.toml): not valid TOML"),
+        ({"a.toml": "base = 3\n"}, "{tmp}/a.toml: base must be a recipe file name"),
+        ({"a.toml": 'base = "b.toml"\n', "b.toml": "[reg]\nlrr = 1\n"}, "{tmp}/a.toml: unknown key 'reg.lrr'"),
+    ],
+)
+def test_base_recipe_errors_are_one_line_naming_the_file(tmp_path, files, message):
+    _write(tmp_path, files)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "a.toml")
+    text = str(info.value)
+    assert message.format(tmp=tmp_path) in text and "\n" not in text, text
+
+
+def test_cli_base_recipe_cycle_one_line_exit_2(tmp_path):
+    _write(tmp_path, {"a.toml": 'base = "b.toml"\n', "b.toml": 'base = "a.toml"\n'})
+    proc = subprocess.run([sys.executable, "-m", "lrexport", "train", str(tmp_path / "a.toml"), "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "cycle" in proc.stderr, proc.stderr

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from lrexport.cli import main
 from lrexport.errors import LrexportError, RecipeError
+from lrexport.recipe import read_recipe_dict
 from lrexport.sweep import PHASES, _same_recipe, first_phase, parse_grid, plan_sweep, run_sweep
 
 TINY = """
@@ -160,3 +161,13 @@ def test_grid_errors_come_before_any_run(recipe, tmp_path, grid, overrides, mess
     with pytest.raises(RecipeError, match=message):
         run_sweep(recipe, grid, overrides, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_plans_over_the_merged_base_chain(recipe, tmp_path):
+    """The plan validates each run from the flattened recipe: ``base`` is resolved, not an unknown key."""
+    child = tmp_path / "child.toml"
+    child.write_text(f'base = "{recipe}"\n[reg]\ndecay = 0.5\n')
+    with pytest.raises(RecipeError, match="prune.energy must be < 1"):  # the grid is judged, after the base merged
+        run_sweep(child, ["prune.energy=0.1,2"], output=tmp_path / "out")
+    plan = plan_sweep(read_recipe_dict(child), {"prune.energy": [0.1, 0.2]})
+    assert {(r.recipe.name, r.recipe.reg.decay) for r in plan.leaves} == {("tiny", 0.5)}
