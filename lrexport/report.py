@@ -21,7 +21,7 @@ from pathlib import Path
 from . import seed_results
 from .errors import LrexportError
 from .sweep import SWEEP_FILE, sweep_leaves
-from .train.checkpoint import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 
 VERIFY_FILE = "artifacts/verify.json"
 

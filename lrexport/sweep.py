@@ -35,7 +35,7 @@ import tomli_w
 
 from .errors import LrexportError, RecipeError
 from .recipe import Recipe, load_recipe, parse_override, recipe_from_dict
-from .train.checkpoint import atomic_write_text
+from .io import atomic_write_text
 
 PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
 

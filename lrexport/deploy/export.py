@@ -32,7 +32,7 @@ from .. import __version__
 from ..errors import LrexportError, RuntimeMissingError
 from ..lowrank import count_macs
 from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
-from ..train.checkpoint import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
 from .latency_ranks import allocated_plan
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export

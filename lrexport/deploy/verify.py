@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LrexportError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .export import MODELS, REFERENCE_FILE
 from .plan import PLAN_FILE
 from .rundir import newest_run

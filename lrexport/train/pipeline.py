@@ -33,7 +33,8 @@ from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers
 from ..lowrank.energy_search import search_energy
 from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
-from .checkpoint import atomic_write_text, build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
+from ..io import atomic_write_text
+from .checkpoint import build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
