@@ -146,13 +146,15 @@ def train(recipe, overrides, output, resume, previous, nproc):
     resume = True if resume == "latest" else resume
     with TrainProgress() as progress:
         result = run_recipe(rec, output, progress, resume=resume, previous=previous)
+    from .rundir import SUMMARY
+
     s = result.summary
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     out.print(summary_table(s))
     out.print(
         f"base top-1 {s['base_top1']:.2f}% → best finetuned {s['best_finetune_top1']:.2f}% "
-        f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir}/summary.json",
+        f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir / SUMMARY}",
         highlight=False,
     )
 

@@ -422,7 +422,7 @@ class Pipeline:
             state = self._restore(source, previous)
             if resume and state.get("recipe_hash") != self.recipe.hash():
                 self.progress("warning", {"message": f"the recipe differs from the one {source} was started with "
-                                          "(see its recipe.toml): phases still to come use the new settings"})
+                                          f"(see its {rundir.RECIPE}): phases still to come use the new settings"})
             if start_from is not None:
                 state = dict(state, phase=None)  # a branch starts at a phase boundary
                 # the branch's own settings, not its source's (the phases it copied are the source's)
