@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from lrexport.cli import main
 from lrexport.deploy.export import ExportCheckError, ExportConfig, export_run
 from lrexport.deploy.onnx_graph import conv_weight_shapes
-from lrexport.deploy.rundir import open_run
+from lrexport.rundir import open_run
 from lrexport.lowrank.rewrite import relative_error
 from lrexport.train.checkpoint import load_model
 

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from lrexport.deploy.runtime import ImageError, Classifier, preprocess
-from lrexport.deploy.rundir import open_run
+from lrexport.rundir import open_run
 from lrexport.train.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from lrexport.deploy.below import confirm_below, top1
 from lrexport.deploy.export import ExportConfig, export_run
 from lrexport.deploy.plan import TuneConfig
 from lrexport.deploy.runners import RuntimeOptions
-from lrexport.deploy.rundir import open_run
+from lrexport.rundir import open_run
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
 from lrexport.lowrank import count_macs, layer_ranks, truncated
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lrexport.cli import main
 from lrexport.deploy.onnx_graph import to_onnx
-from lrexport.deploy.rundir import open_run
+from lrexport.rundir import open_run
 from lrexport.deploy.runners import RuntimeOptions
 from lrexport.deploy.verify import VerifyConfig, VerifyError, verify_artifacts
 from lrexport.train.checkpoint import load_model

@@ -104,10 +104,31 @@ def summary_table(summary: dict):
     return table
 
 
+def output_option(help: str, *old_names: str):
+    """``--output DIR``: one name for the output directory in every command; ``old_names`` still work, unlisted."""
+    aliases = {name: f"{name.lstrip('-').replace('-', '_')}_alias" for name in old_names}
+
+    def decorate(fn):
+        @functools.wraps(fn)  # keeps the options declared below (click keeps them on the function)
+        def merged(*args, output=None, **kwargs):
+            given = {name: v for name, param in aliases.items() if (v := kwargs.pop(param)) is not None}
+            if output is not None:
+                given["--output"] = output
+            if len(set(given.values())) > 1:
+                raise click.UsageError(f"{' and '.join(given)} are one option (the output directory); give it once")
+            return fn(*args, output=next(iter(given.values()), None), **kwargs)
+
+        for name, param in aliases.items():
+            merged = click.option(name, param, type=click.Path(file_okay=False), default=None, hidden=True)(merged)
+        return click.option("--output", type=click.Path(file_okay=False), default=None, help=help)(merged)
+
+    return decorate
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=str))  # load_recipe judges it: one line, exit 2
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. --set reg.decay=0.01 (repeatable).")
-@click.option("--output", type=click.Path(file_okay=False), default=None, help="Run directory (default: <output_dir>/<name>-<time>).")
+@output_option("Run directory (default: <output_dir>/<name>-<time>).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]",
               help="Continue an interrupted run: the newest run of this recipe, or the run directory given.")
 @click.option("--previous", is_flag=True, help="With --resume: use the checkpoint before the last one (if the last is corrupt).")
@@ -125,13 +146,15 @@ def train(recipe, overrides, output, resume, previous, nproc):
     resume = True if resume == "latest" else resume
     with TrainProgress() as progress:
         result = run_recipe(rec, output, progress, resume=resume, previous=previous)
+    from .rundir import SUMMARY
+
     s = result.summary
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     out.print(summary_table(s))
     out.print(
         f"base top-1 {s['base_top1']:.2f}% → best finetuned {s['best_finetune_top1']:.2f}% "
-        f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir}/summary.json",
+        f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir / SUMMARY}",
         highlight=False,
     )
 
@@ -217,7 +240,7 @@ def runtime_options(fn):
 @main.command()
 @click.argument("run", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
-@click.option("--output", "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Artifact directory (default: RUN/artifacts).")
+@output_option("Artifact directory (default: RUN/artifacts).", "--out")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size, and tune at it (default: dynamic batch).")
 @runtime_options
 @click.option("--no-tune", is_flag=True, help="Deploy the ranks of the MACs rule, timing nothing.")
@@ -240,7 +263,7 @@ def runtime_options(fn):
 @click.option("--max-layer-error", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="int8: a conv whose own relative output error in int8 exceeds this stays in float.")
 @reports_errors
-def export(run, fmt, out_dir, batch, runtime, threads, device, precision, channels_last, no_tune, tune_batches, tune_cache,
+def export(run, fmt, output, batch, runtime, threads, device, precision, channels_last, no_tune, tune_batches, tune_cache,
            tune_below, tune_images, multiple_of, opset, check_images, tolerance, trt_batch_sizes, calibration_images,
            calibration_split, max_layer_error):
     """Export RUN (default: newest under ./runs) for a runtime: model.onnx, dense.onnx, plan.json, meta.json.
@@ -266,7 +289,7 @@ def export(run, fmt, out_dir, batch, runtime, threads, device, precision, channe
     def progress(name, choice):
         out.print(f"  tuned {name}: {choice.reason}", highlight=False, soft_wrap=True)
 
-    result = export_run(run, out_dir, config, progress=progress, log=lambda text: out.print(text, highlight=False, soft_wrap=True))
+    result = export_run(run, output, config, progress=progress, log=lambda text: out.print(text, highlight=False, soft_wrap=True))
     out.print(_export_table(result.meta))
     _print_plan(result.plan)
     for c in result.checks:
@@ -445,7 +468,7 @@ class SweepProgress(_LiveBar):
 @click.argument("recipe", type=click.Path(path_type=str))  # load_recipe judges it: one line, exit 2
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep, e.g. --grid reg.decay=0.001,0.01 (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value in every run (repeatable).")
-@click.option("--output", type=click.Path(file_okay=False), default=None, help="Sweep directory (default: <output_dir>/<name>-sweep-<time>).")
+@output_option("Sweep directory (default: <output_dir>/<name>-sweep-<time>).")
 @reports_errors
 def sweep(recipe, grid, overrides, output):
     """Run RECIPE over a grid of values, training each shared phase once."""
@@ -476,15 +499,16 @@ def _sweep_table(result):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--output", type=click.Path(file_okay=False), default=None,
-              help="Report directory (default: RUN/report for one run or sweep, ./report for several).")
+@output_option("Report directory (default: RUN/report for one run or sweep, ./report for several).")
 @reports_errors
 def report(runs, output):
     """Tables (Markdown, CSV) and plots of finished RUNS (run or sweep directories): accuracy gain vs speedup."""
-    from .report import build_report
+    from .report import build_report, undecomposed_line
 
     result = build_report(runs, output)
     out.print(_report_table(result.rows))
+    for line in filter(None, map(undecomposed_line, result.rows)):
+        out.print(line, highlight=False, soft_wrap=True)
     for path in result.unfinished:
         out.print(f"not finished, left out: {path}", highlight=False, soft_wrap=True)
     out.print(f"{len(result.files)} files in {result.output}: report.md, report.csv, plots", highlight=False, soft_wrap=True)

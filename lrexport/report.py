@@ -1,8 +1,8 @@
 """Tables and figures of finished runs: the seed's Table 3 columns, plus wall-clock speedup.
 
-Reads only what runs wrote: summary.json (measurements), recipe.toml (the effective recipe:
-model, data, decomposition, regularizer), spectra.json, and artifacts/verify.json where
-``lrexport verify`` has run. Writes report.md, report.csv, one trade-off plot per model and
+Reads only what runs wrote, through ``lrexport.rundir``: the summary (measurements), the
+typed recipe (model, data, decomposition, regularizer), the spectra, and the verify report
+where ``lrexport verify`` has run. Writes report.md, report.csv, one trade-off plot per model and
 data set (with the paper's own points and its baselines), and per run its spectra, ranks
 and MACs (and the energy ladder, if the energy was searched: summary "energy_search").
 """
@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import seed_results
+from . import rundir, seed_results
 from .errors import LrexportError
 from .sweep import SWEEP_FILE, sweep_leaves
-from .train.checkpoint import atomic_write_bytes, atomic_write_text
-
-VERIFY_FILE = "artifacts/verify.json"
+from .io import atomic_write_bytes, atomic_write_text
 
 
 @dataclass
@@ -66,40 +62,28 @@ class RunRow:
         return self.gain_top5 if self.metric == "top5" else self.gain_top1
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LrexportError(f"{path} ({what}) is not valid JSON: {e}") from None
-
-
 def read_run(path: str | Path) -> RunRow:
     """The report row of the finished run in ``path``."""
     path = Path(path)
-    if not (path / "summary.json").is_file():
-        raise LrexportError(f"{path} is not a run directory (no summary.json)")
-    s = _read_json(path / "summary.json", "run summary")
-    if "best_finetune_top1" not in s:
+    s = rundir.read_summary(path)
+    if not rundir.finished(s):
         raise LrexportError(f"run {path} has not finished (its summary has no finetuning result)")
-    try:
-        recipe = tomllib.loads((path / "recipe.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise LrexportError(f"{path / 'recipe.toml'} cannot be read: {e}") from None
-    reg, prune = recipe.get("reg", {}), s["phases"].get("prune", {})
-    decay = float(reg.get("decay", 0.0))
+    recipe = rundir.read_recipe(path)
+    # the energy the prune step used: the searched one where prune.energy = "auto"
+    energy = s["phases"].get("prune", {}).get("energy", recipe.prune.energy)
+    decay = float(recipe.reg.decay)
     row = RunRow(
-        run=path.name, path=path, model=recipe.get("model", {}).get("name", s["model"]["name"]),
-        dataset=recipe.get("data", {}).get("dataset", "?"), decomposition=recipe.get("decompose", {}).get("mode", "?"),
+        run=path.name, path=path, model=recipe.model.name, dataset=recipe.data.dataset, decomposition=recipe.decompose.mode,
         # the paper's "None" rows are λ_s = 0; a Hoyer recipe with decay 0 is one of them
-        regularizer=reg.get("type", "none") if decay > 0 else "none", decay=decay,
-        energy=float(prune.get("energy", recipe.get("prune", {}).get("energy", float("nan")))),
+        regularizer=recipe.reg.type if decay > 0 else "none", decay=decay,
+        energy=float(energy) if isinstance(energy, (int, float)) else float("nan"),
         base_top1=s["base_top1"], best_top1=s["best_finetune_top1"], gain_top1=s["accuracy_gain"],
         base_top5=s["base_top5"], best_top5=s["best_finetune_top5"], gain_top5=s["best_finetune_top5"] - s["base_top5"],
         dense_macs=s["macs"]["dense_macs"], macs=s["macs"]["macs"], macs_speedup=s["macs_speedup"], summary=s,
     )
-    verify = path / VERIFY_FILE
+    verify = rundir.verify_path(path)
     if verify.is_file():
-        v = _read_json(verify, "verify report")
+        v = rundir.read_json(verify, "verify report")
         row.wall = {int(r["batch"]): float(r["wall_speedup"]) for r in v.get("latency", [])}
         row.wall_runtime = f"{v.get('runtime', '?')}, {v.get('threads', '?')} threads"
         row.deployed_macs_speedup = v.get("macs", {}).get("deployed_speedup")
@@ -112,8 +96,8 @@ def expand_runs(paths) -> tuple[list[Path], list[Path]]:
     for p in map(Path, paths):
         if (p / SWEEP_FILE).is_file():
             for leaf in sweep_leaves(p):
-                finished = (leaf / "summary.json").is_file() and "finished" in _read_json(leaf / "summary.json", "run summary")
-                (runs if finished else unfinished).append(leaf)
+                done = rundir.has_summary(leaf) and rundir.finished(rundir.read_summary(leaf))
+                (runs if done else unfinished).append(leaf)
         else:
             runs.append(p)
     return runs, unfinished
@@ -171,11 +155,22 @@ def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished:
                      f"{r.base_top1:.2f} | {r.best_top1:.2f} | {r.gain_top1:+.2f} | {r.gain_top5:+.2f} | {r.macs_speedup:.2f}× | {_wall_cell(r)} |")
     if unfinished:
         lines += ["", "Not finished (left out): " + ", ".join(f"`{p}`" for p in unfinished)]
+    dense = [line for line in map(undecomposed_line, rows) if line]
+    if dense:
+        lines += [""] + [f"- {line}" for line in dense]
     for title, files in figures.items():
         lines += ["", f"## {title}", ""] + [f"![{Path(f).stem}]({f})" for f in files]
     for r in rows:
         lines += latency_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def undecomposed_line(row: RunRow) -> str | None:
+    """The layers a run left dense because the SVD form cannot express them (summary "undecomposed")."""
+    layers = row.summary.get("undecomposed")
+    if not layers:
+        return None
+    return f"{row.run}: left dense, cannot be decomposed: " + ", ".join(f"{name} ({why})" for name, why in layers.items())
 
 
 def latency_lines(row: RunRow) -> list[str]:
@@ -232,9 +227,8 @@ def run_figures(row: RunRow) -> dict[str, bytes]:
     from . import plots
 
     s, figs = row.summary, {}
-    spectra_path = row.path / "spectra.json"
-    if spectra_path.is_file():
-        spectra = _read_json(spectra_path, "spectra")
+    spectra = rundir.read_spectra(row.path)
+    if spectra:
         figs["spectra.png"] = plots.spectra_png(spectra.get("before", {}), spectra.get("after", {}), s.get("ranks"))
     if s.get("ranks"):
         figs["ranks.png"] = plots.ranks_png(s["ranks"])

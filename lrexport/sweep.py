@@ -27,15 +27,15 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import tomli_w
 
+from . import rundir
 from .errors import LrexportError, RecipeError
+from .io import atomic_write_text
 from .recipe import Recipe, load_recipe, parse_override, read_recipe_dict, recipe_from_dict
-from .train.checkpoint import atomic_write_text
 
 PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
 
@@ -187,35 +187,32 @@ class SweepResult:
         return [self.output / r.name for r in self.plan.leaves]
 
 
-def _same_recipe(stored: Path, recipe: Recipe) -> bool:
+def _same_recipe(run_dir: Path, recipe: Recipe) -> bool:
     """Whether a run's recipe.toml has ``recipe``'s settings.
 
     Re-validated with today's defaults, so keys added to the recipe schema since that run
     (with their defaults) do not make it a different recipe.
     """
     try:
-        return recipe_from_dict(tomllib.loads(stored.read_text()), str(stored)).hash() == recipe.hash()
-    except (RecipeError, tomllib.TOMLDecodeError):
+        return rundir.read_recipe(run_dir).hash() == recipe.hash()
+    except LrexportError:  # unreadable, or no longer a valid recipe
         return False
 
 
 def _state(run_dir: Path, run: SweepRun) -> str:
     """"done", "partial" (resume it) or "new"; a run dir of another recipe is an error."""
-    stored = run_dir / "recipe.toml"
-    if stored.is_file() and not _same_recipe(stored, run.recipe):
+    if (run_dir / rundir.RECIPE).is_file() and not _same_recipe(run_dir, run.recipe):
         raise LrexportError(f"{run_dir} holds a run of a different recipe; sweep into a new --output")
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        finished = "finished" in summary if run.leaf else all(p in summary.get("phases", {}) for p in run.phases)
-        if finished:
+    if rundir.has_summary(run_dir):
+        summary = rundir.read_summary(run_dir)
+        done = rundir.finished(summary) if run.leaf else all(p in summary.get("phases", {}) for p in run.phases)
+        if done:
             return "done"
-    return "partial" if (run_dir / "checkpoints" / "last.pt").is_file() else "new"
+    return "partial" if rundir.checkpoint_path(run_dir, rundir.LAST).is_file() else "new"
 
 
 def default_output(recipe: Recipe) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(recipe.output_dir) / f"{recipe.name}-sweep-{stamp}"
+    return rundir.new_run_dir(recipe.output_dir, f"{recipe.name}-sweep")
 
 
 def run_sweep(
@@ -259,7 +256,7 @@ def run_sweep(
         if state != "done":
             result.ran.append(run.name)
         if run.leaf:
-            result.summaries[run.name] = json.loads((run_dir / "summary.json").read_text())
+            result.summaries[run.name] = rundir.read_summary(run_dir)
         progress("run_end", info)
     progress("sweep_end", {"output": str(output), "leaves": [r.name for r in plan.leaves]})
     return result

@@ -124,12 +124,12 @@ def test_recipe_keys_added_since_a_run_do_not_make_it_different(swept, tmp_path)
     leaf = result.plan.leaves[0]
     stored = tomllib.loads((result.output / leaf.name / "recipe.toml").read_text())
     del stored["prune"]["tolerance"]  # as written by an lrexport that had no such key
-    old = tmp_path / "recipe.toml"
+    old = tmp_path / "recipe.toml"  # tmp_path stands for the run directory
     old.write_text(tomli_w.dumps(stored))
-    assert _same_recipe(old, leaf.recipe)
+    assert _same_recipe(tmp_path, leaf.recipe)
     stored["prune"]["multiple_of"] = 8
     old.write_text(tomli_w.dumps(stored))
-    assert not _same_recipe(old, leaf.recipe)
+    assert not _same_recipe(tmp_path, leaf.recipe)
 
 
 def test_plan_shapes():

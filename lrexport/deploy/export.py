@@ -32,12 +32,12 @@ from .. import __version__
 from ..errors import LrexportError, RuntimeMissingError
 from ..lowrank import count_macs
 from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
-from ..train.checkpoint import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
 from .latency_ranks import allocated_plan
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
 from .quantize import QuantConfig, QuantizationError, quantize_checked
-from .rundir import Run, newest_run, open_run
+from ..rundir import Run, artifacts_dir, newest_run, open_run
 from .runners import RUNTIMES, RuntimeOptions, UnknownRuntimeError
 from .runtime import META_FILE, OrtRunner, run_batched
 
@@ -344,7 +344,7 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     config = config or ExportConfig()
     config.validate()
     run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
-    out_dir = Path(out_dir) if out_dir is not None else run.path / "artifacts"
+    out_dir = Path(out_dir) if out_dir is not None else artifacts_dir(run.path)
     int8 = config.options.precision == "int8"
     calibration = calibration_batches(run, config.quant) if int8 else None  # before any work: the data may be gone
     trained, dense = run.load_models()

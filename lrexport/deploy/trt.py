@@ -262,7 +262,7 @@ def _config(trt, builder, plan: BuildPlan):
 def _build(trt, plan: BuildPlan) -> Path:
     import torch
 
-    from ..train.checkpoint import atomic_write_bytes, atomic_write_text
+    from ..io import atomic_write_bytes, atomic_write_text
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LrexportError, RuntimeMissingError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner
 from .timing import CUDA_EVENTS, Stats, interleave_within
 

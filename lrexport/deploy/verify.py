@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LrexportError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .export import MODELS, REFERENCE_FILE
 from .plan import PLAN_FILE
-from .rundir import newest_run
+from .. import rundir
 from .runners import ModelSource, RuntimeOptions, open_runner
 from .runtime import load_meta, run_batched
 from .timing import CUDA_EVENTS, interleave, machine
 
-VERIFY_FILE = "verify.json"
 
 
 class VerifyError(LrexportError):
@@ -204,7 +203,7 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
     (``check()`` raises).
     """
     config, options = config or VerifyConfig(), options or RuntimeOptions()
-    art = load_artifacts(artifacts_dir if artifacts_dir is not None else newest_run(runs_root) / "artifacts")
+    art = load_artifacts(artifacts_dir if artifacts_dir is not None else rundir.artifacts_dir(rundir.newest_run(runs_root)))
     runtime = runtime or art.meta.get("runtime", "ort")
     if options.precision == "fp32" and art.precision != "fp32":
         options = replace(options, precision=art.precision)  # quantized graphs run as what they are
@@ -236,5 +235,5 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
     if runtime != art.plan["runtime"] and art.plan["deployed"] != "untuned":
         report["notes"].append(f"the plan was measured on {art.plan['runtime']}, not {runtime}: "
                                f"export with --runtime {runtime} to deploy for it")
-    atomic_write_text(art.path / VERIFY_FILE, json.dumps(report, indent=2))
+    atomic_write_text(art.path / rundir.VERIFY, json.dumps(report, indent=2))
     return VerifyResult(art.path, report, failures)

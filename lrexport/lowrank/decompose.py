@@ -11,10 +11,25 @@ from ..errors import LrexportError
 from .svd_layers import MODES, SVDConv2d, SVDLinear, svd_layers
 
 
+def _why_dense(conv: nn.Conv2d) -> str | None:
+    """Why a conv cannot take the SVD form (one factor pair over all input channels, zero padding)."""
+    if conv.groups != 1:
+        return f"grouped, groups={conv.groups}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    return None
+
+
 def _decomposable(module: nn.Module, linear: bool) -> bool:
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return _why_dense(module) is None
     return linear and isinstance(module, nn.Linear)
+
+
+def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in include) and not any(fnmatchcase(name, p) for p in exclude)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -35,7 +50,17 @@ def select_layers(
     for pattern in include + exclude:
         if not any(fnmatchcase(n, pattern) for n in names):
             raise LrexportError(f"layer pattern {pattern!r} matches no decomposable layer (e.g. {names[:3]})")
-    return [n for n in names if any(fnmatchcase(n, p) for p in include) and not any(fnmatchcase(n, p) for p in exclude)]
+    return [n for n in names if _matches(n, include, exclude)]
+
+
+def undecomposable_layers(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> dict[str, str]:
+    """Convs the patterns select that stay dense because the SVD form cannot express them: name -> why.
+
+    ``select_layers`` leaves them out without a word; the run summary names them.
+    """
+    include, exclude = list(include), list(exclude)
+    return {n: why for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and (why := _why_dense(m)) and _matches(n, include, exclude)}
 
 
 def decompose(

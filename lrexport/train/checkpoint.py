@@ -9,8 +9,6 @@ model from ``arch`` and then loads the weights; no modules are unpickled.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,43 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, LrexportError, WriteError
+from ..errors import CheckpointError, LrexportError
+from ..io import atomic_write_bytes
 from ..lowrank import decompose, layer_ranks, svd_layers
 from ..models import create_model
 
 FORMAT_VERSION = 1
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves the previous file intact; a failed write is a WriteError.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
-        raise WriteError(f"cannot write {path}: {e.strerror or e}; nothing was overwritten, the previous {what}s are intact") from None
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_kwargs: dict | None = None) -> dict:

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import signal
 import time
 import warnings
@@ -26,14 +25,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, rundir
 from ..data import build_datasets
 from ..errors import CheckpointError, DataError, LrexportError
-from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers
+from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers, undecomposable_layers
 from ..lowrank.energy_search import search_energy
 from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
-from .checkpoint import atomic_write_text, build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
+from .checkpoint import build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
@@ -56,26 +55,6 @@ class Interrupted(LrexportError):
 class RunResult:
     run_dir: Path
     summary: dict = field(default_factory=dict)
-
-
-def new_run_dir(recipe: Recipe, output: str | Path | None = None) -> Path:
-    """``output`` as given, else ``<output_dir>/<name>-<timestamp>`` (never reusing one)."""
-    if output is not None:
-        return Path(output)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return path
-
-
-def latest_run(recipe: Recipe) -> Path:
-    """The newest run directory of this recipe's name under its output_dir (for --resume)."""
-    runs = sorted(Path(recipe.output_dir).glob(f"{recipe.name}-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise CheckpointError(f"nothing to resume: no {recipe.output_dir}/{recipe.name}-*/checkpoints/last.pt")
-    return runs[-1].parent.parent
 
 
 def spectra(model: nn.Module) -> dict[str, list[float]]:
@@ -121,7 +100,7 @@ class Pipeline:
         compile_regs = recipe.reg.compile
         self.compile_regularizers = compile_regs is True or (compile_regs == "auto" and device.type == "cuda")
         self.cuda_graphs = CudaGraphs(recipe.train.cuda_graph, device, recipe.amp, self.dist.world)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.last_path = rundir.checkpoint_path(self.run_dir, rundir.LAST)
         self.summary: dict = {}
         self.completed: list[str] = []
         self.model: nn.Module | None = None
@@ -174,14 +153,14 @@ class Pipeline:
     # -- files (rank 0 only) -----------------------------------------------------------
     def _save(self, name: str, **state) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir / f"{name}.pt", self.model, self._arch(), **state)
+            save_checkpoint(rundir.checkpoint_path(self.run_dir, name), self.model, self._arch(), **state)
 
     def _save_last(self, phase: str | None = None, epoch: int = 0, epoch_state: EpochState | None = None,
                    optimizer=None, scaler=None, best=None) -> None:
         """The resume point. The previous one is kept as last.prev.pt until the new one is whole."""
         if not self.dist.is_main:
             return
-        last, prev = self.ckpt_dir / "last.pt", self.ckpt_dir / "last.prev.pt"
+        prev = rundir.checkpoint_path(self.run_dir, rundir.LAST_PREV)
         state = {
             "completed": list(self.completed), "phase": phase, "epoch": epoch,
             "epoch_state": dataclasses.asdict(epoch_state) if epoch_state else None,
@@ -189,20 +168,19 @@ class Pipeline:
             "best": best, "summary": json.dumps(self.summary), "recipe_hash": self.recipe.hash(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()[1]},
         }
-        tmp = self.ckpt_dir / "last.next.pt"
+        tmp = rundir.checkpoint_path(self.run_dir, rundir.LAST_NEXT)
         save_checkpoint(tmp, self.model, self._arch(), **state)
-        if last.exists():
-            last.replace(prev)
-        tmp.replace(last)
+        if self.last_path.exists():
+            self.last_path.replace(prev)
+        tmp.replace(self.last_path)
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            rundir.append_metrics(self.run_dir, record)
 
     def _write_summary(self) -> None:
         if self.dist.is_main:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
+            rundir.write_summary(self.run_dir, self.summary)
 
     def _complete(self, phase: str, result: dict) -> None:
         self.summary["phases"][phase] = result
@@ -223,8 +201,31 @@ class Pipeline:
         return any_rank(self.dist, self.stop.raised is not None)
 
     def _interrupted(self, where: str) -> Interrupted:
-        return Interrupted(f"stopped by signal {self.stop.raised} {where}; state saved to {self.ckpt_dir / 'last.pt'}; "
+        return Interrupted(f"stopped by signal {self.stop.raised} {where}; state saved to {self.last_path}; "
                            f"continue with --resume {self.run_dir}")
+
+    @staticmethod
+    def _resume_training(resume: dict | None, optimizer, scheduler, scaler) -> tuple[int, EpochState | None, dict]:
+        """Bring a phase's optimizer, schedule and scaler to a last.pt state; (start epoch, epoch state, best)."""
+        best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
+        if not resume:
+            return 0, None, best
+        with warnings.catch_warnings():  # replaying the schedule before any optimizer step
+            warnings.simplefilter("ignore")
+            for _ in range(resume["epoch"]):
+                scheduler.step()
+        load_optimizer_state(optimizer, resume["optimizer"])
+        if resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        epoch_state = EpochState(**resume["epoch_state"]) if resume["epoch_state"] else None
+        return resume["epoch"], epoch_state, resume["best"] or best
+
+    def _track_best(self, phase: str, epoch: int, metrics: dict, best: dict) -> None:
+        """Keep the best top-1 epoch's model as <phase>_best (and the best top-5 beside it)."""
+        best["top5"] = max(best["top5"], metrics["top5"])  # the paper's ImageNet tables report top-5
+        if metrics["top1"] > best["top1"]:
+            best.update(top1=metrics["top1"], epoch=epoch)
+            self._save(f"{phase}_best", phase=phase, epoch=epoch, metrics=metrics)
 
     def _train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, resume: dict | None = None, track_best: bool = False) -> dict:
         """Train ``cfg.epochs`` epochs, from ``resume`` (a last.pt state inside this phase) if given."""
@@ -234,18 +235,7 @@ class Pipeline:
         optimizer = build_optimizer(self.model.parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg)
         scaler = self.precision.scaler()
-        start_epoch, epoch_state, best = 0, None, {"top1": -1.0, "top5": -1.0, "epoch": 0}
-        if resume:
-            start_epoch, best = resume["epoch"], resume["best"] or best
-            with warnings.catch_warnings():  # replaying the schedule before any optimizer step
-                warnings.simplefilter("ignore")
-                for _ in range(start_epoch):
-                    scheduler.step()
-            load_optimizer_state(optimizer, resume["optimizer"])
-            if resume["scaler"]:
-                scaler.load_state_dict(resume["scaler"])
-            if resume["epoch_state"]:
-                epoch_state = EpochState(**resume["epoch_state"])
+        start_epoch, epoch_state, best = self._resume_training(resume, optimizer, scheduler, scaler)
         metrics: dict = {}
         self.progress("phase_start", {"phase": phase, "epochs": cfg.epochs, "steps": len(self.train_loader),
                                       "start_epoch": start_epoch, "start_step": epoch_state.step if epoch_state else 0})
@@ -259,7 +249,7 @@ class Pipeline:
                 stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
                                         on_step, self._should_stop, self.dist.all_sum, self.recipe.train.log_every, self.cuda_graphs)
             except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: {e}; the last good checkpoint is {self.ckpt_dir / 'last.pt'}") from None
+                raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: {e}; the last good checkpoint is {self.last_path}") from None
             if stats is None:
                 self._save_last(phase, epoch, epoch_state, optimizer, scaler, best)
                 raise self._interrupted(f"in the {phase} phase (epoch {epoch + 1}, step {epoch_state.step})")
@@ -269,14 +259,11 @@ class Pipeline:
             metrics = self._evaluate() if (last or (epoch + 1) % self.recipe.eval.every == 0) else {}
             if metrics and not math.isfinite(metrics["val_loss"]):  # finite training losses, yet weights that overflow
                 raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: validation loss became {metrics['val_loss']} after the "
-                                    f"epoch's last step; lower the learning rate or λ; the last good checkpoint is {self.ckpt_dir / 'last.pt'}")
+                                    f"epoch's last step; lower the learning rate or λ; the last good checkpoint is {self.last_path}")
             record = {"phase": phase, "epoch": epoch + 1, "lr": lr, **stats, **metrics}
             self._log(record)
             if track_best and metrics:
-                best["top5"] = max(best["top5"], metrics["top5"])  # the paper's ImageNet tables report top-5
-                if metrics["top1"] > best["top1"]:
-                    best.update(top1=metrics["top1"], epoch=epoch + 1)
-                    self._save(f"{phase}_best", phase=phase, epoch=epoch + 1, metrics=metrics)
+                self._track_best(phase, epoch + 1, metrics, best)
             epoch_state = None
             if last or (epoch + 1) % self.recipe.checkpoint.every == 0:
                 self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
@@ -304,6 +291,7 @@ class Pipeline:
 
     def _phase_decompose(self, resume):
         d = self.recipe.decompose
+        self.summary["undecomposed"] = undecomposable_layers(self.model, d.include, d.exclude)  # left dense: name -> why
         decompose(self.model, d.mode, d.include, d.exclude, d.linear)
         if d.init == "scratch":
             for _, layer in svd_layers(self.model):
@@ -320,11 +308,11 @@ class Pipeline:
     def _phase_svd(self, resume):
         r = self.recipe
         if not resume and self.dist.is_main:
-            atomic_write_text(self.run_dir / "spectra.json", json.dumps({"before": spectra(self.model)}))
+            rundir.write_spectra(self.run_dir, {"before": spectra(self.model)})
         result = self._train_phase("svd", r.phases.svd, Loss(r.reg.ortho, r.reg.type, r.reg.decay), resume)
         if self.dist.is_main:
-            before = json.loads((self.run_dir / "spectra.json").read_text())["before"]
-            atomic_write_text(self.run_dir / "spectra.json", json.dumps({"before": before, "after": spectra(self.model)}))
+            before = rundir.read_spectra(self.run_dir)["before"]
+            rundir.write_spectra(self.run_dir, {"before": before, "after": spectra(self.model)})
         return result
 
     def _phase_prune(self, resume):
@@ -393,10 +381,9 @@ class Pipeline:
     # -- driver ------------------------------------------------------------------------
     def _restore(self, source: Path, previous: bool) -> dict:
         """Load a last.pt (this run's, or another run's for a branch); returns its state."""
-        ckpts = source / "checkpoints"
-        path = ckpts / ("last.prev.pt" if previous else "last.pt")
-        if not previous and not path.exists() and (ckpts / "last.next.pt").exists():
-            path = ckpts / "last.next.pt"  # stopped between _save_last's two renames: the new one is whole
+        path = rundir.checkpoint_path(source, rundir.LAST_PREV if previous else rundir.LAST)
+        if not previous and not path.exists() and rundir.checkpoint_path(source, rundir.LAST_NEXT).exists():
+            path = rundir.checkpoint_path(source, rundir.LAST_NEXT)  # stopped between _save_last's two renames: the new one is whole
         try:
             state = load_checkpoint(path)
             missing = [k for k in ("completed", "phase", "summary", "rng") if k not in state]
@@ -405,7 +392,7 @@ class Pipeline:
             model = build_model(state["arch"])
             load_weights(model, state["model"], path)
         except CheckpointError as e:
-            hint = "" if previous or not (source / "checkpoints" / "last.prev.pt").exists() else "; add --previous to use the one before it"
+            hint = "" if previous or not rundir.checkpoint_path(source, rundir.LAST_PREV).exists() else "; add --previous to use the one before it"
             raise CheckpointError(f"{e}{hint}") from None
         self.model = self._place(model)
         self.summary = json.loads(state["summary"])
@@ -435,17 +422,14 @@ class Pipeline:
             state = self._restore(source, previous)
             if resume and state.get("recipe_hash") != self.recipe.hash():
                 self.progress("warning", {"message": f"the recipe differs from the one {source} was started with "
-                                          "(see its recipe.toml): phases still to come use the new settings"})
+                                          f"(see its {rundir.RECIPE}): phases still to come use the new settings"})
             if start_from is not None:
                 state = dict(state, phase=None)  # a branch starts at a phase boundary
                 # the branch's own settings, not its source's (the phases it copied are the source's)
                 fresh = self._new_summary()
                 self.summary.update({k: fresh[k] for k in ("name", "started", "decomposition", "reg", "prune")})
                 if self.dist.is_main:
-                    shutil.copytree(source / "checkpoints", self.ckpt_dir, dirs_exist_ok=True,
-                                    ignore=shutil.ignore_patterns("last*.pt"))
-                    if (source / "spectra.json").exists():
-                        shutil.copy2(source / "spectra.json", self.run_dir / "spectra.json")
+                    rundir.copy_branch(source, self.run_dir)
         else:
             torch.manual_seed(self.recipe.seed)
             random.seed(self.recipe.seed)
@@ -454,7 +438,7 @@ class Pipeline:
             self.summary = self._new_summary()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
+            rundir.write_recipe(self.run_dir, self.recipe)
         self.summary["recipe_hash"] = self.recipe.hash()
         with self.stop:
             for phase in PHASES:
@@ -483,8 +467,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progr
     dist = init_distributed(recipe.device)
     try:
         if resume:
-            run_dir = latest_run(recipe) if resume is True else Path(resume)
+            run_dir = rundir.resumable_run(recipe.output_dir, recipe.name) if resume is True else Path(resume)
             return Pipeline(recipe, run_dir, progress, dist).run(resume=True, previous=previous, stop_after=stop_after)
-        return Pipeline(recipe, new_run_dir(recipe, output), progress, dist).run(start_from=start_from, stop_after=stop_after)
+        run_dir = Path(output) if output is not None else rundir.new_run_dir(recipe.output_dir, recipe.name)
+        return Pipeline(recipe, run_dir, progress, dist).run(start_from=start_from, stop_after=stop_after)
     finally:
         shutdown(dist)
