@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import lrexport
@@ -13,6 +15,7 @@ from lrexport.data import DataConfig, build_datasets
 from lrexport.deploy.export import ExportConfig
 from lrexport.deploy.plan import TuneConfig
 from lrexport.lowrank import decompose, prune
+from lrexport.rundir import open_run
 from lrexport.train.checkpoint import load_model, model_arch, save_checkpoint
 
 IMAGE_SIZE = 16
@@ -85,3 +88,26 @@ def one_line(res) -> str:
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), res.output
     return lines[0]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def no_torch_env(tmp_path) -> dict:
+    """An environment in which `import torch` fails, as on an edge device without it."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "torch.py").write_text("raise ImportError('torch is not installed on this device')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(REPO)])
+    return env
+
+
+def save_val_image(run, index: int, path: Path) -> int:
+    """Write validation image ``index`` as an 8-bit PNG (undoing the normalisation); returns its label."""
+    summary = open_run(run)
+    x, y = summary.validation_set()[index]
+    mean, std = (torch.tensor(summary.data_info[k]).view(3, 1, 1) for k in ("mean", "std"))
+    pixels = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(path)
+    return int(y)

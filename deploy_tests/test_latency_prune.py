@@ -17,7 +17,7 @@ from lrexport.train import run_recipe
 from lrexport.train.checkpoint import load_model
 
 from runs import expected_conv_shapes
-from test_runtime import REPO
+from runs import REPO
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from lrexport.cli import main
 
-from test_runtime import no_torch_env, save_val_image
+from runs import no_torch_env, save_val_image
 
 
 def test_recipe_run_exports_verifies_and_infers(quickstart_run, tmp_path):

@@ -1,9 +1,7 @@
 """Torch-free inference: preprocessing as validation did it, `lrexport infer` without torch."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,30 +10,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from lrexport.deploy.runtime import ImageError, Classifier, preprocess
-from lrexport.rundir import open_run
 from lrexport.train.checkpoint import load_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def no_torch_env(tmp_path) -> dict:
-    """An environment in which `import torch` fails, as on an edge device without it."""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "torch.py").write_text("raise ImportError('torch is not installed on this device')\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(REPO)])
-    return env
-
-
-def save_val_image(run, index: int, path: Path) -> int:
-    """Write validation image ``index`` as an 8-bit PNG (undoing the normalisation); returns its label."""
-    summary = open_run(run)
-    x, y = summary.validation_set()[index]
-    mean, std = (torch.tensor(summary.data_info[k]).view(3, 1, 1) for k in ("mean", "std"))
-    pixels = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).save(path)
-    return int(y)
+from runs import no_torch_env, save_val_image
 
 
 @pytest.mark.parametrize("size,resize,crop", [((40, 29), 20, 16), ((16, 16), 0, 16), ((50, 70), 0, 16)])
