@@ -95,11 +95,11 @@ def summary_table(summary: dict):
     for phase, res in summary["phases"].items():
         if "top1" not in res:  # a skipped phase
             continue
-        macs = res.get("macs", dense_macs if phase in ("dense", "decompose", "fullrank", "svd") else summary["macs"]["macs"])
+        macs = res.get("macs")  # recorded by the pipeline as each phase completed (older runs: not recorded)
         top1 = res.get("best_top1", res.get("top1"))
         table.add_row(
             phase + (" (best)" if "best_top1" in res else ""), str(res.get("epochs", "")), f"{top1:.2f}", f"{res.get('top5', 0):.2f}",
-            f"{macs / 1e6:.2f} M", f"{dense_macs / macs:.2f}x",
+            f"{macs / 1e6:.2f} M" if macs else "-", f"{dense_macs / macs:.2f}x" if macs else "-",
         )
     return table
 

@@ -1,7 +1,7 @@
 """Sweep a recipe over a grid of values, running each shared phase once.
 
 The phases run in a fixed order (dense, decompose, fullrank, svd, prune, finetune) and each
-recipe key affects a known first phase (``PHASE_KEYS``). So the combinations of a grid form a
+recipe key affects a known first phase (both from the registry in ``lrexport.train.phases``). So the combinations of a grid form a
 tree: one run does the phases no grid key touches and stops; one run per value of the keys of
 the next affected phase branches from it (``run_recipe(start_from=..., stop_after=...)``); and
 so on down to the leaves, one per combination, which finish the method. A 3 × 2 grid over
@@ -36,19 +36,9 @@ from . import rundir
 from .errors import LrexportError, RecipeError
 from .io import atomic_write_text
 from .recipe import Recipe, load_recipe, parse_override, read_recipe_dict, recipe_from_dict
-
-PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
-
-# The first phase each recipe key (or table) affects; a key's later phases follow from it.
-# Keys not listed (device, amp, eval.*, ...) are taken to affect everything: nothing is shared.
-PHASE_KEYS: dict[str, tuple[str, ...]] = {
-    "dense": ("model", "data", "seed", "phases.dense"),
-    "decompose": ("decompose",),
-    "fullrank": ("reg.ortho", "phases.fullrank"),
-    "svd": ("reg.type", "reg.decay", "phases.svd"),
-    "prune": ("prune",),
-    "finetune": ("phases.finetune",),
-}
+# the phases' order and the recipe keys each is the first to depend on: one registry, the pipeline's
+# (keys not listed there -- device, amp, eval.* ... -- are taken to affect everything: nothing is shared)
+from .train.phases import PHASE_KEYS, PHASES
 
 SWEEP_FILE = "sweep.json"
 Progress = Callable[[str, dict], None]

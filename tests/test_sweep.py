@@ -145,6 +145,18 @@ def test_plan_shapes():
         "dense", "dense", "fullrank", "svd", "prune", "dense"]
 
 
+def test_sweep_plans_from_the_pipelines_phase_registry():
+    """One definition: the order the pipeline runs and the keys each phase depends on are what the sweep plans with."""
+    from lrexport import sweep
+    from lrexport.train import phases
+
+    assert sweep.PHASES is phases.PHASES == tuple(ph.name for ph in phases.REGISTRY)
+    assert sweep.PHASE_KEYS is phases.PHASE_KEYS == {ph.name: ph.keys for ph in phases.REGISTRY}
+    assert PHASES == ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
+    for ph in phases.REGISTRY:  # each declared key starts the sweep's branching at its own phase
+        assert all(first_phase(key) == ph.name for key in ph.keys)
+
+
 def test_grid_parsing():
     assert parse_grid(["reg.decay=0.001, 0.01", "reg.type=hoyer,l1", 'decompose.exclude=["conv1"],["conv1","fc"]']) == {
         "reg.decay": [0.001, 0.01], "reg.type": ["hoyer", "l1"], "decompose.exclude": [["conv1"], ["conv1", "fc"]]}
