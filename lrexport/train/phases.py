@@ -138,7 +138,7 @@ def _search_energy(p: Pipeline) -> float:
         p.model, lambda m: evaluate(m, p.val_loader, p.precision, reduce=p.dist.all_sum)["top1"],
         cfg.ladder, cfg.tolerance, cfg.multiple_of, input_size=tuple(p.info.input_size),
         base_top1=p.summary["phases"]["svd"].get("top1"),
-        progress=lambda kind, data: p.progress(kind, {"phase": "prune", **data}),
+        progress=p.progress,
     )
     p.summary["energy_search"] = choice.to_dict()
     return choice.energy
@@ -154,10 +154,9 @@ def _latency_prune(p: Pipeline, energy: float):
 
     cfg, ranks, results = p.recipe.prune, None, None
     if p.dist.is_main:
-        on_layer = lambda name, done, total: p.progress("latency_layer", {"phase": "prune", "layer": name, "done": done, "total": total})
         p.model.cpu()  # the forward pass that sizes each layer's input runs on the CPU; the runtimes time on their own
         result = latency_prune(p.model, tuple(p.info.input_size), energy, cap_of(cfg.max_layer_energy, energy),
-                               latency_config(cfg), cfg.multiple_of, on_layer)
+                               latency_config(cfg), cfg.multiple_of, p.progress)
         p.place(p.model)
         p.summary["latency_ranks"] = result.record
         results, ranks = result.results, {res.name: res.after for res in result.results}

@@ -20,12 +20,12 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .. import __version__, rundir
+from ..progress import Done, EpochEnd, PhaseEnd, PhaseStart, Progress, Step, Warn, quiet
 from ..data import build_datasets
 from ..errors import CheckpointError, DataError, LrexportError
 from ..lowrank import count_macs, layer_ranks
@@ -36,13 +36,6 @@ from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchn
 from .phases import PHASES, REGISTRY
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
-
-Progress = Callable[[str, dict], None]
-
-
-def _quiet(kind: str, data: dict) -> None:
-    pass
-
 
 class Interrupted(LrexportError):
     """SIGINT/SIGTERM: the state was saved; ``--resume`` continues from it."""
@@ -80,10 +73,10 @@ class _StopSignals:
 class Pipeline:
     """Runs one recipe into one run directory, phase by phase."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = _quiet, dist: Dist | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = quiet, dist: Dist | None = None):
         self.recipe, self.run_dir = recipe, Path(run_dir)
         self.dist = dist or Dist()
-        self.progress = progress if self.dist.is_main else _quiet
+        self.progress = progress if self.dist.is_main else quiet
         device = resolve_device(recipe.device)
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
@@ -232,14 +225,13 @@ class Pipeline:
         scaler = self.precision.scaler()
         start_epoch, epoch_state, best = self._resume_training(resume, optimizer, scheduler, scaler)
         metrics: dict = {}
-        self.progress("phase_start", {"phase": phase, "epochs": cfg.epochs, "steps": len(self.train_loader),
-                                      "start_epoch": start_epoch, "start_step": epoch_state.step if epoch_state else 0})
+        self.progress(PhaseStart(phase, cfg.epochs, len(self.train_loader), start_epoch, epoch_state.step if epoch_state else 0))
         started = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             epoch_state = epoch_state or EpochState()
             self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
             # one event per read of the running loss (train.log_every steps); "advance": the steps since the last
-            on_step = lambda step, steps, info: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **info})
+            on_step = lambda step, steps, info: self.progress(Step(phase, epoch + 1, step, steps, **info))
             try:
                 stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
                                         on_step, self._should_stop, self.dist.all_sum, self.recipe.train.log_every, self.cuda_graphs)
@@ -262,7 +254,7 @@ class Pipeline:
             epoch_state = None
             if last or (epoch + 1) % self.recipe.checkpoint.every == 0:
                 self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
-            self.progress("epoch_end", record)
+            self.progress(EpochEnd(phase, epoch + 1, record))
             # signals are looked at when the loss is read; one in an epoch's last log_every steps stops here
             if not last and self._should_stop():
                 if (epoch + 1) % self.recipe.checkpoint.every:  # else saved just above
@@ -272,7 +264,7 @@ class Pipeline:
         if track_best:
             result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
         self.save(phase, phase=phase, epoch=cfg.epochs, metrics=metrics)
-        self.progress("phase_end", {"phase": phase, **result})
+        self.progress(PhaseEnd(phase, result))
         return result
 
     def _finish(self) -> None:
@@ -331,8 +323,8 @@ class Pipeline:
             source = self.run_dir if resume else Path(start_from)
             state = self._restore(source, previous)
             if resume and state.get("recipe_hash") != self.recipe.hash():
-                self.progress("warning", {"message": f"the recipe differs from the one {source} was started with "
-                                          f"(see its {rundir.RECIPE}): phases still to come use the new settings"})
+                self.progress(Warn(f"the recipe differs from the one {source} was started with "
+                                   f"(see its {rundir.RECIPE}): phases still to come use the new settings"))
             if start_from is not None:
                 state = dict(state, phase=None)  # a branch starts at a phase boundary
                 # the branch's own settings, not its source's (the phases it copied are the source's)
@@ -363,12 +355,12 @@ class Pipeline:
                     raise self._interrupted(f"after the {phase} phase")
         if "finetune" in self.completed:
             self._finish()
-            self.progress("done", self.summary)
+            self.progress(Done(self.summary))
         self.dist.barrier()
         return RunResult(self.run_dir, self.summary)
 
 
-def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = _quiet, *, resume: str | Path | bool | None = None,
+def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = quiet, *, resume: str | Path | bool | None = None,
                previous: bool = False, start_from: str | Path | None = None, stop_after: str | None = None) -> RunResult:
     """Run every phase of ``recipe``; returns the run directory and its summary.
 
