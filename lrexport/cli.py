@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import LrexportError
+from .progress import (EnergyStep, EpochEnd, LayerTimed, LayerTuned, Message, PhaseEnd, PhaseStart, RunEnd, RunStart, Step,
+                       SweepStart, Warn)
 
 out = Console()
 err = Console(stderr=True)
@@ -62,27 +64,27 @@ class TrainProgress(_LiveBar):
         )
         self.task = None
 
-    def __call__(self, kind: str, data: dict) -> None:
-        if kind == "phase_start" and data["epochs"]:
-            total = data["epochs"] * data["steps"]
-            self.task = self.bar.add_task("", total=total, phase=data["phase"], info="")
-        elif kind == "step" and self.task is not None:
-            self.bar.update(self.task, advance=data.get("advance", 1), info=f"epoch {data['epoch']} loss {data['loss']:.3f} ce {data['ce']:.3f}")
-        elif kind == "epoch_end":
-            acc = f" val top-1 {data['top1']:.2f}%" if "top1" in data else ""
-            extra = "".join(f" {k} {data[k]:.4g}" for k in ("ortho", "sparsity") if data.get(k))
-            self.bar.console.print(
-                f"  {data['phase']} epoch {data['epoch']}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
-                f" · {data['images_per_s']:.0f} img/s", highlight=False, soft_wrap=True)
-        elif kind == "latency_layer":
-            self.bar.console.print(f"  prune: timed {data['layer']} on the target runtime ({data['done']}/{data['total']})",
-                                   highlight=False, soft_wrap=True)
-        elif kind == "warning":
-            err.print(f"[yellow]warning:[/] {escape(data['message'])}", highlight=False, soft_wrap=True)
-        elif kind == "phase_end":
-            if self.task is not None:
-                self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
-            self.task = None
+    def __call__(self, event) -> None:
+        match event:
+            case PhaseStart(epochs=epochs) if epochs:
+                self.task = self.bar.add_task("", total=epochs * event.steps, phase=event.phase, info="")
+            case Step() if self.task is not None:
+                self.bar.update(self.task, advance=event.advance, info=f"epoch {event.epoch} loss {event.loss:.3f} ce {event.ce:.3f}")
+            case EpochEnd(record=data):
+                acc = f" val top-1 {data['top1']:.2f}%" if "top1" in data else ""
+                extra = "".join(f" {k} {data[k]:.4g}" for k in ("ortho", "sparsity") if data.get(k))
+                self.bar.console.print(
+                    f"  {event.phase} epoch {event.epoch}: loss {data['loss']:.4f} (ce {data['ce']:.4f}{extra}){acc}"
+                    f" · {data['images_per_s']:.0f} img/s", highlight=False, soft_wrap=True)
+            case LayerTimed():
+                self.bar.console.print(f"  {event.phase}: timed {event.layer} on the target runtime ({event.done}/{event.total})",
+                                       highlight=False, soft_wrap=True)
+            case Warn():
+                err.print(f"[yellow]warning:[/] {escape(event.message)}", highlight=False, soft_wrap=True)
+            case PhaseEnd():
+                if self.task is not None:
+                    self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+                self.task = None
 
 
 def summary_table(summary: dict):
@@ -95,11 +97,11 @@ def summary_table(summary: dict):
     for phase, res in summary["phases"].items():
         if "top1" not in res:  # a skipped phase
             continue
-        macs = res.get("macs", dense_macs if phase in ("dense", "decompose", "fullrank", "svd") else summary["macs"]["macs"])
+        macs = res.get("macs")  # recorded by the pipeline as each phase completed (older runs: not recorded)
         top1 = res.get("best_top1", res.get("top1"))
         table.add_row(
             phase + (" (best)" if "best_top1" in res else ""), str(res.get("epochs", "")), f"{top1:.2f}", f"{res.get('top5', 0):.2f}",
-            f"{macs / 1e6:.2f} M", f"{dense_macs / macs:.2f}x",
+            f"{macs / 1e6:.2f} M" if macs else "-", f"{dense_macs / macs:.2f}x" if macs else "-",
         )
     return table
 
@@ -286,10 +288,7 @@ def export(run, fmt, output, batch, runtime, threads, device, precision, channel
         trt=TrtConfig(trt_precision, trt_batch_sizes),
     )
 
-    def progress(name, choice):
-        out.print(f"  tuned {name}: {choice.reason}", highlight=False, soft_wrap=True)
-
-    result = export_run(run, output, config, progress=progress, log=lambda text: out.print(text, highlight=False, soft_wrap=True))
+    result = export_run(run, output, config, progress=_export_progress)
     out.print(_export_table(result.meta))
     _print_plan(result.plan)
     for c in result.checks:
@@ -299,6 +298,15 @@ def export(run, fmt, output, batch, runtime, threads, device, precision, channel
         out.print(f"  TensorRT {engines['precision']} engines for batches {engines['batch_sizes']}: "
                   f"{engines['lowrank']}, {engines['dense']}", highlight=False)
     out.print(f"artifacts: {result.out_dir}", highlight=False, soft_wrap=True)
+
+
+def _export_progress(event) -> None:
+    """Export's printer: a line per tuned layer and per pass of the accuracy check below the energy rank."""
+    match event:
+        case LayerTuned():
+            out.print(f"  tuned {event.layer}: {event.choice.reason}", highlight=False, soft_wrap=True)
+        case Message():
+            out.print(event.text, highlight=False, soft_wrap=True)
 
 
 def _print_plan(plan) -> None:
@@ -437,31 +445,31 @@ class SweepProgress(_LiveBar):
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out)
         self.overall = self.phase = None
 
-    def __call__(self, kind: str, data: dict) -> None:
-        if kind == "sweep_start":
-            counts = ", ".join(f"{p} {n}" for p, n in data["phase_runs"].items() if n)
-            self.bar.console.print(f"sweep into {data['output']}: {data['runs']} runs, {data['leaves']} results; phase runs: {counts}",
-                                   highlight=False, soft_wrap=True)
-            self.overall = self.bar.add_task("runs", total=data["runs"], info="")
-        elif kind == "run_start":
-            self.bar.update(self.overall, info=data["name"])
-            what = "finished, skipped" if data["skipped"] else " → ".join(data["phases"])
-            self.bar.console.print(f"[{data['index']}/{data['runs']}] {data['name']}: {what}", highlight=False, soft_wrap=True)
-        elif kind == "run_end":
-            self.bar.advance(self.overall)
-        elif kind == "phase_start" and data["epochs"]:
-            self.phase = self.bar.add_task(data["phase"], total=data["epochs"] * data["steps"], info="")
-        elif kind == "step" and self.phase is not None:
-            self.bar.update(self.phase, advance=data.get("advance", 1), info=f"epoch {data['epoch']} loss {data['loss']:.3f}")
-        elif kind == "energy_step":
-            mark = "" if data["within"] else " (beyond tolerance)"
-            self.bar.console.print(f"    e = {data['energy']:g}: top-1 {data['top1']:.2f}%, MACs speedup {data['speedup']:.2f}x{mark}",
-                                   highlight=False)
-        elif kind == "phase_end" and self.phase is not None:
-            acc = f" · val top-1 {data['top1']:.2f}%" if "top1" in data else ""
-            self.bar.console.print(f"    {data['phase']} done{acc}", highlight=False)
-            self.bar.remove_task(self.phase)
-            self.phase = None
+    def __call__(self, event) -> None:
+        say = functools.partial(self.bar.console.print, highlight=False, soft_wrap=True)
+        match event:
+            case SweepStart():
+                counts = ", ".join(f"{p} {n}" for p, n in event.phase_runs.items() if n)
+                say(f"sweep into {event.output}: {event.runs} runs, {event.leaves} results; phase runs: {counts}")
+                self.overall = self.bar.add_task("runs", total=event.runs, info="")
+            case RunStart():
+                self.bar.update(self.overall, info=event.name)
+                what = "finished, skipped" if event.skipped else " → ".join(event.phases)
+                say(f"[{event.index}/{event.runs}] {event.name}: {what}")
+            case RunEnd():
+                self.bar.advance(self.overall)
+            case PhaseStart(epochs=epochs) if epochs:
+                self.phase = self.bar.add_task(event.phase, total=epochs * event.steps, info="")
+            case Step() if self.phase is not None:
+                self.bar.update(self.phase, advance=event.advance, info=f"epoch {event.epoch} loss {event.loss:.3f}")
+            case EnergyStep():
+                mark = "" if event.within else " (beyond tolerance)"
+                say(f"    e = {event.energy:g}: top-1 {event.top1:.2f}%, MACs speedup {event.speedup:.2f}x{mark}")
+            case PhaseEnd() if self.phase is not None:
+                acc = f" · val top-1 {event.result['top1']:.2f}%" if "top1" in event.result else ""
+                say(f"    {event.phase} done{acc}")
+                self.bar.remove_task(self.phase)
+                self.phase = None
 
 
 @main.command()

@@ -1,7 +1,7 @@
 """Sweep a recipe over a grid of values, running each shared phase once.
 
 The phases run in a fixed order (dense, decompose, fullrank, svd, prune, finetune) and each
-recipe key affects a known first phase (``PHASE_KEYS``). So the combinations of a grid form a
+recipe key affects a known first phase (both from the registry in ``lrexport.train.phases``). So the combinations of a grid form a
 tree: one run does the phases no grid key touches and stops; one run per value of the keys of
 the next affected phase branches from it (``run_recipe(start_from=..., stop_after=...)``); and
 so on down to the leaves, one per combination, which finish the method. A 3 × 2 grid over
@@ -16,8 +16,8 @@ Layout of the output directory::
     reg.decay=0.01,prune.energy=0.001/   a leaf: a complete run directory
 
 Rerunning the same sweep into the same directory skips finished runs and resumes
-interrupted ones. Progress goes to a callback (the CLI draws it): ``sweep_start``,
-``run_start``/``run_end`` around each run, and the pipeline's own events in between.
+interrupted ones. Progress goes to a callback (the CLI draws it): SweepStart, RunStart/RunEnd
+around each run with the pipeline's own events in between, SweepEnd (lrexport.progress).
 """
 
 from __future__ import annotations
@@ -28,35 +28,20 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import tomli_w
 
 from . import rundir
 from .errors import LrexportError, RecipeError
 from .io import atomic_write_text
+from .progress import Progress, RunEnd, RunStart, SweepEnd, SweepStart, quiet
 from .recipe import Recipe, load_recipe, parse_override, read_recipe_dict, recipe_from_dict
-
-PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
-
-# The first phase each recipe key (or table) affects; a key's later phases follow from it.
-# Keys not listed (device, amp, eval.*, ...) are taken to affect everything: nothing is shared.
-PHASE_KEYS: dict[str, tuple[str, ...]] = {
-    "dense": ("model", "data", "seed", "phases.dense"),
-    "decompose": ("decompose",),
-    "fullrank": ("reg.ortho", "phases.fullrank"),
-    "svd": ("reg.type", "reg.decay", "phases.svd"),
-    "prune": ("prune",),
-    "finetune": ("phases.finetune",),
-}
+# the phases' order and the recipe keys each is the first to depend on: one registry, the pipeline's
+# (keys not listed there -- device, amp, eval.* ... -- are taken to affect everything: nothing is shared)
+from .train.phases import PHASE_KEYS, PHASES
 
 SWEEP_FILE = "sweep.json"
-Progress = Callable[[str, dict], None]
-
-
-def _quiet(kind: str, data: dict) -> None:
-    pass
-
 
 def first_phase(key: str) -> str:
     """The earliest phase that recipe key ``key`` (dotted) affects."""
@@ -220,7 +205,7 @@ def run_sweep(
     grid: Iterable[str] | Mapping[str, list],
     overrides: Iterable[str] = (),
     output: str | Path | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> SweepResult:
     """Run every combination of ``grid`` (``key=v1,v2`` strings or a dict) over the recipe file.
 
@@ -241,13 +226,11 @@ def run_sweep(
     }, indent=2))
 
     result = SweepResult(output, plan)
-    progress("sweep_start", {"output": str(output), "runs": len(plan.runs), "leaves": len(plan.leaves), "phase_runs": plan.phase_runs()})
+    progress(SweepStart(str(output), len(plan.runs), len(plan.leaves), plan.phase_runs()))
     for i, run in enumerate(plan.runs):
         run_dir = output / run.name
         state = _state(run_dir, run)
-        info = {"index": i + 1, "runs": len(plan.runs), "name": run.name, "run_dir": str(run_dir), "phases": list(run.phases),
-                "values": run.values, "skipped": state == "done"}
-        progress("run_start", info)
+        progress(RunStart(i + 1, len(plan.runs), run.name, str(run_dir), run.phases, run.values, state == "done"))
         if state == "partial":
             run_recipe(run.recipe, run_dir, progress, resume=run_dir, stop_after=run.stop_after)
         elif state == "new":
@@ -257,8 +240,8 @@ def run_sweep(
             result.ran.append(run.name)
         if run.leaf:
             result.summaries[run.name] = rundir.read_summary(run_dir)
-        progress("run_end", info)
-    progress("sweep_end", {"output": str(output), "leaves": [r.name for r in plan.leaves]})
+        progress(RunEnd(i + 1, len(plan.runs), run.name))
+    progress(SweepEnd(str(output), tuple(r.name for r in plan.leaves)))
     return result
 
 

@@ -101,8 +101,8 @@ def test_known_base_accuracy_is_used(model, agreement):
 
 def test_progress_reports_each_rung(model, agreement):
     events = []
-    search_energy(model, agreement, [1e-3, 0.3], tolerance=1.0, input_size=INPUT, progress=lambda k, d: events.append((k, d)))
-    assert [(k, d["index"], d["steps"], d["energy"]) for k, d in events] == [("energy_step", 1, 2, 1e-3), ("energy_step", 2, 2, 0.3)]
+    search_energy(model, agreement, [1e-3, 0.3], tolerance=1.0, input_size=INPUT, progress=events.append)
+    assert [(type(e).__name__, e.index, e.steps, e.energy) for e in events] == [("EnergyStep", 1, 2, 1e-3), ("EnergyStep", 2, 2, 0.3)]
 
 
 def test_no_passing_threshold_is_a_clear_error(model, agreement):

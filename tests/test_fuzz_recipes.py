@@ -302,7 +302,7 @@ def start_like_a_run(r: Recipe, where: Path, cache: dict) -> str:
             m = r.model
             model = create_model(m.name, num_classes=p.num_classes, weights=m.weights or None, **m.kwargs)
             decompose(model, small.decompose.mode, small.decompose.include, small.decompose.exclude, small.decompose.linear)
-            evaluate(p._place(model), p.val_loader, p.precision)
+            evaluate(p.place(model), p.val_loader, p.precision)
             cache[key] = "ok"
         return cache[key]
     except LrexportError as e:

@@ -50,7 +50,7 @@ def test_hoyer_concentrates_the_spectrum(runs):
 def test_summary_has_every_field(runs):
     s = runs[0.5].summary
     assert list(s["phases"]) == ["dense", "decompose", "fullrank", "svd", "prune", "finetune"]
-    assert s["phases"]["fullrank"] == {"epochs": 0}  # skipped, and recorded as such
+    assert s["phases"]["fullrank"] == {"epochs": 0, "macs": s["macs"]["dense_macs"]}  # skipped, and recorded as such
     for phase in ("dense", "decompose", "svd", "prune", "finetune"):
         assert 0 <= s["phases"][phase]["top1"] <= 100
     # exact SVD: decomposing does not change accuracy
@@ -74,6 +74,15 @@ def test_pruning_reduces_ranks_and_macs_as_recorded(runs):
     assert all(v["pruned"] <= v["full"] for v in s["ranks"].values())
     assert sum(v["pruned"] for v in s["ranks"].values()) < sum(v["full"] for v in s["ranks"].values())
     assert s["phases"]["prune"]["macs"] == s["macs"]["macs"] < s["macs"]["dense_macs"]
+
+
+def test_each_phase_records_its_macs_in_summary_json(runs):
+    """The MACs of the model each phase leaves, as deployed: full rank costs what dense does; pruning cuts them."""
+    on_disk = json.loads((runs[0.5].run_dir / "summary.json").read_text())
+    macs = {phase: result["macs"] for phase, result in on_disk["phases"].items()}
+    dense, pruned = on_disk["macs"]["dense_macs"], on_disk["macs"]["macs"]
+    assert macs == {"dense": dense, "decompose": dense, "fullrank": dense, "svd": dense, "prune": pruned, "finetune": pruned}
+    assert pruned < dense
 
 
 def test_finetuning_leaves_ranks_unchanged(runs):

@@ -112,8 +112,10 @@ def test_sigterm_inside_an_epoch_resumes_from_that_read_and_matches(recipe, tmp_
     from lrexport.train.checkpoint import load_checkpoint
     from lrexport.train.pipeline import Interrupted
 
-    def kill_at(kind, data):
-        if kind == "step" and (data["phase"], data["epoch"], data["step"]) == ("svd", 2, 6):
+    from lrexport.progress import Step
+
+    def kill_at(event):
+        if isinstance(event, Step) and (event.phase, event.epoch, event.step) == ("svd", 2, 6):
             os.kill(os.getpid(), signal.SIGTERM)
 
     whole = run_recipe(load_recipe(recipe), tmp_path / "whole").summary

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from lrexport.cli import main
 from lrexport.errors import LrexportError, RecipeError
+from lrexport.progress import PhaseStart, RunStart
 from lrexport.recipe import read_recipe_dict
 from lrexport.sweep import PHASES, _same_recipe, first_phase, parse_grid, plan_sweep, run_sweep
 
@@ -52,13 +53,13 @@ def recipe(recipe_file):
 def swept(recipe, tmp_path_factory):
     events = []
     out = tmp_path_factory.mktemp("sweep") / "out"
-    result = run_sweep(recipe, GRID, output=out, progress=lambda kind, data: events.append((kind, data)))
+    result = run_sweep(recipe, GRID, output=out, progress=events.append)
     return result, events
 
 
 def test_each_shared_phase_runs_once(swept):
     result, events = swept
-    started = Counter(d["phase"] for k, d in events if k == "phase_start")
+    started = Counter(e.phase for e in events if isinstance(e, PhaseStart))
     assert started == {"dense": 1, "fullrank": 1, "svd": 2, "finetune": 4}
     # the run directories' own metrics say the same: one line per trained epoch, written where it ran
     trained = Counter()
@@ -68,7 +69,7 @@ def test_each_shared_phase_runs_once(swept):
     pruned = sorted(p.parent.parent.name for p in result.output.rglob("checkpoints/pruned.pt"))
     assert pruned == sorted(r.name for r in result.plan.leaves) and len(pruned) == 4
     assert result.plan.phase_runs() == {"dense": 1, "decompose": 1, "fullrank": 1, "svd": 2, "prune": 4, "finetune": 4}
-    assert [d["index"] for k, d in events if k == "run_start"] == list(range(1, 8))
+    assert [e.index for e in events if isinstance(e, RunStart)] == list(range(1, 8))
     assert sorted(result.ran) == sorted(r.name for r in result.plan.runs)
 
 
@@ -143,6 +144,18 @@ def test_plan_shapes():
     assert [r.parent for r in seeds.runs] == [None, 0, None, 2]
     assert [first_phase(k) for k in ("model.name", "data.image_size", "reg.ortho", "reg.type", "prune.multiple_of", "amp")] == [
         "dense", "dense", "fullrank", "svd", "prune", "dense"]
+
+
+def test_sweep_plans_from_the_pipelines_phase_registry():
+    """One definition: the order the pipeline runs and the keys each phase depends on are what the sweep plans with."""
+    from lrexport import sweep
+    from lrexport.train import phases
+
+    assert sweep.PHASES is phases.PHASES == tuple(ph.name for ph in phases.REGISTRY)
+    assert sweep.PHASE_KEYS is phases.PHASE_KEYS == {ph.name: ph.keys for ph in phases.REGISTRY}
+    assert PHASES == ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
+    for ph in phases.REGISTRY:  # each declared key starts the sweep's branching at its own phase
+        assert all(first_phase(key) == ph.name for key in ph.keys)
 
 
 def test_grid_parsing():

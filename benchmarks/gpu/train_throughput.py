@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import lrexport
 import lrexport.train.pipeline as pipeline
+from lrexport.progress import EpochEnd, PhaseStart, Step
 from lrexport.recipe import recipe_from_dict
 from lrexport.train import run_recipe
 
@@ -127,17 +128,17 @@ class PhaseClock:
         self.window: dict[str, list[int]] = {}  # phase → [index in caught at the first read, at the last]
         self.epoch_rates: dict[str, float] = {}
 
-    def __call__(self, kind: str, data: dict) -> None:
-        if kind == "phase_start":
-            self.epochs[data["phase"]] = data["epochs"]
-        elif kind == "step" and data["epoch"] == self.epochs.get(data["phase"]):
-            phase, now = data["phase"], time.perf_counter()  # the read before this event waited for the GPU
-            self.reads.setdefault(phase, []).append((data["step"], now))
+    def __call__(self, event) -> None:
+        if isinstance(event, PhaseStart):
+            self.epochs[event.phase] = event.epochs
+        elif isinstance(event, Step) and event.epoch == self.epochs.get(event.phase):
+            phase, now = event.phase, time.perf_counter()  # the read before this event waited for the GPU
+            self.reads.setdefault(phase, []).append((event.step, now))
             self.window.setdefault(phase, []).append(len(self.caught))
             if self.cuda:
-                torch.cuda.set_sync_debug_mode("warn" if data["step"] < data["steps"] else "default")
-        elif kind == "epoch_end" and data["epoch"] == self.epochs.get(data["phase"]):
-            self.epoch_rates[data["phase"]] = data["images_per_s"]
+                torch.cuda.set_sync_debug_mode("warn" if event.step < event.steps else "default")
+        elif isinstance(event, EpochEnd) and event.epoch == self.epochs.get(event.phase):
+            self.epoch_rates[event.phase] = event.record["images_per_s"]
 
     def result(self, phase: str, batch: int) -> dict:
         reads = self.reads.get(phase, [])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..lowrank.prune import energy_dropped, truncated
+from ..progress import Message, Progress, quiet
 
 
 @dataclass
@@ -48,12 +49,12 @@ def top1(model: nn.Module, val, batch_size: int = 256) -> float:
     return 100.0 * hits / max(seen, 1)
 
 
-def confirm_below(model: nn.Module, proposed: dict[str, int], val, tolerance: float, log=None) -> BelowCheck:
+def confirm_below(model: nn.Module, proposed: dict[str, int], val, tolerance: float, progress: Progress = quiet) -> BelowCheck:
     """Which of the ``proposed`` truncations (name → rank) ``model`` keeps within ``tolerance`` points on ``val``.
 
-    ``log(text)``, if given, hears each evaluation (each is a pass over ``val``).
+    ``progress`` hears a Message for each evaluation (each is a pass over ``val``).
     """
-    log = log or (lambda text: None)
+    log = lambda text: progress(Message(text))
     layers = dict(model.named_modules())
     dropped = {name: energy_dropped(layers[name].s, k) for name, k in proposed.items()}
     order = sorted(proposed, key=lambda n: (-dropped[n], n))  # withdrawn first: the most energy dropped

@@ -33,6 +33,7 @@ from ..errors import LrexportError, RuntimeMissingError
 from ..lowrank import count_macs
 from ..lowrank.rewrite import RewriteReport, relative_error, to_plain
 from ..io import atomic_write_bytes, atomic_write_text
+from ..progress import Progress, quiet
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
 from .latency_ranks import allocated_plan
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
@@ -152,7 +153,7 @@ def tool_versions() -> dict:
 
 
 # -- the stages ----------------------------------------------------------------------------------
-def _below_checker(run: Run, trained, config: TuneConfig, log):
+def _below_checker(run: Run, trained, config: TuneConfig, progress: Progress):
     """The validation-accuracy check for ranks below the energy rule's, or None where the run does not allow them."""
     prune_cfg = run.summary.get("prune") or {}
     allowed = bool(prune_cfg.get("tune_below", False)) if config.below is None else config.below
@@ -164,7 +165,7 @@ def _below_checker(run: Run, trained, config: TuneConfig, log):
 
         val = run.validation_set()
         val = torch.utils.data.Subset(val, range(min(config.below_images, len(val))))
-        result = confirm_below(trained, proposed, val, float(prune_cfg.get("tolerance", 1.0)), log)
+        result = confirm_below(trained, proposed, val, float(prune_cfg.get("tolerance", 1.0)), progress)
         return result.kept, result.to_dict()
 
     return check
@@ -334,12 +335,12 @@ def validation_sample(run: Run, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = None, config: ExportConfig | None = None,
-               runs_root: str | Path = "runs", progress=None, log=None) -> ExportResult:
+               runs_root: str | Path = "runs", progress: Progress = quiet) -> ExportResult:
     """Export a run's finetuned low-rank model and its dense baseline for ``config.target``.
 
     ``run_dir`` defaults to the newest run under ``runs_root``, ``out_dir`` to RUN/artifacts.
-    ``progress(name, choice)`` hears each tuned layer, ``log(text)`` each pass of the
-    accuracy check of ranks below the energy rule's.
+    ``progress`` hears a LayerTuned event for each tuned layer and a Message for each pass
+    of the accuracy check of ranks below the energy rule's.
     """
     config = config or ExportConfig()
     config.validate()
@@ -350,7 +351,7 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     trained, dense = run.load_models()
     allocated = allocated_plan(run.summary, config.target)
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
-                       config.multiple_of, _below_checker(run, trained, config.tune, log) if allocated is None else None,
+                       config.multiple_of, _below_checker(run, trained, config.tune, progress) if allocated is None else None,
                        progress, allocated)
     built = build(plan.model(trained), dense, plan, run.input_size, config)
     x = validation_sample(run, config.check_images)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LrexportError
+from ..progress import LayerTimed, Progress, quiet
 from ..lowrank.allocate import DENSE, Allocation, LayerTable, allocate, discarded_curve
 from ..lowrank.prune import PruneResult, check_energy, energy_rank, prune, rule_rank
 from .runners import RuntimeOptions
@@ -71,7 +72,7 @@ def grid_ranks(layer: TuneLayer, lowest: int, rule: int, grid: int, max_candidat
     return sorted(r for r in ranks if r >= 1)
 
 
-def measure(layers: list[TuneLayer], ranks: dict[str, list[int]], config: LatencyConfig, progress=None) -> tuple[dict, dict]:
+def measure(layers: list[TuneLayer], ranks: dict[str, list[int]], config: LatencyConfig, progress: Progress = quiet) -> tuple[dict, dict]:
     """name → {DENSE or rank: ms per image summed over the batches}; and the target's description."""
     target = make_target(config.runtime, config.options, config.batches)
     cache = TuneCache(config.cache)
@@ -85,8 +86,7 @@ def measure(layers: list[TuneLayer], ranks: dict[str, list[int]], config: Latenc
             for c in cands:
                 total[c] += ms[c] / b
         tables[layer.name] = total
-        if progress is not None:
-            progress(layer.name, i + 1, len(layers))
+        progress(LayerTimed(layer.name, i + 1, len(layers)))
     return tables, target.to_dict() | {"timed": timed, "cached": asked - timed}
 
 
@@ -100,7 +100,7 @@ class LatencyPrune:
 
 
 def latency_prune(model, input_size, energy: float, cap: float, config: LatencyConfig, multiple_of: int = 1,
-                  progress=None) -> LatencyPrune:
+                  progress: Progress = quiet) -> LatencyPrune:
     """Time, allocate and truncate ``model``'s decomposed convs (other SVD layers: the energy rule)."""
     check_energy(energy)
     if config.grid < 1:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..lowrank import truncated
+from ..progress import Progress, quiet
 from ..lowrank.rewrite import plan_layers, to_plain
 from .onnx_graph import to_onnx
 from .runners import RUNTIMES, ModelSource, RuntimeOptions, open_runner
@@ -79,7 +80,7 @@ def default_cache() -> Path:
 
 
 def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, config: TuneConfig, batch: int | None,
-                multiple_of: int, below_check=None, progress=None, allocated: dict | None = None) -> Plan:
+                multiple_of: int, below_check=None, progress: Progress = quiet, allocated: dict | None = None) -> Plan:
     """The deployment plan of ``trained`` on ``runtime`` (see the module docstring).
 
     ``below_check(proposed) -> (kept, check dict)`` confirms ranks below the energy rule's

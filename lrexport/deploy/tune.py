@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import LrexportError, RuntimeMissingError
 from ..io import atomic_write_text
+from ..progress import LayerTuned, Progress, quiet
 from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner
 from .timing import CUDA_EVENTS, Stats, interleave_within
 
@@ -481,12 +482,12 @@ def layer_times(layer: TuneLayer, cands, target: Target, batch: int, cache: Tune
 
 
 def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None, margin: float = 0.02,
-         multiples=MULTIPLES, progress=None, below: bool = False, **timing) -> TuneResult:
+         multiples=MULTIPLES, progress: Progress = quiet, below: bool = False, **timing) -> TuneResult:
     """Time every candidate of every layer on ``target`` at each of its batches (cached ones excepted)
     and choose per layer by the sum of its times over those batches.
 
     ``below``: ranks below the energy rank are candidates too (see ``choose``).
-    ``progress(name, choice)`` is called after each layer (the CLI draws it). ``timing`` goes
+    ``progress`` hears a LayerTuned event after each layer (the CLI draws it). ``timing`` goes
     to ``time_candidates`` (warmup, budget_ms, min_repeats, max_repeats).
     """
     cache = cache if cache is not None else TuneCache(None)
@@ -504,13 +505,12 @@ def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None
         choice = choose(times, layer, margin, below)
         choice.batch_ms = {str(b): {str(c): t for c, t in per_batch[b].items()} for b in target.batches}
         choices.append(choice)
-        if progress is not None:
-            progress(layer.name, choice)
+        progress(LayerTuned(layer.name, choice))
     return TuneResult(target, choices, total - timed, timed, time.perf_counter() - start, margin, below=below)
 
 
 def tune_model(model, input_size, target: Target, cache_path: str | Path | None = None, multiple_of: int = 8,
-               margin: float = 0.02, progress=None, below: bool = False, **timing) -> TuneResult:
+               margin: float = 0.02, progress: Progress = quiet, below: bool = False, **timing) -> TuneResult:
     """Tune every decomposed conv of ``model`` at ``input_size`` (C, H, W) for ``target`` (see ``make_target``)."""
     return tune(tune_layers_of(model, input_size, multiple_of), target, TuneCache(cache_path), margin,
                 progress=progress, below=below, **timing)

@@ -16,12 +16,12 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..errors import LrexportError
+from ..progress import EnergyStep, Progress, quiet
 from .decompose import layer_ranks
 from .macs import count_macs
 from .prune import check_energy, prune
 
 EvaluateFn = Callable[[nn.Module], float]
-Progress = Callable[[str, dict], None]
 
 
 class EnergySearchError(LrexportError):
@@ -57,10 +57,6 @@ class EnergyChoice:
                 "ladder": [asdict(s) for s in self.ladder]}
 
 
-def _quiet(kind: str, data: dict) -> None:
-    pass
-
-
 def check_ladder(ladder: Iterable[float]) -> list[float]:
     """Distinct thresholds in [0, 1), ascending."""
     values = sorted({check_energy(e) for e in ladder})
@@ -78,7 +74,7 @@ def search_energy(
     *,
     input_size: tuple[int, ...],
     base_top1: float | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> EnergyChoice:
     """The largest threshold of ``ladder`` whose pruned model loses at most ``tolerance`` points.
 
@@ -102,7 +98,7 @@ def search_energy(
         drop = base - top1
         steps.append(LadderStep(e, top1, drop, macs.deployed, macs.speedup, layer_ranks(pruned), drop <= tolerance))
         del pruned
-        progress("energy_step", {"index": i + 1, "steps": len(energies), **asdict(steps[-1])})
+        progress(EnergyStep(i + 1, len(energies), e, top1, macs.speedup, drop <= tolerance))
     passing = [s for s in steps if s.within]
     if not passing:
         s = steps[0]

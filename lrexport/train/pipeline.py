@@ -20,30 +20,22 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .. import __version__, rundir
+from ..progress import Done, EpochEnd, PhaseEnd, PhaseStart, Progress, Step, Warn, quiet
 from ..data import build_datasets
 from ..errors import CheckpointError, DataError, LrexportError
-from ..lowrank import count_macs, decompose, layer_ranks, prune, svd_layers, undecomposable_layers
-from ..lowrank.energy_search import search_energy
+from ..lowrank import count_macs, layer_ranks
 from ..models import create_model
 from ..recipe import PhaseConfig, Recipe
 from .checkpoint import build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
+from .phases import PHASES, REGISTRY
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
-
-PHASES = ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
-Progress = Callable[[str, dict], None]
-
-
-def _quiet(kind: str, data: dict) -> None:
-    pass
-
 
 class Interrupted(LrexportError):
     """SIGINT/SIGTERM: the state was saved; ``--resume`` continues from it."""
@@ -55,11 +47,6 @@ class Interrupted(LrexportError):
 class RunResult:
     run_dir: Path
     summary: dict = field(default_factory=dict)
-
-
-def spectra(model: nn.Module) -> dict[str, list[float]]:
-    """Each SVD layer's singular values, largest first."""
-    return {name: sorted(layer.s.detach().abs().float().cpu().tolist(), reverse=True) for name, layer in svd_layers(model)}
 
 
 class _StopSignals:
@@ -86,10 +73,10 @@ class _StopSignals:
 class Pipeline:
     """Runs one recipe into one run directory, phase by phase."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = _quiet, dist: Dist | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = quiet, dist: Dist | None = None):
         self.recipe, self.run_dir = recipe, Path(run_dir)
         self.dist = dist or Dist()
-        self.progress = progress if self.dist.is_main else _quiet
+        self.progress = progress if self.dist.is_main else quiet
         device = resolve_device(recipe.device)
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
@@ -134,7 +121,7 @@ class Pipeline:
             "prune": dataclasses.asdict(r.prune), "phases": {},
         }
 
-    def _place(self, model: nn.Module) -> nn.Module:
+    def place(self, model: nn.Module) -> nn.Module:
         fmt = torch.channels_last if self.recipe.channels_last else torch.preserve_format
         return model.to(self.device, memory_format=fmt)
 
@@ -151,7 +138,7 @@ class Pipeline:
         return model_arch(self.model, r.model.name, self.num_classes, self.info.input_size, r.model.kwargs)
 
     # -- files (rank 0 only) -----------------------------------------------------------
-    def _save(self, name: str, **state) -> None:
+    def save(self, name: str, **state) -> None:
         if self.dist.is_main:
             save_checkpoint(rundir.checkpoint_path(self.run_dir, name), self.model, self._arch(), **state)
 
@@ -183,16 +170,17 @@ class Pipeline:
             rundir.write_summary(self.run_dir, self.summary)
 
     def _complete(self, phase: str, result: dict) -> None:
-        self.summary["phases"][phase] = result
+        """Record a finished phase's result, with the MACs of the model it leaves (as deployed: min(pair, dense) per layer)."""
+        self.summary["phases"][phase] = {**result, "macs": result.get("macs", self.macs()["macs"])}
         self.completed.append(phase)
         self._write_summary()
         self._save_last()
 
     # -- evaluation --------------------------------------------------------------------
-    def _evaluate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.val_loader, self.precision, reduce=self.dist.all_sum)
 
-    def _macs(self) -> dict:
+    def macs(self) -> dict:
         return count_macs(self.model, tuple(self.info.input_size)).to_dict()
 
     # -- a training phase ------------------------------------------------------------------
@@ -225,9 +213,9 @@ class Pipeline:
         best["top5"] = max(best["top5"], metrics["top5"])  # the paper's ImageNet tables report top-5
         if metrics["top1"] > best["top1"]:
             best.update(top1=metrics["top1"], epoch=epoch)
-            self._save(f"{phase}_best", phase=phase, epoch=epoch, metrics=metrics)
+            self.save(f"{phase}_best", phase=phase, epoch=epoch, metrics=metrics)
 
-    def _train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, resume: dict | None = None, track_best: bool = False) -> dict:
+    def train_phase(self, phase: str, cfg: PhaseConfig, loss: Loss, resume: dict | None = None, track_best: bool = False) -> dict:
         """Train ``cfg.epochs`` epochs, from ``resume`` (a last.pt state inside this phase) if given."""
         trained = self._trained()
         if self.compile_regularizers and loss.regularized:
@@ -237,14 +225,13 @@ class Pipeline:
         scaler = self.precision.scaler()
         start_epoch, epoch_state, best = self._resume_training(resume, optimizer, scheduler, scaler)
         metrics: dict = {}
-        self.progress("phase_start", {"phase": phase, "epochs": cfg.epochs, "steps": len(self.train_loader),
-                                      "start_epoch": start_epoch, "start_step": epoch_state.step if epoch_state else 0})
+        self.progress(PhaseStart(phase, cfg.epochs, len(self.train_loader), start_epoch, epoch_state.step if epoch_state else 0))
         started = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             epoch_state = epoch_state or EpochState()
             self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
             # one event per read of the running loss (train.log_every steps); "advance": the steps since the last
-            on_step = lambda step, steps, info: self.progress("step", {"phase": phase, "epoch": epoch + 1, "step": step, "steps": steps, **info})
+            on_step = lambda step, steps, info: self.progress(Step(phase, epoch + 1, step, steps, **info))
             try:
                 stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
                                         on_step, self._should_stop, self.dist.all_sum, self.recipe.train.log_every, self.cuda_graphs)
@@ -256,7 +243,7 @@ class Pipeline:
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             last = epoch + 1 == cfg.epochs
-            metrics = self._evaluate() if (last or (epoch + 1) % self.recipe.eval.every == 0) else {}
+            metrics = self.validate() if (last or (epoch + 1) % self.recipe.eval.every == 0) else {}
             if metrics and not math.isfinite(metrics["val_loss"]):  # finite training losses, yet weights that overflow
                 raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: validation loss became {metrics['val_loss']} after the "
                                     f"epoch's last step; lower the learning rate or λ; the last good checkpoint is {self.last_path}")
@@ -267,7 +254,7 @@ class Pipeline:
             epoch_state = None
             if last or (epoch + 1) % self.recipe.checkpoint.every == 0:
                 self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
-            self.progress("epoch_end", record)
+            self.progress(EpochEnd(phase, epoch + 1, record))
             # signals are looked at when the loss is read; one in an epoch's last log_every steps stops here
             if not last and self._should_stop():
                 if (epoch + 1) % self.recipe.checkpoint.every:  # else saved just above
@@ -276,94 +263,9 @@ class Pipeline:
         result = {"epochs": cfg.epochs, **metrics, "seconds": round(time.perf_counter() - started, 2)}
         if track_best:
             result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
-        self._save(phase, phase=phase, epoch=cfg.epochs, metrics=metrics)
-        self.progress("phase_end", {"phase": phase, **result})
+        self.save(phase, phase=phase, epoch=cfg.epochs, metrics=metrics)
+        self.progress(PhaseEnd(phase, result))
         return result
-
-    # -- the phases ----------------------------------------------------------------------
-    def _phase_dense(self, resume):
-        if self.recipe.phases.dense.epochs:
-            result = self._train_phase("dense", self.recipe.phases.dense, Loss(), resume)
-        else:
-            result = {"epochs": 0, **self._evaluate()}
-        self._save("dense", phase="dense")  # the dense model the decomposition starts from: export's baseline
-        return result
-
-    def _phase_decompose(self, resume):
-        d = self.recipe.decompose
-        self.summary["undecomposed"] = undecomposable_layers(self.model, d.include, d.exclude)  # left dense: name -> why
-        decompose(self.model, d.mode, d.include, d.exclude, d.linear)
-        if d.init == "scratch":
-            for _, layer in svd_layers(self.model):
-                layer.reset_parameters()
-        self._place(self.model)
-        return {"mode": d.mode, "layers": len(svd_layers(self.model)), **self._evaluate()}
-
-    def _phase_fullrank(self, resume):
-        cfg = self.recipe.phases.fullrank
-        if not cfg.epochs:
-            return {"epochs": 0}
-        return self._train_phase("fullrank", cfg, Loss(ortho=self.recipe.reg.ortho), resume)
-
-    def _phase_svd(self, resume):
-        r = self.recipe
-        if not resume and self.dist.is_main:
-            rundir.write_spectra(self.run_dir, {"before": spectra(self.model)})
-        result = self._train_phase("svd", r.phases.svd, Loss(r.reg.ortho, r.reg.type, r.reg.decay), resume)
-        if self.dist.is_main:
-            before = rundir.read_spectra(self.run_dir)["before"]
-            rundir.write_spectra(self.run_dir, {"before": before, "after": spectra(self.model)})
-        return result
-
-    def _phase_prune(self, resume):
-        p = self.recipe.prune
-        energy = p.energy
-        if energy == "auto":
-            choice = search_energy(
-                self.model, lambda m: evaluate(m, self.val_loader, self.precision, reduce=self.dist.all_sum)["top1"],
-                p.ladder, p.tolerance, p.multiple_of, input_size=tuple(self.info.input_size),
-                base_top1=self.summary["phases"]["svd"].get("top1"),
-                progress=lambda kind, data: self.progress(kind, {"phase": "prune", **data}),
-            )
-            energy = choice.energy
-            self.summary["energy_search"] = choice.to_dict()
-        if p.latency == "none":
-            pruned = prune(self.model, energy, p.multiple_of)
-        else:
-            pruned = self._latency_prune(energy)
-        self._save("pruned", phase="prune")
-        macs = self._macs()
-        self.summary["ranks"] = {res.name: {"full": res.full_rank, "pruned": res.after} for res in pruned}
-        self.summary["macs"] = macs
-        return {"energy": energy, "multiple_of": p.multiple_of, **self._evaluate(), "macs": macs["macs"], "speedup": macs["speedup"]}
-
-    def _latency_prune(self, energy: float):
-        """Ranks from the target runtime's measured latency within the energy rule's budget.
-
-        Rank 0 times and allocates; under torchrun the other processes take its ranks.
-        """
-        from ..deploy.latency_ranks import cap_of, latency_config, latency_prune
-
-        p, ranks, results = self.recipe.prune, None, None
-        if self.dist.is_main:
-            on_layer = lambda name, done, total: self.progress("latency_layer", {"phase": "prune", "layer": name, "done": done, "total": total})
-            self.model.cpu()  # the forward pass that sizes each layer's input runs on the CPU; the runtimes time on their own
-            result = latency_prune(self.model, tuple(self.info.input_size), energy, cap_of(p.max_layer_energy, energy),
-                                   latency_config(p), p.multiple_of, on_layer)
-            self._place(self.model)
-            self.summary["latency_ranks"] = result.record
-            results, ranks = result.results, {res.name: res.after for res in result.results}
-        ranks = self.dist.broadcast(ranks)
-        return results if results is not None else prune(self.model, energy, ranks=ranks)
-
-    def _phase_finetune(self, resume):
-        r = self.recipe
-        ft = self._train_phase("finetune", r.phases.finetune, Loss(ortho=r.reg.ortho), resume, track_best=True)
-        if r.phases.finetune.epochs == 0:  # nothing trained: the pruned model is the result
-            pruned = self.summary["phases"]["prune"]
-            self._save("finetune_best", phase="finetune", metrics={"top1": pruned["top1"], "top5": pruned["top5"]})
-            ft.update(best_top1=pruned["top1"], best_top5=pruned["top5"], best_epoch=0)
-        return ft
 
     def _finish(self) -> None:
         s, final = self.summary, layer_ranks(self.model)
@@ -394,7 +296,7 @@ class Pipeline:
         except CheckpointError as e:
             hint = "" if previous or not rundir.checkpoint_path(source, rundir.LAST_PREV).exists() else "; add --previous to use the one before it"
             raise CheckpointError(f"{e}{hint}") from None
-        self.model = self._place(model)
+        self.model = self.place(model)
         self.summary = json.loads(state["summary"])
         self.summary["run_dir"] = str(self.run_dir)
         self.completed = list(state["completed"])
@@ -421,8 +323,8 @@ class Pipeline:
             source = self.run_dir if resume else Path(start_from)
             state = self._restore(source, previous)
             if resume and state.get("recipe_hash") != self.recipe.hash():
-                self.progress("warning", {"message": f"the recipe differs from the one {source} was started with "
-                                          f"(see its {rundir.RECIPE}): phases still to come use the new settings"})
+                self.progress(Warn(f"the recipe differs from the one {source} was started with "
+                                   f"(see its {rundir.RECIPE}): phases still to come use the new settings"))
             if start_from is not None:
                 state = dict(state, phase=None)  # a branch starts at a phase boundary
                 # the branch's own settings, not its source's (the phases it copied are the source's)
@@ -433,7 +335,7 @@ class Pipeline:
         else:
             torch.manual_seed(self.recipe.seed)
             random.seed(self.recipe.seed)
-            self.model = self._place(create_model(self.recipe.model.name, num_classes=self.num_classes,
+            self.model = self.place(create_model(self.recipe.model.name, num_classes=self.num_classes,
                                                   weights=self.recipe.model.weights or None, **self.recipe.model.kwargs))
             self.summary = self._new_summary()
         if self.dist.is_main:
@@ -441,23 +343,24 @@ class Pipeline:
             rundir.write_recipe(self.run_dir, self.recipe)
         self.summary["recipe_hash"] = self.recipe.hash()
         with self.stop:
-            for phase in PHASES:
+            for ph in REGISTRY:
+                phase = ph.name
                 if phase in self.completed:
                     continue
                 inside = state if state and state.get("phase") == phase else None
-                self._complete(phase, getattr(self, f"_phase_{phase}")(inside))
+                self._complete(phase, ph.run(self, inside))
                 if phase == stop_after:
                     break
                 if phase != PHASES[-1] and self._should_stop():  # a signal after the phase's last read; last.pt is its end
                     raise self._interrupted(f"after the {phase} phase")
         if "finetune" in self.completed:
             self._finish()
-            self.progress("done", self.summary)
+            self.progress(Done(self.summary))
         self.dist.barrier()
         return RunResult(self.run_dir, self.summary)
 
 
-def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = _quiet, *, resume: str | Path | bool | None = None,
+def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = quiet, *, resume: str | Path | bool | None = None,
                previous: bool = False, start_from: str | Path | None = None, stop_after: str | None = None) -> RunResult:
     """Run every phase of ``recipe``; returns the run directory and its summary.
 

@@ -1,0 +1,164 @@
+"""The method's phases, in order: the one registry the pipeline runs and the sweep plans from.
+
+Each phase is a function ``(pipeline, resume) -> result`` registered with its name and the
+recipe key prefixes it is the first phase to depend on (a key's later phases follow from
+it: the sweep shares every phase before the first one a grid key affects). ``resume`` is
+the last.pt state when a run stopped inside this phase, else None. The pipeline records
+each result, with the model's MACs after the phase, under ``summary.json["phases"][name]``.
+
+Importing this module imports no torch (the sweep plans, and ``lrexport report`` reads
+sweeps, without it); the phase bodies import what they use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    keys: tuple[str, ...]  # recipe keys (dotted prefixes) this phase is the first to depend on
+    run: Callable[["Pipeline", "dict | None"], dict]
+
+
+REGISTRY: list[Phase] = []
+
+
+def phase(name: str, keys: tuple[str, ...]):
+    """Register the decorated function as the next phase of the method."""
+
+    def register(fn):
+        REGISTRY.append(Phase(name, tuple(keys), fn))
+        return fn
+
+    return register
+
+
+@phase("dense", keys=("model", "data", "seed", "phases.dense"))
+def dense(p: Pipeline, resume: dict | None) -> dict:
+    if p.recipe.phases.dense.epochs:
+        result = p.train_phase("dense", p.recipe.phases.dense, _loss(), resume)
+    else:
+        result = {"epochs": 0, **p.validate()}
+    p.save("dense", phase="dense")  # the dense model the decomposition starts from: export's baseline
+    return result
+
+
+@phase("decompose", keys=("decompose",))
+def decompose(p: Pipeline, resume: dict | None) -> dict:
+    from ..lowrank import decompose as decompose_model, svd_layers, undecomposable_layers
+
+    d = p.recipe.decompose
+    p.summary["undecomposed"] = undecomposable_layers(p.model, d.include, d.exclude)  # left dense: name -> why
+    decompose_model(p.model, d.mode, d.include, d.exclude, d.linear)
+    if d.init == "scratch":
+        for _, layer in svd_layers(p.model):
+            layer.reset_parameters()
+    p.place(p.model)
+    return {"mode": d.mode, "layers": len(svd_layers(p.model)), **p.validate()}
+
+
+@phase("fullrank", keys=("reg.ortho", "phases.fullrank"))
+def fullrank(p: Pipeline, resume: dict | None) -> dict:
+    cfg = p.recipe.phases.fullrank
+    if not cfg.epochs:
+        return {"epochs": 0}
+    return p.train_phase("fullrank", cfg, _loss(ortho=p.recipe.reg.ortho), resume)
+
+
+@phase("svd", keys=("reg.type", "reg.decay", "phases.svd"))
+def svd(p: Pipeline, resume: dict | None) -> dict:
+    from .. import rundir
+
+    r = p.recipe
+    if not resume and p.dist.is_main:
+        rundir.write_spectra(p.run_dir, {"before": spectra(p.model)})
+    result = p.train_phase("svd", r.phases.svd, _loss(r.reg.ortho, r.reg.type, r.reg.decay), resume)
+    if p.dist.is_main:
+        before = rundir.read_spectra(p.run_dir)["before"]
+        rundir.write_spectra(p.run_dir, {"before": before, "after": spectra(p.model)})
+    return result
+
+
+@phase("prune", keys=("prune",))
+def prune(p: Pipeline, resume: dict | None) -> dict:
+    from ..lowrank import prune as prune_model
+
+    cfg = p.recipe.prune
+    energy = _search_energy(p) if cfg.energy == "auto" else cfg.energy
+    pruned = prune_model(p.model, energy, cfg.multiple_of) if cfg.latency == "none" else _latency_prune(p, energy)
+    p.save("pruned", phase="prune")
+    macs = p.macs()
+    p.summary["ranks"] = {res.name: {"full": res.full_rank, "pruned": res.after} for res in pruned}
+    p.summary["macs"] = macs
+    return {"energy": energy, "multiple_of": cfg.multiple_of, **p.validate(), "macs": macs["macs"], "speedup": macs["speedup"]}
+
+
+@phase("finetune", keys=("phases.finetune",))
+def finetune(p: Pipeline, resume: dict | None) -> dict:
+    r = p.recipe
+    ft = p.train_phase("finetune", r.phases.finetune, _loss(ortho=r.reg.ortho), resume, track_best=True)
+    if r.phases.finetune.epochs == 0:  # nothing trained: the pruned model is the result
+        pruned = p.summary["phases"]["prune"]
+        p.save("finetune_best", phase="finetune", metrics={"top1": pruned["top1"], "top5": pruned["top5"]})
+        ft.update(best_top1=pruned["top1"], best_top5=pruned["top5"], best_epoch=0)
+    return ft
+
+
+PHASES: tuple[str, ...] = tuple(ph.name for ph in REGISTRY)
+PHASE_KEYS: dict[str, tuple[str, ...]] = {ph.name: ph.keys for ph in REGISTRY}
+
+
+# -- what the phases share -----------------------------------------------------------------
+def _loss(*args, **kwargs):
+    from .loop import Loss
+
+    return Loss(*args, **kwargs)
+
+
+def spectra(model) -> dict[str, list[float]]:
+    """Each SVD layer's singular values, largest first."""
+    from ..lowrank import svd_layers
+
+    return {name: sorted(layer.s.detach().abs().float().cpu().tolist(), reverse=True) for name, layer in svd_layers(model)}
+
+
+def _search_energy(p: Pipeline) -> float:
+    """prune.energy = "auto": the largest threshold of the ladder within the tolerance (summary's energy_search)."""
+    from ..lowrank.energy_search import search_energy
+    from .loop import evaluate
+
+    cfg = p.recipe.prune
+    choice = search_energy(
+        p.model, lambda m: evaluate(m, p.val_loader, p.precision, reduce=p.dist.all_sum)["top1"],
+        cfg.ladder, cfg.tolerance, cfg.multiple_of, input_size=tuple(p.info.input_size),
+        base_top1=p.summary["phases"]["svd"].get("top1"),
+        progress=p.progress,
+    )
+    p.summary["energy_search"] = choice.to_dict()
+    return choice.energy
+
+
+def _latency_prune(p: Pipeline, energy: float):
+    """Ranks from the target runtime's measured latency within the energy rule's budget.
+
+    Rank 0 times and allocates; under torchrun the other processes take its ranks.
+    """
+    from ..deploy.latency_ranks import cap_of, latency_config, latency_prune
+    from ..lowrank import prune as prune_model
+
+    cfg, ranks, results = p.recipe.prune, None, None
+    if p.dist.is_main:
+        p.model.cpu()  # the forward pass that sizes each layer's input runs on the CPU; the runtimes time on their own
+        result = latency_prune(p.model, tuple(p.info.input_size), energy, cap_of(cfg.max_layer_energy, energy),
+                               latency_config(cfg), cfg.multiple_of, p.progress)
+        p.place(p.model)
+        p.summary["latency_ranks"] = result.record
+        results, ranks = result.results, {res.name: res.after for res in result.results}
+    ranks = p.dist.broadcast(ranks)
+    return results if results is not None else prune_model(p.model, energy, ranks=ranks)
