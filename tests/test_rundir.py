@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -91,7 +90,7 @@ def _touch(path: Path, mtime: float) -> None:
 
 
 def test_newest_and_resumable_runs(tmp_path):
-    now = time.time()
+    now = 1_700_000_000.0  # fixed modification times: the finders order runs by them
     _touch(tmp_path / "a-1" / rundir.SUMMARY, now - 30)
     _touch(tmp_path / "a-1" / rundir.CHECKPOINTS / "last.pt", now - 5)
     _touch(tmp_path / "b-1" / rundir.SUMMARY, now - 10)

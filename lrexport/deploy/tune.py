@@ -235,6 +235,55 @@ def contexts(shape: LayerShape) -> list[str]:
     return ([CONTEXT_IN] if shape.c >= CONTEXT_MIN_CHANNELS else []) + ([CONTEXT_OUT] if shape.n >= CONTEXT_MIN_CHANNELS else [])
 
 
+class _ConvGraph:
+    """Conv nodes with random weights, built into a one-input ("x"), one-output ("y") ONNX model."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.inits, self.nodes = [], []
+
+    def conv(self, name, x, out, w_shape, strides=(1, 1), pads=(0, 0), dilations=(1, 1), bias=False, group=1):
+        from onnx import helper, numpy_helper
+
+        w = self.rng.standard_normal(w_shape, dtype=np.float32) * 0.05
+        self.inits.append(numpy_helper.from_array(w, f"{name}.w"))
+        inputs = [x, f"{name}.w"]
+        if bias:
+            self.inits.append(numpy_helper.from_array(self.rng.standard_normal(w_shape[0], dtype=np.float32), f"{name}.b"))
+            inputs.append(f"{name}.b")
+        self.nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=list(w_shape[2:]),
+                                           strides=list(strides), pads=[pads[0], pads[1], pads[0], pads[1]],
+                                           dilations=list(dilations), group=group))
+
+    def depthwise(self, name, x, out, channels):
+        self.conv(name, x, out, (channels, 1, 1, 1), bias=True, group=channels)
+
+    def model(self, in_shape, out_shape, opset: int):
+        import onnx
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(self.nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = min(model.ir_version, 8)
+        onnx.checker.check_model(model)
+        return model
+
+
+def _candidate_convs(g: _ConvGraph, shape: LayerShape, candidate, src: str, dst: str) -> None:
+    """The dense conv, or the thin pair at rank ``candidate``, with the geometry the export gives it."""
+    c, n, kh, kw = shape.c, shape.n, shape.kh, shape.kw
+    (sh, sw), (ph, pw), (dh, dw) = shape.stride, shape.padding, shape.dilation
+    if candidate == DENSE:
+        g.conv("conv", src, dst, (n, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), True)
+    elif shape.mode == "channel":
+        g.conv("conv1", src, "mid", (int(candidate), c, kh, kw), (sh, sw), (ph, pw), (dh, dw))
+        g.conv("conv2", "mid", dst, (n, int(candidate), 1, 1), bias=True)
+    else:
+        g.conv("conv1", src, "mid", (int(candidate), c, kh, 1), (sh, 1), (ph, 0), (dh, 1))
+        g.conv("conv2", "mid", dst, (n, int(candidate), 1, kw), (1, sw), (0, pw), (1, dw), True)
+
+
 def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int = 17, seed: int = 0, context: bool = True):
     """A one-layer ONNX model: the dense conv, or the thin pair at ``candidate`` rank, as exported.
 
@@ -248,58 +297,20 @@ def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int =
     ``CONTEXT_IN`` / ``CONTEXT_OUT`` build the contexts alone (two depthwise convs each), to
     subtract half of each from the layer's time.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    c, n, kh, kw = shape.c, shape.n, shape.kh, shape.kw
-    (sh, sw), (ph, pw), (dh, dw) = shape.stride, shape.padding, shape.dilation
-    inits, nodes = [], []
-
-    def conv(name, x, out, w_shape, strides=(1, 1), pads=(0, 0), dilations=(1, 1), bias=False, group=1):
-        w = rng.standard_normal(w_shape, dtype=np.float32) * 0.05
-        inits.append(numpy_helper.from_array(w, f"{name}.w"))
-        inputs = [x, f"{name}.w"]
-        if bias:
-            inits.append(numpy_helper.from_array(rng.standard_normal(w_shape[0], dtype=np.float32), f"{name}.b"))
-            inputs.append(f"{name}.b")
-        nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=list(w_shape[2:]), strides=list(strides),
-                                      pads=[pads[0], pads[1], pads[0], pads[1]], dilations=list(dilations), group=group))
-
-    def depthwise(name, x, out, channels):
-        conv(name, x, out, (channels, 1, 1, 1), bias=True, group=channels)
-
+    g = _ConvGraph(seed)
     if candidate in (CONTEXT_IN, CONTEXT_OUT):
-        channels, hw = (c, shape.in_hw) if candidate == CONTEXT_IN else (n, shape.out_hw)
-        depthwise("ctx1", "x", "mid", channels)
-        depthwise("ctx2", "mid", "y", channels)
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, *hw])]
-        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, channels, *hw])]
-    else:
-        pre = context and CONTEXT_IN in contexts(shape)
-        post = context and CONTEXT_OUT in contexts(shape)
-        if pre:
-            depthwise("pre", "x", "x1", c)
-        src, dst = ("x1" if pre else "x"), ("y1" if post else "y")
-        if candidate == DENSE:
-            conv("conv", src, dst, (n, c, kh, kw), (sh, sw), (ph, pw), (dh, dw), True)
-        else:
-            r = int(candidate)
-            if shape.mode == "channel":
-                conv("conv1", src, "mid", (r, c, kh, kw), (sh, sw), (ph, pw), (dh, dw))
-                conv("conv2", "mid", dst, (n, r, 1, 1), bias=True)
-            else:
-                conv("conv1", src, "mid", (r, c, kh, 1), (sh, 1), (ph, 0), (dh, 1))
-                conv("conv2", "mid", dst, (n, r, 1, kw), (1, sw), (0, pw), (1, dw), True)
-        if post:
-            depthwise("post", "y1", "y", n)
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, *shape.in_hw])]
-        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n, *shape.out_hw])]
-    graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, 8)
-    onnx.checker.check_model(model)
-    return model
+        channels, hw = (shape.c, shape.in_hw) if candidate == CONTEXT_IN else (shape.n, shape.out_hw)
+        g.depthwise("ctx1", "x", "mid", channels)
+        g.depthwise("ctx2", "mid", "y", channels)
+        return g.model((batch, channels, *hw), (batch, channels, *hw), opset)
+    pre = context and CONTEXT_IN in contexts(shape)
+    post = context and CONTEXT_OUT in contexts(shape)
+    if pre:
+        g.depthwise("pre", "x", "x1", shape.c)
+    _candidate_convs(g, shape, candidate, "x1" if pre else "x", "y1" if post else "y")
+    if post:
+        g.depthwise("post", "y1", "y", shape.n)
+    return g.model((batch, shape.c, *shape.in_hw), (batch, shape.n, *shape.out_hw), opset)
 
 
 # -- timing on the runtime -----------------------------------------------------------------------
