@@ -25,22 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import lrexport
-from lrexport.deploy.timing import quantile
+from lrexport.deploy.timing import cpu_name, quantile
 from lrexport.lowrank import regularizers
 from lrexport.train.loop import Loss
 
 MODES = ("channel", "spatial")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Loss):

@@ -207,9 +207,8 @@ def calibration_batches(run: Run, quant: QuantConfig) -> list[np.ndarray]:
     try:
         data = run.calibration_set(quant.split)
         n = min(quant.images, len(data))
-        batch = min(quant.batch, n)
-        reader = CalibrationReader((data[i] for i in range(n)), batch_size=max(batch, 1), max_batches=max(n // max(batch, 1), 1))
-        return reader.materialize()
+        batch = max(1, min(quant.batch, n))
+        return CalibrationReader((data[i] for i in range(n)), batch_size=batch, max_batches=max(1, n // batch)).materialize()
     except (DataError, CalibrationError) as e:
         raise QuantizationError(f"--precision int8 calibrates on the run's {quant.split} images, which cannot be read: {e}") from None
 
