@@ -25,9 +25,6 @@ from onnx import numpy_helper
 
 from ..errors import LrexportError
 
-PRECISIONS = ("fp32", "int8")
-
-
 class QuantizationError(LrexportError):
     """A model onnxruntime's quantizer cannot quantize, or calibration images that are missing."""
 

@@ -238,18 +238,16 @@ def _check_trt() -> None:
 @dataclass(frozen=True)
 class Runtime:
     name: str
-    what: str
     open: Callable[[ModelSource, RuntimeOptions], Runner]
     check: Callable[[], object]  # raises RuntimeMissingError where the runtime is not installed
     tunable: bool = True  # layers can be timed on it one by one
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "ort": Runtime("ort", "onnxruntime: CPU provider, or CUDA with --device cuda and onnxruntime-gpu", _open_ort,
-                   lambda: __import__("onnxruntime")),
-    "openvino": Runtime("openvino", "OpenVINO, CPU", _open_openvino, _openvino),
-    "torch": Runtime("torch", "the plain PyTorch module (CPU, or CUDA with --device cuda)", _open_torch, lambda: None),
-    "trt": Runtime("trt", "TensorRT engines (NVIDIA GPU)", _open_trt, _check_trt, tunable=False),
+    "ort": Runtime("ort", _open_ort, lambda: __import__("onnxruntime")),  # CPU provider; CUDA with onnxruntime-gpu
+    "openvino": Runtime("openvino", _open_openvino, _openvino),  # CPU plugin
+    "torch": Runtime("torch", _open_torch, lambda: None),  # the plain module: CPU, or CUDA
+    "trt": Runtime("trt", _open_trt, _check_trt, tunable=False),  # engines built by export --format trt
 }
 
 

@@ -440,10 +440,6 @@ class TuneResult:
         """name → DENSE or rank, for ``to_plain(..., plan=...)``: the per-layer choices."""
         return {c.name: c.choice for c in self.choices}
 
-    @property
-    def default_plan(self) -> dict[str, str | int]:
-        return {c.name: c.default for c in self.choices}
-
     def predicted(self) -> list[dict]:
         """Per batch, sums of one-layer times (decomposed convs only): the tuned, untuned and dense plans."""
         rows = []
