@@ -8,6 +8,7 @@ RecipeError naming the key and the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -266,7 +267,7 @@ def _apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
 
 
 def recipe_from_dict(raw: dict, where: str = "<recipe>", overrides: typing.Iterable[str] = ()) -> Recipe:
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)  # overrides write into nested tables: never into the caller's
     for text in overrides:
         path, value = parse_override(text)
         _apply_override(raw, path, value, text)

@@ -1,8 +1,6 @@
 """Two processes on the CPU (gloo) through `lrexport train --nproc 2` against one process."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -10,63 +8,35 @@ import torch
 
 import lrexport
 
-# Enough training that predictions are not near-ties (a model at chance flips argmax on rounding).
-DIST_RECIPE = """
-name = "dist"
-seed = 1
-[model]
-name = "cifar_resnet20"
-[data]
-dataset = "synthetic"
-image_size = 16
-train_size = 2048
-val_size = 256
-batch_size = 32
-[reg]
-type = "hoyer"
-decay = 0.1
-[prune]
-energy = 0.01
-[phases.dense]
-epochs = 4
-lr = 0.05
-schedule = "cosine"
-[phases.svd]
-epochs = 2
-lr = 0.01
-[phases.finetune]
-epochs = 2
-lr = 0.01
-"""
+# A gentle learning rate keeps one- and two-process training within rounding of each other
+# (at 0.05 the chaotic early steps amplify the order of float sums to percent-level differences).
+GENTLE = ["seed=1", "reg.decay=0.1", "phases.dense.lr=0.002", "phases.svd.lr=0.002", "phases.finetune.lr=0.0002"]
 
 
-def run(recipe, out, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "lrexport", "train", str(recipe), "--output", str(out), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
+def train(cli, recipe, out, *extra):
+    proc = cli("train", recipe, "--output", out, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(DIST_RECIPE)
-    one = run(recipe, tmp_path / "one")
-    two = run(recipe, tmp_path / "two", "--nproc", "2")
+def test_two_processes_match_one_with_the_same_global_batch(tiny_recipe, cli, tmp_path):
+    recipe = tiny_recipe(*GENTLE)
+    one, one_lines = train(cli, recipe, tmp_path / "one")
+    two, two_lines = train(cli, recipe, tmp_path / "two", "--nproc", "2")
     assert (one["processes"], two["processes"]) == (1, 2)
-    # Same global batch and BatchNorm statistics synchronised, so the runs differ only in the order
-    # of floating-point sums (test_two_processes_take_the_same_steps shows it). Training amplifies
-    # that: one process at 1 vs 2 threads drifts as far. Tolerance: 3 points of final accuracy,
-    # ranks within 5 % in total.
-    assert abs(two["best_finetune_top1"] - one["best_finetune_top1"]) <= 3.0
-    r1 = sum(v["final"] for v in one["ranks"].values())
-    r2 = sum(v["final"] for v in two["ranks"].values())
-    assert abs(r1 - r2) <= 0.05 * r1 and set(one["ranks"]) == set(two["ranks"])
-    assert one["best_finetune_top1"] > 60  # both learned: near-ties would make accuracy meaningless
-    # only rank 0 wrote: one metrics line per epoch, one set of files
-    lines = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [(l["phase"], l["epoch"]) for l in lines] == [("dense", e) for e in (1, 2, 3, 4)] + [("svd", 1), ("svd", 2), ("finetune", 1), ("finetune", 2)]
+    # Same global batch and BatchNorm statistics synchronised: the runs differ only in the order of
+    # floating-point sums (test_two_processes_take_the_same_steps shows it step by step), so every
+    # epoch's training and validation loss agree to 0.3 % and the pruned ranks to one per layer.
+    # Only rank 0 wrote: one metrics line per epoch.
+    assert [(l["phase"], l["epoch"]) for l in two_lines] == [(l["phase"], l["epoch"]) for l in one_lines] == [
+        ("dense", 1), ("svd", 1), ("finetune", 1)]
+    for a, b in zip(one_lines, two_lines):
+        assert (b["loss"], b["val_loss"]) == pytest.approx((a["loss"], a["val_loss"]), rel=3e-3), (a, b)
+    assert set(one["ranks"]) == set(two["ranks"])
+    assert all(abs(one["ranks"][k]["final"] - two["ranks"][k]["final"]) <= 1 for k in one["ranks"])
+    # one set of files, no temporary leftovers
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     leftovers = [p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.suffix != ".pt"]
     assert not leftovers

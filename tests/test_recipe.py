@@ -1,6 +1,4 @@
 import glob
-import subprocess
-import sys
 
 import pytest
 
@@ -39,6 +37,9 @@ def test_overrides_and_types():
     r = recipe_from_dict({}, overrides=["reg.decay=0.01", "phases.svd.milestones=[3, 5]", "model.name=resnet18", "data.download=true"])
     assert r.reg.decay == 0.01 and r.phases.svd.milestones == [3, 5] and r.model.name == "resnet18" and r.data.download is True
     assert isinstance(recipe_from_dict({"reg": {"decay": 1}}).reg.decay, float)
+    raw = {"reg": {"decay": 0.5}}
+    recipe_from_dict(raw, overrides=["reg.decay=0.1", "reg.type=l1"])
+    assert raw == {"reg": {"decay": 0.5}}  # overrides never write into the caller's tables
 
 
 @pytest.mark.parametrize(
@@ -72,11 +73,10 @@ def test_malformed_recipes_name_key_and_file(raw, message):
         ("[model\nname = 3\n", "not valid TOML"),
     ],
 )
-def test_cli_malformed_recipe_one_line_exit_2(tmp_path, body, message):
+def test_cli_malformed_recipe_one_line_exit_2(tmp_path, body, message, cli):
     path = tmp_path / "bad.toml"
     path.write_text(body)
-    proc = subprocess.run([sys.executable, "-m", "lrexport", "train", str(path), "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True)
+    proc = cli("train", path, "--output", tmp_path / "run")
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], proc.stderr
@@ -142,8 +142,7 @@ def test_base_recipe_errors_are_one_line_naming_the_file(tmp_path, files, messag
     assert message.format(tmp=tmp_path) in text and "\n" not in text, text
 
 
-def test_cli_base_recipe_cycle_one_line_exit_2(tmp_path):
+def test_cli_base_recipe_cycle_one_line_exit_2(tmp_path, cli):
     _write(tmp_path, {"a.toml": 'base = "b.toml"\n', "b.toml": 'base = "a.toml"\n'})
-    proc = subprocess.run([sys.executable, "-m", "lrexport", "train", str(tmp_path / "a.toml"), "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True)
+    proc = cli("train", tmp_path / "a.toml", "--output", tmp_path / "run")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "cycle" in proc.stderr, proc.stderr

@@ -1,0 +1,57 @@
+"""What tests/ and deploy_tests/ share: one tiny recipe, and `lrexport` run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# CIFAR ResNet-20 on 8×8 synthetic images: a whole run (dense, SVD training, pruning,
+# finetuning) in a few seconds on one core. Tests change what they need with `key.path=value`.
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "model": {"name": "cifar_resnet20"},
+    "data": {"dataset": "synthetic", "image_size": 8, "train_size": 256, "val_size": 64, "batch_size": 32},
+    "reg": {"type": "hoyer", "decay": 0.3},
+    "prune": {"energy": 0.01},
+    "phases": {
+        "dense": {"epochs": 1, "lr": 0.05},
+        "svd": {"epochs": 1, "lr": 0.05},
+        "finetune": {"epochs": 1, "lr": 0.01},
+    },
+}
+
+# one thread in every process the tests start: tiny models on a shared 2-core machine, and the
+# same arithmetic in a process that resumes as in the one it continues
+CLI_ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80")
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory):
+    """``tiny_recipe(*changes)``: the tiny recipe with ``key.path=value`` changes, as a recipe file."""
+    from lrexport.recipe import recipe_from_dict
+
+    def write(*changes: str) -> Path:
+        path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
+        path.write_text(recipe_from_dict(TINY, overrides=changes).to_toml())
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args)``: `python -m lrexport ARGS` in a subprocess, finished (or started, ``wait=False``)."""
+
+    def run(*args, wait: bool = True, env: dict | None = None, **kwargs):
+        cmd = [sys.executable, "-m", "lrexport", *map(str, args)]
+        env = CLI_ENV | (env or {})
+        if wait:
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+    return run
