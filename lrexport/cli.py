@@ -525,11 +525,13 @@ def report(runs, output):
 def _report_table(rows):
     from rich.table import Table
 
+    from .report import macs_cell
+
     cells = {
         "run": lambda r: r.run, "model": lambda r: r.model, "data": lambda r: r.dataset, "dec.": lambda r: r.decomposition,
         "reg.": lambda r: r.regularizer, "λ_s": lambda r: f"{r.decay:g}", "e": lambda r: f"{r.energy:.1e}",
         "base top-1 %": lambda r: f"{r.base_top1:.2f}", "gain": lambda r: f"{r.gain_top1:+.2f}",
-        "MACs speedup": lambda r: f"{r.macs_speedup:.2f}x",
+        "MACs speedup": lambda r: macs_cell(r, "x"),
         "wall speedup": lambda r: ", ".join(f"{s:.2f}x (b{b})" for b, s in sorted(r.wall.items())) or "-",
     }
     # settings shared by every row go to the title, so the table fits a terminal

@@ -230,6 +230,25 @@ def test_decomposed_macs_fall_back_to_dense_at_break_even():
     assert lrexport.count_macs(model, (64, 8, 8)).speedup == pytest.approx(dense / layer.macs(hw)[1])
 
 
+def test_paper_costing_is_the_factored_pair_at_any_rank():
+    """The paper's code costs the pair even at full rank (above break-even), where we deploy one dense conv."""
+    conv, fc = nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 10)
+    model = nn.Sequential(SVDConv2d.from_dense(conv, "channel"), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)
+    svd = model[0]
+    assert svd.rank == svd.full_rank == 32 >= svd.break_even_rank((8, 8))
+    dense_conv, pair = 64 * 9 * 16 * 32, 64 * (9 * 16 * 32 + 32 * 32)  # H'W'·kh·kw·c·n; H'W'·(kh·kw·c·r + r·n), r = 32
+    report = lrexport.count_macs(model, (16, 8, 8))
+    assert report.dense == dense_conv + 32 * 10 and report.paper == pair + 32 * 10
+    assert report.deployed == dense_conv + 32 * 10 < report.paper and report.paper_speedup < report.speedup == 1.0
+    d = report.to_dict()
+    assert (d["paper_macs"], d["paper_speedup"]) == (report.paper, report.dense / (pair + 32 * 10))
+    assert [(l["kind"], l["paper"], l["deployed"], l["factored"]) for l in d["layers"]] == [
+        ("svd-channel", pair, dense_conv, False), ("linear", 320, 320, False)]
+    lrexport.lowrank.truncate(svd, 2)  # below break-even: both costings are the pair
+    report = lrexport.count_macs(model, (16, 8, 8))
+    assert report.paper == report.deployed == 64 * (9 * 16 * 2 + 2 * 32) + 320 and report.paper_speedup == report.speedup
+
+
 def test_spatial_macs_formula_by_hand():
     layer = SVDConv2d(8, 16, 3, stride=2, padding=1, mode="spatial", rank=5)
     # input 10x10 -> output 5x5; conv1 output 5x10 (unstrided width)

@@ -1,6 +1,7 @@
 """The report's numbers come from the runs' files; its PNGs are real images of the expected size."""
 
 import csv
+import dataclasses
 import json
 import tomllib
 
@@ -12,7 +13,7 @@ from lrexport import plots, seed_results
 from lrexport.cli import main
 from lrexport.errors import LrexportError
 from lrexport.recipe import recipe_from_dict
-from lrexport.report import build_report, read_run
+from lrexport.report import build_report, macs_cell, read_run
 from lrexport.train import run_recipe
 
 RAW = {
@@ -66,6 +67,7 @@ def test_csv_numbers_are_the_summaries(runs, report):
         assert float(row["top5_gain"]) == s["best_finetune_top5"] - s["base_top5"]
         assert float(row["macs_speedup"]) == s["macs_speedup"]
         assert int(row["macs"]) == s["macs"]["macs"] and int(row["dense_macs"]) == s["macs"]["dense_macs"]
+        assert float(row["paper_macs_speedup"]) == s["macs"]["paper_speedup"] <= s["macs_speedup"]
         assert float(row["energy"]) == s["phases"]["prune"]["energy"]
         assert recipe["prune"]["energy"] in (float(row["energy"]), "auto")
         assert float(row["decay"]) == recipe["reg"]["decay"] == 0.5
@@ -84,14 +86,29 @@ def test_markdown_table_and_links(runs, report):
     line = next(l for l in md.splitlines() if l.startswith("| a |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:7] == ["a", "ResNet-20", "synthetic", "channel", "hoyer", "0.5", "1.0e-02"]
-    assert cells[7:12] == [f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}", f"{s['accuracy_gain']:+.2f}",
-                           f"{s['best_finetune_top5'] - s['base_top5']:+.2f}", f"{s['macs_speedup']:.2f}×"]
+    assert cells[7:11] == [f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}", f"{s['accuracy_gain']:+.2f}",
+                           f"{s['best_finetune_top5'] - s['base_top5']:+.2f}"]
     assert cells[12] == "1.50× (b1), 2.25× (b8) · ort, 2 threads"
     links = [l.split("](")[1].rstrip(")") for l in md.splitlines() if l.startswith("![")]
     assert links and all((report.output / link).is_file() for link in links)
     assert {p.relative_to(report.output).as_posix() for p in report.files} == {
         "report.md", "report.csv", "tradeoff-cifar_resnet20-synthetic.png",
         *(f"runs/{r}/{f}.png" for r in "abc" for f in ("spectra", "ranks", "macs")), "runs/c/energy.png"}
+
+
+def test_macs_speedup_shows_the_papers_costing_where_it_differs(runs, report):
+    md = (report.output / "report.md").read_text()
+    cell = {name: next(l for l in md.splitlines() if l.startswith(f"| {name} |")).strip("|").split("|")[11].strip() for name in "ab"}
+    a, b = _summary(runs["a"])["macs"], _summary(runs["b"])["macs"]
+    # e = 0.01 leaves layers at or above break-even: deployed as dense convs, costed as pairs by the paper's code
+    assert a["paper_speedup"] < 0.995 * a["speedup"]
+    assert cell["a"] == f"{a['speedup']:.2f}× (paper's costing {a['paper_speedup']:.2f}×)"
+    # e = 0.3 factors every layer below break-even: the two costings agree, one number
+    assert b["paper_speedup"] == b["speedup"] and cell["b"] == f"{b['speedup']:.2f}×"
+    assert "factored pair at any rank" in md
+    row = read_run(runs["a"])
+    for paper, shown in ((None, "2.00×"), (1.992, "2.00×"), (1.98, "2.00× (paper's costing 1.98×)")):  # None: an older summary
+        assert macs_cell(dataclasses.replace(row, macs_speedup=2.0, paper_macs_speedup=paper)) == shown
 
 
 def _image(path):

@@ -2,7 +2,8 @@
 
 Conv and linear multiply-accumulates only (no BN, ReLU, pooling, add), as the paper,
 torchvision's `_ops` and fvcore count. A decomposed layer is costed as it would be
-deployed: the factored pair below its break-even rank, one dense conv at or above it.
+deployed: the factored pair below its break-even rank, one dense conv at or above it. The
+paper's own code costs it as the factored pair at any rank; both costings are reported.
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ class LayerMacs:
     name: str
     kind: str  # "conv", "linear", "svd-channel", "svd-spatial", "svd-linear"
     dense: int  # cost of the original dense layer
-    deployed: int  # cost as deployed: min(factored, dense), dense on ties
+    paper: int  # cost as the paper's code counts it: an SVD layer's factored pair at its rank, whatever the rank; else dense
     rank: int | None = None
     full_rank: int | None = None
+
+    @property
+    def deployed(self) -> int:
+        """Cost as deployed: the factored pair below break-even, one dense conv at or above it (dense on ties)."""
+        return min(self.dense, self.paper)
 
     @property
     def factored(self) -> bool:
@@ -62,15 +68,26 @@ class MacReport:
         return sum(layer.deployed for layer in self.layers)
 
     @property
+    def paper(self) -> int:
+        return sum(layer.paper for layer in self.layers)
+
+    @property
     def speedup(self) -> float:
         return self.dense / self.deployed
+
+    @property
+    def paper_speedup(self) -> float:
+        """Dense MACs over the paper's costing: never above ``speedup``, lower once a layer is at or above break-even."""
+        return self.dense / self.paper
 
     def to_dict(self) -> dict:
         return {
             "dense_macs": self.dense,
             "macs": self.deployed,
             "speedup": self.speedup,
-            "layers": [vars(layer) | {"factored": layer.factored} for layer in self.layers],
+            "paper_macs": self.paper,
+            "paper_speedup": self.paper_speedup,
+            "layers": [vars(layer) | {"deployed": layer.deployed, "factored": layer.factored} for layer in self.layers],
         }
 
 
@@ -93,8 +110,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
             x = inputs[0]
             if _is_svd(module):
                 dense, factored = module.macs(tuple(x.shape[-2:]) if x.dim() == 4 else None)
-                kind = f"svd-{module.mode}"
-                report.layers.append(LayerMacs(name, kind, dense, min(dense, factored), module.rank, module.full_rank))
+                report.layers.append(LayerMacs(name, f"svd-{module.mode}", dense, factored, module.rank, module.full_rank))
             elif isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
                 macs = dense_conv_macs(module.in_channels // module.groups, module.out_channels, kh, kw, tuple(output.shape[-2:]))
