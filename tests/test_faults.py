@@ -15,7 +15,6 @@ import resource  # POSIX: the file-size limit that makes a real failed write
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,15 +24,8 @@ from lrexport.recipe import load_recipe
 from lrexport.train import run_recipe
 from lrexport.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 from lrexport.train.loop import NonFiniteLoss
-from test_resume import TINY, wait_for_line
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80")  # one thread: tiny models, a shared machine
-SMALL = TINY.replace("train_size = 512", "train_size = 256").replace("val_size = 128", "val_size = 64")  # half the work
-
-
-def lrexport(*args, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lrexport", *map(str, args)], capture_output=True, text=True, env=ENV,
-                          timeout=300, preexec_fn=preexec_fn)
+from lrexport.progress import EpochEnd
+from lrexport.train.pipeline import Interrupted
 
 
 def one_error_line(proc: subprocess.CompletedProcess, code: int = 1) -> str:
@@ -59,21 +51,21 @@ def finite_and_good(path, recipe_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def recipe(recipe_file):
-    assert SMALL != TINY
-    return recipe_file(SMALL)
+def recipe(tiny_recipe):
+    return tiny_recipe("phases.svd.epochs=3", "phases.svd.milestones=[2]", "phases.finetune.epochs=2")
 
 
 @pytest.fixture(scope="module")
 def interrupted(recipe, tmp_path_factory):
     """A run stopped by SIGTERM inside the SVD phase: last.pt mid-phase, last.prev.pt the state before it."""
+
+    def sigterm_after_svd_epoch_1(event):
+        if isinstance(event, EpochEnd) and (event.phase, event.epoch) == ("svd", 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+
     out = tmp_path_factory.mktemp("interrupted") / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lrexport", "train", str(recipe), "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    wait_for_line(out / "metrics.jsonl", lambda l: l["phase"] == "svd", proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    with pytest.raises(Interrupted):
+        run_recipe(load_recipe(recipe), out, sigterm_after_svd_epoch_1)
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "last.prev.pt").is_file()
     return out
 
@@ -85,15 +77,15 @@ def run_copy(interrupted, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def recovered(recipe, interrupted, tmp_path_factory):
+def recovered(recipe, interrupted, cli, tmp_path_factory):
     """The interrupted run with a truncated last.pt: resumed (refused), then resumed with --previous."""
     run = shutil.copytree(interrupted, tmp_path_factory.mktemp("recovered") / "run")
     last = run / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     prev = load_checkpoint(run / "checkpoints" / "last.prev.pt")
     lines_before = len((run / "metrics.jsonl").read_text().splitlines())
-    refused = lrexport("train", recipe, "--resume", run)
-    resumed = lrexport("train", recipe, "--resume", run, "--previous")
+    refused = cli("train", recipe, "--resume", run)
+    resumed = cli("train", recipe, "--resume", run, "--previous")
     return run, prev, lines_before, refused, resumed
 
 
@@ -156,15 +148,15 @@ def test_weights_from_another_model_are_one_error(recipe, interrupted, tmp_path)
     assert "\n" not in str(info.value)
 
 
-def test_num_classes_that_do_not_match_the_data_are_one_line(recipe, tmp_path):
-    line = one_error_line(lrexport("train", recipe, "--output", tmp_path / "r", "--set", "model.num_classes=7"))
+def test_num_classes_that_do_not_match_the_data_are_one_line(recipe, tmp_path, cli):
+    line = one_error_line(cli("train", recipe, "--output", tmp_path / "r", "--set", "model.num_classes=7"))
     assert "model.num_classes = 7 but the synthetic data has 10 classes" in line
 
 
 # -- NaN / inf losses -------------------------------------------------------------------------------
-def test_nan_loss_stops_naming_phase_epoch_step_and_keeps_a_good_checkpoint(recipe, tmp_path):
+def test_nan_loss_stops_naming_phase_epoch_step_and_keeps_a_good_checkpoint(recipe, tmp_path, cli):
     out = tmp_path / "r"
-    proc = lrexport("train", recipe, "--output", out, "--set", "phases.dense.epochs=0", "--set", "phases.svd.lr=1e30")
+    proc = cli("train", recipe, "--output", out, "--set", "phases.dense.epochs=0", "--set", "phases.svd.lr=1e30")
     line = one_error_line(proc)
     assert "svd phase, epoch 1" in line and "at step 2" in line and "nan" in line and "last.pt" in line
     ckpt = finite_and_good(out / "checkpoints" / "last.pt", recipe)
@@ -212,11 +204,11 @@ def test_failed_checkpoint_write_keeps_the_previous_one(interrupted, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
 
 
-def test_disk_full_during_training_is_one_line_and_last_checkpoint_survives(recipe, run_copy):
+def test_disk_full_during_training_is_one_line_and_last_checkpoint_survives(recipe, run_copy, cli):
     """Resume under a 256 KiB file-size limit: the small files are written, the next checkpoint is not."""
     ckpts = run_copy / "checkpoints"
     before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
-    line = one_error_line(lrexport("train", recipe, "--resume", run_copy, preexec_fn=_file_size_limit(256 << 10)))
+    line = one_error_line(cli("train", recipe, "--resume", run_copy, preexec_fn=_file_size_limit(256 << 10)))
     assert "cannot write" in line and "File too large" in line and "the previous checkpoints are intact" in line
     assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before
     load_checkpoint(ckpts / "last.pt")
@@ -236,12 +228,12 @@ def garbage_artifacts(recovered, tmp_path_factory):
     return art
 
 
-def test_infer_with_a_model_file_that_is_not_onnx_is_one_line(garbage_artifacts, tmp_path):
+def test_infer_with_a_model_file_that_is_not_onnx_is_one_line(garbage_artifacts, tmp_path, cli):
     from PIL import Image
 
     image = tmp_path / "grey.png"
     Image.new("RGB", (8, 8), (128, 128, 128)).save(image)
-    line = one_error_line(lrexport("infer", garbage_artifacts, image))
+    line = one_error_line(cli("infer", garbage_artifacts, image))
     assert "model.onnx" in line and "cannot load" in line
 
 
