@@ -14,10 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import os
 import random
-import subprocess
-import sys
 import tomllib
 import traceback
 import typing
@@ -398,15 +395,14 @@ def test_a_few_valid_mutants_train(outcomes, tmp_path):
         torch.set_num_threads(torch_threads)
 
 
-def test_cli_shows_one_line_and_exits_2(outcomes, tmp_path):
+def test_cli_shows_one_line_and_exits_2(outcomes, tmp_path, cli):
     """A seeded sample of the rejected mutants through `lrexport train`: what a user sees."""
     rng = random.Random(SEED)
     rejected = [(m, p, g) for m, p, g in outcomes if isinstance(g, RecipeError)]
     for m, path, got in rng.sample(rejected, 15):
         out = tmp_path / "run"
         sets = [a for o in m.overrides for a in ("--set", o)]
-        proc = subprocess.run([sys.executable, "-m", "lrexport", "train", str(path), "--output", str(out), *sets],
-                              capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"), timeout=120)
+        proc = cli("train", path, "--output", out, *sets)
         lines = [l for l in proc.stderr.splitlines() if l.strip()]
         assert proc.returncode == 2, f"{m.what}: {proc.stderr}"
         assert "Traceback" not in proc.stderr and len(lines) == 1, f"{m.what}: {proc.stderr}"

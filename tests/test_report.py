@@ -12,18 +12,11 @@ from PIL import Image, ImageStat
 from lrexport import plots, seed_results
 from lrexport.cli import main
 from lrexport.errors import LrexportError
-from lrexport.recipe import recipe_from_dict
+from lrexport.recipe import load_recipe
 from lrexport.report import build_report, macs_cell, read_run
 from lrexport.train import run_recipe
 
-RAW = {
-    "name": "tiny",
-    "model": {"name": "cifar_resnet20"},
-    "data": {"dataset": "synthetic", "image_size": 8, "train_size": 128, "val_size": 64, "batch_size": 64},
-    "reg": {"type": "hoyer", "decay": 0.5},
-    "prune": {"energy": 0.01},
-    "phases": {"dense": {"epochs": 1, "lr": 0.05}, "svd": {"epochs": 1, "lr": 0.05}, "finetune": {"epochs": 1, "lr": 0.01}},
-}
+CHANGES = ("data.train_size=128", "data.batch_size=64", "reg.decay=0.5")  # the shared tiny recipe, half its data
 VERIFY = {  # the keys lrexport.deploy.verify writes that the report reads
     "runtime": "ort", "threads": 2,
     "latency": [{"batch": 1, "wall_speedup": 1.5, "ratio": 0.5}, {"batch": 8, "wall_speedup": 2.25, "ratio": 0.75}],
@@ -33,14 +26,15 @@ VERIFY = {  # the keys lrexport.deploy.verify writes that the report reads
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_recipe, tmp_path_factory):
     """Runs branched from one SVD-trained stem (left unfinished): with a verify.json, a larger e, e searched."""
     root = tmp_path_factory.mktemp("runs")
-    stem = run_recipe(recipe_from_dict(RAW), root / "stem", stop_after="svd").run_dir
-    a = run_recipe(recipe_from_dict(RAW), root / "a", start_from=stem).run_dir
-    b = run_recipe(recipe_from_dict(RAW, overrides=["prune.energy=0.3"]), root / "b", start_from=stem).run_dir
+    recipe = tiny_recipe(*CHANGES)
+    stem = run_recipe(load_recipe(recipe), root / "stem", stop_after="svd").run_dir
+    a = run_recipe(load_recipe(recipe), root / "a", start_from=stem).run_dir
+    b = run_recipe(load_recipe(recipe, ["prune.energy=0.3"]), root / "b", start_from=stem).run_dir
     auto = ['prune.energy="auto"', "prune.ladder=[0.001, 0.3]", "prune.tolerance=100.0"]  # every rung passes: 0.3
-    c = run_recipe(recipe_from_dict(RAW, overrides=auto), root / "c", start_from=stem).run_dir
+    c = run_recipe(load_recipe(recipe, auto), root / "c", start_from=stem).run_dir
     (a / "artifacts").mkdir()
     (a / "artifacts" / "verify.json").write_text(json.dumps(VERIFY))
     return {"stem": stem, "a": a, "b": b, "c": c}

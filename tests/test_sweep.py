@@ -14,39 +14,16 @@ from lrexport.progress import PhaseStart, RunStart
 from lrexport.recipe import read_recipe_dict
 from lrexport.sweep import PHASES, _same_recipe, first_phase, parse_grid, plan_sweep, run_sweep
 
-TINY = """
-name = "tiny"
-[model]
-name = "cifar_resnet20"
-[data]
-dataset = "synthetic"
-image_size = 8
-train_size = 128
-val_size = 64
-batch_size = 64
-[reg]
-type = "hoyer"
-[phases.dense]
-epochs = 1
-lr = 0.05
-[phases.fullrank]
-epochs = 1
-lr = 0.05
-[phases.svd]
-epochs = 1
-lr = 0.05
-[phases.finetune]
-epochs = 1
-lr = 0.01
-"""
+# the shared tiny recipe with half its data and a full-rank phase: every phase branches or is shared
+CHANGES = ("data.train_size=128", "data.batch_size=64", "phases.fullrank.epochs=1", "phases.fullrank.lr=0.05")
 GRID = ["reg.decay=0.0,0.5", "prune.energy=0.01,0.3"]
 DECAYS, ENERGIES = (0.0, 0.5), (0.01, 0.3)
 
 
 
 @pytest.fixture(scope="module")
-def recipe(recipe_file):
-    return recipe_file(TINY)
+def recipe(tiny_recipe):
+    return tiny_recipe(*CHANGES)
 
 
 @pytest.fixture(scope="module")
