@@ -4,13 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # the run builder beside the tests
+sys.path.insert(0, str(Path(__file__).parent))  # runs.py, the helpers beside the tests
 
-from runs import UNTUNED, make_run  # noqa: E402
+from runs import TINY_RUN, UNTUNED  # noqa: E402
 
 # tiny convs on a shared 2-core machine: one thread avoids OpenMP contention
 torch.set_num_threads(1)
-
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,15 +27,37 @@ def runs_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def build(runs_root):
-    """mode -> (run dir, export result), each built and exported once per session."""
+def trained_run(tiny_recipe, runs_root):
+    """mode -> a tiny low-rank ResNet-20 run (decompose.mode = mode) written by the training pipeline, once per session.
+
+    The modes share the dense phase: each run branches from it, as a sweep does (the same weights as a whole run).
+    """
+    from lrexport.recipe import load_recipe
+    from lrexport.train import run_recipe
+
+    cache = {}
+
+    def get(mode: str) -> Path:
+        if mode not in cache:
+            recipe = load_recipe(tiny_recipe(*TINY_RUN, f"decompose.mode={mode}"))
+            if "dense" not in cache:
+                cache["dense"] = run_recipe(recipe, runs_root / "tiny-dense", stop_after="dense").run_dir
+            cache[mode] = run_recipe(recipe, runs_root / f"tiny-{mode}", start_from=cache["dense"]).run_dir
+        return cache[mode]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def build(trained_run):
+    """mode -> (run dir, export result), each trained and exported once per session."""
     from lrexport.deploy.export import export_run
 
     cache = {}
 
     def get(mode: str):
         if mode not in cache:
-            run = make_run(runs_root, mode)
+            run = trained_run(mode)
             cache[mode] = (run, export_run(run, config=UNTUNED))
         return cache[mode]
 

@@ -15,11 +15,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from runs import make_run
-
-    return make_run(tmp_path_factory.mktemp("trt-runs"), "channel")
+@pytest.fixture
+def tiny_run(trained_run):
+    return trained_run("channel")  # the exports below write under --out, not into the shared run
 
 
 def test_export_trt_without_tensorrt_from_the_shell(tiny_run, tmp_path):
