@@ -2,14 +2,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # runs.py, the helpers beside the tests
 
 from runs import TINY_RUN, UNTUNED  # noqa: E402
-
-# tiny convs on a shared 2-core machine: one thread avoids OpenMP contention
-torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
