@@ -6,8 +6,8 @@ so energy pruning leaves uneven ranks as it does after SVD training; the energy
 threshold e is found by bisection so that the pruned model has ~``--target``× fewer MACs.
 Variants per mode: the exact energy ranks exported as they are ("exact"), zero-padded
 upward to multiples of 8 or 16 at export ("aligned8", "aligned16": same model, more MACs
-deployed), and ranks rounded to the nearest multiple of 16 at pruning time, as the
-recipe's prune step would do before finetuning ("pruned16": nothing to pad). With
+deployed), and ranks rounded to the nearest multiple of 16 or 32 at pruning time, as the
+recipe's prune step would do before finetuning ("pruned16", "pruned32": nothing to pad). With
 ``--precision int8``, every model is quantized (onnxruntime's static QDQ quantization,
 int8 weights per channel, uint8 activations; random calibration, as ranges do not change
 speed) and the fp32 dense model is timed beside them in the same rounds. With
@@ -99,7 +99,7 @@ def prune_to_target(model, target: float, multiple_of: int = 1) -> tuple[float, 
 
 # (name, rank multiple at pruning, rank multiple at export): exact ranks exported as they are
 # or zero-padded upward, and ranks rounded at pruning time so that export pads nothing
-VARIANTS = (("exact", 1, 1), ("aligned8", 1, 8), ("aligned16", 1, 16), ("pruned16", 16, 1))
+VARIANTS = (("exact", 1, 1), ("aligned8", 1, 8), ("aligned16", 1, 16), ("pruned16", 16, 1), ("pruned32", 32, 1))
 # tuned models: name -> (rank multiple at pruning, the untuned variant it starts from and is guarded against)
 TUNED = {"tuned": (1, "aligned8"), "tuned16": (16, "pruned16")}
 

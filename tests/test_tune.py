@@ -5,6 +5,7 @@ replaced by a fake wherever only the bookkeeping matters.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,10 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     # another batch (or thread count, runtime, CPU) is another key: timed afresh
     third = T.tune(layers, fake_target((8,)), T.TuneCache(cache_path))
     assert third.cache_misses == first.cache_misses and len(calls) > timed  # hits: layers of equal shape
+    monkeypatch.setattr(T, "cpu_name", lambda: "Another CPU (avx2)")  # the cache went to another machine
+    assert T.tune(layers, target, T.TuneCache(cache_path)).cache_misses == first.cache_misses
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "time_candidates", fake_timer(lambda s, c: 40.5 if c == "dense" else float(c), calls))
     # the fake runtime makes the smallest eligible pair fastest wherever one is below 40.5
     for lay, choice in zip(layers, first.choices):
         pairs = [c for c in lay.candidates() if c != "dense" and c < 40.5]
@@ -154,6 +159,15 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     both = T.tune(layers, fake_target((1, 8)), T.TuneCache(cache_path))
     assert both.cache_misses == 0 and [p["batch"] for p in both.predicted()] == [1, 8]
     assert all(c.times_ms[str(c.choice)] == pytest.approx(2 * c.batch_ms["1"][str(c.choice)]) for c in both.choices)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_cpu_name_names_the_vector_extensions_the_kernels_choose_by():
+    from lrexport.deploy.timing import ISA_FLAGS, cpu_name
+
+    flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split(":")[1].split()
+    name = cpu_name()
+    assert [f for f in ISA_FLAGS if f in name] == [f for f in ISA_FLAGS if f in flags], name
 
 
 def test_damaged_cache_is_ignored(tmp_path):

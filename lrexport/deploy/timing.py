@@ -114,12 +114,23 @@ def interleave_within(calls: Mapping[str, Callable[[], object]], budget_ms: floa
     return interleave(calls, warmup=0, repeats=repeats, cuda=cuda)
 
 
+# the vector extensions CPU kernels pick between: the same "AMD EPYC" runs int8 several times
+# faster with VNNI than without, so a measurement names them
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
 def cpu_name() -> str:
+    """The CPU's model name and, on Linux, its family/model and the ISA_FLAGS it has."""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
+    except OSError:
         return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name", platform.machine())
+    flags = [f for f in ISA_FLAGS if f in fields.get("flags", "").split()]
+    family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
+    return f"{name} ({'; '.join(filter(None, [family, ', '.join(flags)]))})" if family or flags else name
 
 
 def machine() -> dict:

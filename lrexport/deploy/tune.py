@@ -17,7 +17,7 @@ choice changes the model, so the export keeps it only where validation accuracy 
 (``lrexport.deploy.below``) and otherwise falls back to the fastest choice at ranks ≥ r_e.
 
 Times are cached in a JSON file keyed by layer geometry, candidate, runtime, provider,
-runtime version, device, threads, precision, layout and batch, so a second export (or another model with the
+runtime version, device, threads, precision, layout, batch and CPU, so a second export (or another model with the
 same layer shapes) times nothing twice.
 """
 
@@ -35,10 +35,10 @@ from ..errors import LrexportError, RuntimeMissingError
 from ..io import atomic_write_text
 from ..progress import LayerTuned, Progress, quiet
 from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner
-from .timing import CUDA_EVENTS, Stats, interleave_within
+from .timing import CUDA_EVENTS, Stats, cpu_name, interleave_within
 
 CACHE_FILE = "tune_cache.json"
-CACHE_VERSION = 4  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime
+CACHE_VERSION = 5  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime; 5: per CPU
 DENSE = "dense"
 MULTIPLES = (8, 16, 32)
 
@@ -324,10 +324,11 @@ class Target:
     batches: tuple[int, ...]
 
     def key(self, batch: int) -> str:
-        """What a cached time is only valid for: runtime, version, device, provider, threads, precision, layout, batch."""
+        """What a cached time is only valid for: runtime, version, device, provider, threads, precision, layout, batch,
+        and the CPU (a home directory, and its cache, can move to another machine)."""
         s = self.settings
         return (f"{s['runtime']}-{s['version']}:{s['provider']}:{s['device']}:{s['precision']}:t{s['threads']}"
-                f":cl{int(bool(s.get('channels_last')))}:b{batch}")
+                f":cl{int(bool(s.get('channels_last')))}:b{batch}:{cpu_name()}")
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, **self.settings, "batches": list(self.batches)}
