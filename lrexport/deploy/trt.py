@@ -189,27 +189,17 @@ def plan_build(
 
 
 # -- the build -------------------------------------------------------------------------------
-def build_engine(
-    onnx_path: str | Path,
-    out_dir: str | Path,
-    precision: str = "fp16",
-    batch_sizes: Sequence[int] = (1, 32),
-    calibration: CalibrationReader | None = None,
-    workspace_gb: float = 4,
-    *,
-    engine_name: str = ENGINE_FILE,
-    opt_batch: int | None = None,
-    optimization_level: int | None = None,
-) -> Path:
+def build_engine(onnx_path: str | Path, out_dir: str | Path, *args, **kwargs) -> Path:
     """Build a TensorRT engine for ``batch_sizes`` and write it to ``out_dir/engine_name``.
 
     Beside it: ``timing.cache`` (read before and written after every build, so later builds
     in the same directory skip tactic timing they already did), ``<engine_name>.json``
     (TensorRT version, GPU, precision, profile: an engine is only valid for those), and for
     int8 ``calibration.cache``. "fp32" disables TF32; "int8" also enables fp16 for the
-    layers TensorRT keeps out of int8.
+    layers TensorRT keeps out of int8. The other arguments are ``plan_build``'s, checked there
+    before TensorRT is imported.
     """
-    plan = plan_build(onnx_path, out_dir, precision, batch_sizes, calibration, workspace_gb, engine_name, opt_batch, optimization_level)
+    plan = plan_build(onnx_path, out_dir, *args, **kwargs)
     trt = import_tensorrt()
     check_precision_supported(trt, plan.precision)
     require_gpu()
