@@ -35,7 +35,7 @@ CHECKPOINTS = "checkpoints"
 ARTIFACTS = "artifacts"
 VERIFY = "verify.json"  # inside artifacts/
 # checkpoint names (checkpoints/<name>.pt)
-DENSE, LOWRANK = "dense", "finetune_best"
+DENSE, LOWRANK = "dense", "finetune_best"  # LOWRANK: the finetune phase's best epoch, which the pipeline saves as <phase>_best
 LAST, LAST_PREV, LAST_NEXT = "last", "last.prev", "last.next"
 
 

@@ -60,7 +60,7 @@ def test_sigkill_in_svd_phase_then_resume_matches(recipe, uninterrupted, tmp_pat
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_state_and_exits_cleanly(recipe, uninterrupted, tmp_path, cli, sig):
+def test_signal_saves_state_and_exits_cleanly(recipe, tmp_path, cli, sig):
     out = tmp_path / "run"
     proc = cli("train", recipe, "--output", out, wait=False)
     wait_for_line(out / "metrics.jsonl", lambda l: l["phase"] == "svd", proc)
@@ -68,11 +68,8 @@ def test_signal_saves_state_and_exits_cleanly(recipe, uninterrupted, tmp_path, c
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    # the saved state is the resume point (resuming from it: the SIGKILL test, and in-process below)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["phase"] in ("svd", "finetune")
-    if sig == signal.SIGTERM:  # resuming after a signal is resuming: once is enough
-        resumed = cli("train", recipe, "--output", out, "--resume", out)
-        assert resumed.returncode == 0, resumed.stderr
-        assert comparable(json.loads((out / "summary.json").read_text())) == comparable(uninterrupted)
 
 
 def test_sigterm_inside_an_epoch_resumes_from_that_read_and_matches(recipe, uninterrupted, tmp_path):

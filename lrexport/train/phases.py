@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from .. import rundir
+
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
@@ -45,7 +47,7 @@ def dense(p: Pipeline, resume: dict | None) -> dict:
         result = p.train_phase("dense", p.recipe.phases.dense, _loss(), resume)
     else:
         result = {"epochs": 0, **p.validate()}
-    p.save("dense", phase="dense")  # the dense model the decomposition starts from: export's baseline
+    p.save(rundir.DENSE, phase="dense")  # the dense model the decomposition starts from: export's baseline
     return result
 
 
@@ -73,8 +75,6 @@ def fullrank(p: Pipeline, resume: dict | None) -> dict:
 
 @phase("svd", keys=("reg.type", "reg.decay", "phases.svd"))
 def svd(p: Pipeline, resume: dict | None) -> dict:
-    from .. import rundir
-
     r = p.recipe
     if not resume and p.dist.is_main:
         rundir.write_spectra(p.run_dir, {"before": spectra(p.model)})
@@ -105,7 +105,7 @@ def finetune(p: Pipeline, resume: dict | None) -> dict:
     ft = p.train_phase("finetune", r.phases.finetune, _loss(ortho=r.reg.ortho), resume, track_best=True)
     if r.phases.finetune.epochs == 0:  # nothing trained: the pruned model is the result
         pruned = p.summary["phases"]["prune"]
-        p.save("finetune_best", phase="finetune", metrics={"top1": pruned["top1"], "top5": pruned["top5"]})
+        p.save(rundir.LOWRANK, phase="finetune", metrics={"top1": pruned["top1"], "top5": pruned["top5"]})
         ft.update(best_top1=pruned["top1"], best_top5=pruned["top5"], best_epoch=0)
     return ft
 
