@@ -25,6 +25,19 @@ def _exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
+def _add_factors(layer: nn.Module, rows: int, cols: int, rank: int | None, bias: int) -> None:
+    """Register U (rows×r), s (r), V (r×cols) and a bias of ``bias`` entries (none if 0), uninitialised;
+    r is the full rank min(rows, cols) unless given."""
+    layer.full_rank = min(rows, cols)
+    rank = layer.full_rank if rank is None else rank
+    if not 1 <= rank <= layer.full_rank:
+        raise ValueError(f"rank must be in [1, {layer.full_rank}], got {rank}")
+    layer.U = nn.Parameter(torch.empty(rows, rank))
+    layer.s = nn.Parameter(torch.empty(rank))
+    layer.V = nn.Parameter(torch.empty(rank, cols))
+    layer.bias = nn.Parameter(torch.empty(bias)) if bias else None
+
+
 class SVDConv2d(nn.Module):
     """A Conv2d as U (rows×r), s (r), V (r×cols) in channel-wise or spatial-wise form.
 
@@ -52,14 +65,7 @@ class SVDConv2d(nn.Module):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         kh, kw = self.kernel_size
         rows, cols = (out_channels, in_channels * kh * kw) if mode == "channel" else (out_channels * kw, in_channels * kh)
-        self.full_rank = min(rows, cols)
-        rank = self.full_rank if rank is None else rank
-        if not 1 <= rank <= self.full_rank:
-            raise ValueError(f"rank must be in [1, {self.full_rank}], got {rank}")
-        self.U = nn.Parameter(torch.empty(rows, rank))
-        self.s = nn.Parameter(torch.empty(rank))
-        self.V = nn.Parameter(torch.empty(rank, cols))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        _add_factors(self, rows, cols, rank, out_channels if bias else 0)
         if init:  # skipped when a state dict will fill the factors anyway (an SVD per layer is not free)
             self.reset_parameters()
 
@@ -160,14 +166,7 @@ class SVDLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int | None = None, init: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.full_rank = min(in_features, out_features)
-        rank = self.full_rank if rank is None else rank
-        if not 1 <= rank <= self.full_rank:
-            raise ValueError(f"rank must be in [1, {self.full_rank}], got {rank}")
-        self.U = nn.Parameter(torch.empty(out_features, rank))
-        self.s = nn.Parameter(torch.empty(rank))
-        self.V = nn.Parameter(torch.empty(rank, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        _add_factors(self, out_features, in_features, rank, out_features if bias else 0)
         if init:
             self.reset_parameters()
 
