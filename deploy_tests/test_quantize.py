@@ -83,7 +83,7 @@ def test_int8_without_calibration_images_or_int8_support_is_one_line(channel_exp
     res = CliRunner().invoke(main, ["export", str(gone), "--precision", "int8", "--no-tune"])
     assert res.exit_code == 2 and "calibrates on the run's train images" in one_line(res)
     assert not (gone / "artifacts").exists()
-    res = CliRunner().invoke(main, ["export", str(run), "--precision", "int8", "--runtime", "torch", "--out", str(tmp_path / "t")])
+    res = CliRunner().invoke(main, ["export", str(run), "--precision", "int8", "--runtime", "torch", "--output", str(tmp_path / "t")])
     assert res.exit_code == 2 and "int8" in one_line(res) and not (tmp_path / "t").exists()
 
 

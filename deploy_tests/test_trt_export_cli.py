@@ -1,9 +1,6 @@
 """`lrexport export --format trt` on a machine without TensorRT: one line, exit code 2, ONNX kept."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -20,12 +17,9 @@ def tiny_run(trained_run):
     return trained_run("channel")  # the exports below write under --out, not into the shared run
 
 
-def test_export_trt_without_tensorrt_from_the_shell(tiny_run, tmp_path):
+def test_export_trt_without_tensorrt_from_the_shell(tiny_run, tmp_path, cli):
     out = tmp_path / "art"
-    res = subprocess.run(
-        [sys.executable, "-m", "lrexport", "export", str(tiny_run), "--format", "trt", "--out", str(out), "--check-images", "8"],
-        capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"},  # tiny convs, shared cores
-    )
+    res = cli("export", tiny_run, "--format", "trt", "--output", out, "--check-images", "8", "--no-tune")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr
@@ -35,6 +29,6 @@ def test_export_trt_without_tensorrt_from_the_shell(tiny_run, tmp_path):
 
 def test_export_int8_without_tensorrt_is_one_line_too(tiny_run, tmp_path):
     res = CliRunner().invoke(
-        main, ["export", str(tiny_run), "--format", "trt", "--precision", "int8", "--out", str(tmp_path / "a"), "--check-images", "8"]
+        main, ["export", str(tiny_run), "--format", "trt", "--precision", "int8", "--output", str(tmp_path / "a"), "--check-images", "8"]
     )
     assert res.exit_code == 2 and "TensorRT is not installed" in res.output and "Traceback" not in res.output

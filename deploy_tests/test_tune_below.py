@@ -115,7 +115,7 @@ def test_cli_export_tune_below(build, tmp_path, monkeypatch):
 
     run, _ = build("channel")
     monkeypatch.setattr(T, "time_candidates", fake_time_candidates)
-    r = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "cli"), "--tune-below", "--tune-images", "32",
+    r = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "cli"), "--tune-below", "--tune-images", "32",
                                   "--tune-batches", "2", "--threads", "1", "--check-images", "8"])
     assert r.exit_code == 0, r.output
     assert "below the energy rank:" in r.output and "32 validation images" in r.output

@@ -150,11 +150,11 @@ def test_cli_export_for_a_runtime_then_verify_on_it(tuned, tmp_path, runtime):
 
 def test_cli_export_errors(tuned, tmp_path):
     run, _ = tuned
-    bad = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "bad"), "--batch", "2", "--tune-batches", "3"])
+    bad = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "bad"), "--batch", "2", "--tune-batches", "3"])
     assert bad.exit_code == 1 and "differ from the fixed export batch" in bad.output
-    unknown = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "x"), "--runtime", "tflite"])
+    unknown = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "x"), "--runtime", "tflite"])
     assert unknown.exit_code == 2 and "unknown runtime 'tflite'" in unknown.output and not (tmp_path / "x").exists()
-    trt = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "trt"), "--runtime", "trt"])
+    trt = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "trt"), "--runtime", "trt"])
     assert trt.exit_code == 1 and "--format trt" in trt.output and not (tmp_path / "trt").exists()
 
 
