@@ -9,6 +9,7 @@ after the last round: nothing in the timed region waits for the GPU. Torch-free 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -119,6 +120,7 @@ def interleave_within(calls: Mapping[str, Callable[[], object]], budget_ms: floa
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 
 
+@functools.cache  # read once: every cached layer time's key names it
 def cpu_name() -> str:
     """The CPU's model name and, on Linux, its family/model and the ISA_FLAGS it has."""
     try:
