@@ -1,5 +1,10 @@
 """The Runner protocol against the real runtimes installable here: ort, openvino, torch (CPU)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +73,36 @@ def test_ort_on_cuda_needs_its_provider(net):
     else:
         with pytest.raises(RuntimeMissingError, match="onnxruntime-gpu"):
             open_runner("ort", source, RuntimeOptions(device="cuda"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the alternate signal stack is restored on Linux")
+def test_a_signal_after_openvino_models_are_gone_is_handled_not_a_segfault(tmp_path):
+    """OpenVINO leaves the thread's alternate signal stack on freed memory: Ctrl-C or SIGTERM (which
+    training turns into save-and-stop) after an OpenVINO model ran used to kill the process. In a
+    subprocess: what is tested is whether the process survives."""
+    pytest.importorskip("openvino")
+    script = textwrap.dedent("""
+        import gc, os, signal, time
+        import numpy as np
+        import torch
+        from lrexport.deploy.onnx_graph import to_onnx
+        from lrexport.deploy.runners import OpenVinoRunner, RuntimeOptions
+
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)).eval()
+        onnx = to_onnx(net, (3, 16, 16)).SerializeToString()
+        runners = [OpenVinoRunner(onnx, RuntimeOptions(threads=1)) for _ in range(2)]
+        for runner in runners:
+            for batch in (1, 4):
+                runner.run(np.zeros((batch, 3, 16, 16), np.float32))
+        del runners, runner
+        gc.collect()
+        caught = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("caught", caught)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "caught [15]" in proc.stdout

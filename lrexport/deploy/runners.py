@@ -13,8 +13,12 @@ plain PyTorch module (torch) or a TensorRT engine. A runtime that is not install
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -73,6 +77,26 @@ def _openvino():
     return openvino
 
 
+class _StackT(ctypes.Structure):  # Linux's stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def _signal_stack(new: _StackT | None = None) -> _StackT | None:
+    """The main thread's alternate signal stack (sigaltstack), set to ``new`` if given; None off Linux."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    old = _StackT()
+    ctypes.CDLL(None).sigaltstack(None if new is None else ctypes.byref(new), ctypes.byref(old))
+    return old
+
+
+# OpenVINO's CPU plugin points the calling thread's alternate signal stack at memory of its own
+# when it runs a model, and leaves it there once the model is gone: the next signal Python handles
+# (Ctrl-C; SIGTERM, on which training saves and stops) then ran on freed memory and the process
+# died of a segfault. Each runner puts back the stack the process had before OpenVINO ran.
+_stack_before_openvino = functools.cache(_signal_stack)
+
+
 class OpenVinoRunner:
     """An ONNX model compiled by OpenVINO for the CPU, once per input shape (static shapes run fastest)."""
 
@@ -84,6 +108,7 @@ class OpenVinoRunner:
             raise RuntimeMissingError(f"lrexport runs OpenVINO on the CPU in fp32, fp16 or int8; got {options.device} {options.precision}")
         self.version = ov.__version__
         self.options = options
+        _stack_before_openvino()
         self.core = ov.Core()
         try:
             if isinstance(model, bytes):
@@ -109,6 +134,12 @@ class OpenVinoRunner:
             }
             self.compiled[shape] = self.core.compile_model(model, "CPU", config).create_infer_request()
         return self.compiled[shape]
+
+    def __del__(self):
+        self.compiled, self.model, self.core = {}, None, None  # their destructors move the stack too
+        before = _stack_before_openvino()
+        if before is not None:
+            _signal_stack(before)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
