@@ -47,7 +47,8 @@ cp "$run/summary.json" "$out/summary.json" 2>/dev/null
 cp "$run/artifacts/verify.json" "$out/verify.json" 2>/dev/null
 
 step "pytest deploy_tests/gpu"
-timeout 120 $py -m pytest deploy_tests/gpu -rs -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
+# -o addopts: serially, without pytest-xdist (not installed on the lent machine)
+timeout 120 $py -m pytest deploy_tests/gpu -o addopts=-q -rs -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
 echo "rc $?"; tail -n 15 "$out/pytest_gpu.log"
 
 step "quickstart, spatial-wise, shortened, on the GPU"
