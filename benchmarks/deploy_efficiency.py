@@ -45,7 +45,7 @@ import lrexport
 from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
-from lrexport.deploy.quantize import quantize, random_batches
+from lrexport.deploy.quantize import quantize_for_timing
 from lrexport.deploy.runners import ModelSource, RuntimeOptions, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
@@ -180,7 +180,7 @@ def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
     runners = {}
     for name, (plain, proto, *_) in own.items():
         if options.precision == "int8":
-            graph = quantize(proto, random_batches((2, *INPUT)), ranges="minmax")  # ranges do not change an int8 kernel's speed
+            graph = quantize_for_timing(proto, (2, *INPUT))
         runners[name] = open_runner(runtime, ModelSource(onnx=(graph if options.precision == "int8" else proto).SerializeToString(),
                                                          torch=lambda p=plain: p, label=name), options)
     if options.precision == "int8":

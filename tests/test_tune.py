@@ -143,10 +143,9 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     # another batch (or thread count, runtime, CPU) is another key: timed afresh
     third = T.tune(layers, fake_target((8,)), T.TuneCache(cache_path))
     assert third.cache_misses == first.cache_misses and len(calls) > timed  # hits: layers of equal shape
-    monkeypatch.setattr(T, "cpu_name", lambda: "Another CPU (avx2)")  # the cache went to another machine
-    assert T.tune(layers, target, T.TuneCache(cache_path)).cache_misses == first.cache_misses
-    monkeypatch.undo()
-    monkeypatch.setattr(T, "time_candidates", fake_timer(lambda s, c: 40.5 if c == "dense" else float(c), calls))
+    other_cpu = fake_target((1,))
+    other_cpu.settings["device"] = "Another CPU (avx2)"  # the cache went to another machine
+    assert T.tune(layers, other_cpu, T.TuneCache(cache_path)).cache_misses == first.cache_misses
     # the fake runtime makes the smallest eligible pair fastest wherever one is below 40.5
     for lay, choice in zip(layers, first.choices):
         pairs = [c for c in lay.candidates() if c != "dense" and c < 40.5]

@@ -145,9 +145,9 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
         plain, _ = to_plain(model, input_size, multiple_of, layers)
         graph = to_onnx(plain, input_size, batch)
         if options.precision == "int8":
-            from .quantize import quantize, random_batches
+            from .quantize import quantize_for_timing
 
-            graph = quantize(graph, random_batches((batch or 2, *input_size)), ranges="minmax")
+            graph = quantize_for_timing(graph, (batch or 2, *input_size))
         source = ModelSource(onnx=graph.SerializeToString(), torch=lambda p=plain: p, label=f"the {name} plan")
         runners[name] = open_runner(plan.runtime, source, options)
     worst = {name: float("inf") for name in runners}

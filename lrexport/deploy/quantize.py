@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from ..errors import LrexportError
 
+
 class QuantizationError(LrexportError):
     """A model onnxruntime's quantizer cannot quantize, or calibration images that are missing."""
 
@@ -90,9 +91,14 @@ def quantize(proto: onnx.ModelProto, batches: list[np.ndarray], exclude=(), rang
 
 
 def random_batches(input_shape, count: int = 2, seed: int = 0) -> list[np.ndarray]:
-    """Calibration for timing only (with ``ranges="minmax"``): ranges do not change an int8 kernel's speed."""
+    """Random inputs: calibration where only speed is measured (ranges do not change an int8 kernel's speed)."""
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(tuple(input_shape), dtype=np.float32) for _ in range(count)]
+
+
+def quantize_for_timing(proto: onnx.ModelProto, input_shape) -> onnx.ModelProto:
+    """``proto`` in int8 as export quantizes it, calibrated fast on random inputs of ``input_shape``: for timing only."""
+    return quantize(proto, random_batches(input_shape), ranges="minmax")
 
 
 # -- per-layer error ----------------------------------------------------------------------------
@@ -113,7 +119,7 @@ def _fake_quantize(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
     return (q - zero) * scale
 
 
-def _conv_inputs(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> dict[str, tuple]:
+def _conv_inputs(qdq: onnx.ModelProto) -> dict[str, tuple]:
     """Conv name → (float input tensor, its scale and zero point, dequantized int8 weight) for every quantized conv."""
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     made_by = _producers(qdq.graph)
@@ -138,7 +144,7 @@ def layer_errors(fp32: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[np.n
     from .onnx_graph import conv_from_node
     from .runtime import OrtRunner
 
-    convs = _conv_inputs(fp32, qdq)
+    convs = _conv_inputs(qdq)
     nodes = {n.name: n for n in fp32.graph.node if n.name in convs}
     weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
     probe = onnx.ModelProto()

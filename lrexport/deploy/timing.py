@@ -120,7 +120,7 @@ def interleave_within(calls: Mapping[str, Callable[[], object]], budget_ms: floa
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 
 
-@functools.cache  # read once: every cached layer time's key names it
+@functools.cache  # read once: every runner's settings (and so every layer-time cache key) name it
 def cpu_name() -> str:
     """The CPU's model name and, on Linux, its family/model and the ISA_FLAGS it has."""
     try:

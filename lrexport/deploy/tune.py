@@ -17,7 +17,7 @@ choice changes the model, so the export keeps it only where validation accuracy 
 (``lrexport.deploy.below``) and otherwise falls back to the fastest choice at ranks ≥ r_e.
 
 Times are cached in a JSON file keyed by layer geometry, candidate, runtime, provider,
-runtime version, device, threads, precision, layout, batch and CPU, so a second export (or another model with the
+runtime version, device (the CPU or GPU), threads, precision, layout and batch, so a second export (or another model with the
 same layer shapes) times nothing twice.
 """
 
@@ -35,10 +35,10 @@ from ..errors import LrexportError, RuntimeMissingError
 from ..io import atomic_write_text
 from ..progress import LayerTuned, Progress, quiet
 from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner
-from .timing import CUDA_EVENTS, Stats, cpu_name, interleave_within
+from .timing import CUDA_EVENTS, Stats, interleave_within
 
 CACHE_FILE = "tune_cache.json"
-CACHE_VERSION = 5  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime; 5: per CPU
+CACHE_VERSION = 5  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime; 5: the CPU named with its vector extensions
 DENSE = "dense"
 MULTIPLES = (8, 16, 32)
 
@@ -324,11 +324,11 @@ class Target:
     batches: tuple[int, ...]
 
     def key(self, batch: int) -> str:
-        """What a cached time is only valid for: runtime, version, device, provider, threads, precision, layout, batch,
-        and the CPU (a home directory, and its cache, can move to another machine)."""
+        """What a cached time is only valid for: runtime, version, device (the CPU with its vector extensions, or the
+        GPU: a home directory, and its cache, can move to another machine), provider, threads, precision, layout, batch."""
         s = self.settings
         return (f"{s['runtime']}-{s['version']}:{s['provider']}:{s['device']}:{s['precision']}:t{s['threads']}"
-                f":cl{int(bool(s.get('channels_last')))}:b{batch}:{cpu_name()}")
+                f":cl{int(bool(s.get('channels_last')))}:b{batch}")
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, **self.settings, "batches": list(self.batches)}
@@ -342,10 +342,9 @@ def layer_source(shape: LayerShape, candidate, batch: int, precision: str = "fp3
     proto = layer_onnx(shape, candidate, batch)
     graph = proto
     if precision == "int8":
-        from .quantize import quantize, random_batches
+        from .quantize import quantize_for_timing
 
-        dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-        graph = quantize(proto, random_batches(dims), ranges="minmax")
+        graph = quantize_for_timing(proto, [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim])
     return ModelSource(onnx=graph.SerializeToString(), torch=lambda: conv_chain_module(proto), label=f"candidate {candidate}")
 
 
