@@ -63,11 +63,6 @@ class Message(Event):
 
 
 @dataclass(frozen=True)
-class Done(Event):
-    summary: dict
-
-
-@dataclass(frozen=True)
 class EnergyStep(Event):
     """One rung of prune.energy = "auto"'s ladder, evaluated."""
 
@@ -122,12 +117,6 @@ class RunEnd(Event):
     index: int
     runs: int
     name: str
-
-
-@dataclass(frozen=True)
-class SweepEnd(Event):
-    output: str
-    leaves: tuple[str, ...]
 
 
 Progress = Callable[[Event], None]

@@ -119,11 +119,6 @@ def append_metrics(run_dir: str | Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def write_recipe(run_dir: str | Path, recipe: Recipe) -> None:
     atomic_write_text(Path(run_dir) / RECIPE, recipe.to_toml())
 

@@ -17,7 +17,7 @@ Layout of the output directory::
 
 Rerunning the same sweep into the same directory skips finished runs and resumes
 interrupted ones. Progress goes to a callback (the CLI draws it): SweepStart, RunStart/RunEnd
-around each run with the pipeline's own events in between, SweepEnd (lrexport.progress).
+around each run with the pipeline's own events in between (lrexport.progress); run_sweep returns the result.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tomli_w
 from . import rundir
 from .errors import LrexportError, RecipeError
 from .io import atomic_write_text
-from .progress import Progress, RunEnd, RunStart, SweepEnd, SweepStart, quiet
+from .progress import Progress, RunEnd, RunStart, SweepStart, quiet
 from .recipe import Recipe, load_recipe, parse_override, read_recipe_dict, recipe_from_dict
 # the phases' order and the recipe keys each is the first to depend on: one registry, the pipeline's
 # (keys not listed there -- device, amp, eval.* ... -- are taken to affect everything: nothing is shared)
@@ -241,7 +241,6 @@ def run_sweep(
         if run.leaf:
             result.summaries[run.name] = rundir.read_summary(run_dir)
         progress(RunEnd(i + 1, len(plan.runs), run.name))
-    progress(SweepEnd(str(output), tuple(r.name for r in plan.leaves)))
     return result
 
 

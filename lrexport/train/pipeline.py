@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import __version__, rundir
-from ..progress import Done, EpochEnd, PhaseEnd, PhaseStart, Progress, Step, Warn, quiet
+from ..progress import EpochEnd, PhaseEnd, PhaseStart, Progress, Step, Warn, quiet
 from ..data import build_datasets
 from ..errors import CheckpointError, DataError, LrexportError
 from ..lowrank import count_macs, layer_ranks
@@ -355,7 +355,6 @@ class Pipeline:
                     raise self._interrupted(f"after the {phase} phase")
         if "finetune" in self.completed:
             self._finish()
-            self.progress(Done(self.summary))
         self.dist.barrier()
         return RunResult(self.run_dir, self.summary)
 
