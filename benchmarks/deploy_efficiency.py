@@ -14,12 +14,13 @@ speed) and the fp32 dense model is timed beside them in the same rounds. With
 ``--tune``, "tuned@B" per runtime, mode and batch B: the energy-rule model deployed as
 ``lrexport export --runtime R --batch B`` plans it on that runtime (per-layer times, then
 the whole-model guard against the untuned and the all-dense plans); and, where "pruned16"
-is among the variants, "tuned16@B": the pruned16 model planned the same way. "latency"
+is among the variants, "tuned16@B" (and "tuned32@B" for "pruned32"): that model planned the same way. "latency"
 (per runtime and mode): the ranks ``prune.latency = R`` allocates on that runtime, at the
 same energy budget as the energy-rule model (the mean over layers of the discarded energy
 fraction at the bisected e, no layer discarding more than 10·e), each decomposed conv timed
 dense and as thin pairs on the rank grid at batches 1 and 8, deployed exactly at those
-ranks (lrexport.deploy.latency_ranks). The dense
+ranks (lrexport.deploy.latency_ranks); beside it, the fewest MACs any allocation within
+that budget reaches (its MACs ceiling). The dense
 model is exported the same way (BN folded in all). Each runtime (``--runtime ort,openvino,
 torch``) times all models in this one process, on its own settings, calls interleaved in
 alternating order (lrexport.deploy.timing); per round we take dense time / low-rank time,
@@ -48,7 +49,10 @@ from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
 from lrexport.deploy.quantize import quantize_for_timing
 from lrexport.deploy.runners import ModelSource, RuntimeOptions, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
+from lrexport.deploy.tune import tune_layers_of
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
+from lrexport.lowrank.allocate import DENSE, LayerTable, allocate, discarded_curve, energy_budget
+from lrexport.lowrank.prune import rule_rank
 from lrexport.lowrank.rewrite import plan_layers, relative_error, to_plain
 
 INPUT = (3, 224, 224)
@@ -101,7 +105,7 @@ def prune_to_target(model, target: float, multiple_of: int = 1) -> tuple[float, 
 # or zero-padded upward, and ranks rounded at pruning time so that export pads nothing
 VARIANTS = (("exact", 1, 1), ("aligned8", 1, 8), ("aligned16", 1, 16), ("pruned16", 16, 1), ("pruned32", 32, 1))
 # tuned models: name -> (rank multiple at pruning, the untuned variant it starts from and is guarded against)
-TUNED = {"tuned": (1, "aligned8"), "tuned16": (16, "pruned16")}
+TUNED = {"tuned": (1, "aligned8"), "tuned16": (16, "pruned16"), "tuned32": (32, "pruned32")}
 
 
 @torch.no_grad()
@@ -129,6 +133,24 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
     return models, details, dense_macs, pruned
 
 
+def fewest_macs(model, energy: float, cap: float) -> float:
+    """The largest MACs speedup any choice of per-layer ranks reaches within the latency variant's budget.
+
+    The allocation of lrexport.lowrank.allocate with each option's MACs in place of its time and
+    every rank below break-even a candidate: the MACs ceiling of "latency" (whose wall-clock
+    speedup can beat the energy rule's MACs speedup only if its ratio of wall x to MACs x is
+    at least the rule's MACs x over this ceiling).
+    """
+    modules = dict(model.named_modules())
+    layers = tune_layers_of(model, INPUT)
+    tables = [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()),
+                         {DENSE: t.macs(DENSE)} | {r: t.macs(r) for r in range(1, min(t.break_even, t.full_rank + 1))},
+                         rule_rank(modules[t.name], energy)) for t in layers]
+    best = allocate(tables, energy_budget(tables), cap)
+    dense = count_macs(model, INPUT).dense
+    return dense / (dense - sum(t.macs(DENSE) for t in layers) + best.total_ms)
+
+
 @torch.no_grad()
 def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, batches, cache) -> None:
     """"R:mode/latency": ranks allocated by measured latency on ``runtime`` at the energy-rule model's budget."""
@@ -137,10 +159,11 @@ def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, 
         _, energy, _ = pruned[mode, 1]
         lowrank = copy.deepcopy(pruned[mode, "full"][0])
         config = LatencyConfig(runtime, tuple(batches), options, 8, cache or default_cache())
+        ceiling = fewest_macs(lowrank, energy, cap_of("auto", energy))
         result = latency_prune(lowrank, INPUT, energy, cap_of("auto", energy), config)
         plan = allocated_plan({"latency_ranks": result.record}, runtime)
         ranks = {name: layer.rank for name, layer in svd_layers(lowrank)}
-        record = {k: v for k, v in result.record.items() if k != "layers"} | {"plan": plan}
+        record = {k: v for k, v in result.record.items() if k != "layers"} | {"plan": plan, "fewest_macs_speedup": ceiling}
         add_model(models, details, f"{runtime}:{mode}/latency", lowrank.eval(), *to_plain(lowrank, INPUT, 8, plan), energy, ranks, x,
                   allocation=record)
 
@@ -159,7 +182,7 @@ def add_model(models, details, name: str, lowrank, plain, report, energy, ranks,
 
 @torch.no_grad()
 def add_tuned(models, details, pruned, variants, runtime: str, options: RuntimeOptions, batches, cache) -> None:
-    """"R:mode/tuned@B" (and tuned16@B): each model as ``lrexport export --runtime R --batch B`` plans it."""
+    """"R:mode/tuned@B" (and tuned16@B, tuned32@B): each model as ``lrexport export --runtime R --batch B`` plans it."""
     x = torch.randn(2, *INPUT)
     for mode in MODES:
         for tuned_name, (multiple, untuned_name) in TUNED.items():
@@ -249,7 +272,8 @@ def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
 def allocation_line(a: dict) -> str:
     return (f"; allocated by latency: mean discarded {a['mean_discarded']:.4f} (budget {a['budget']:.4f}, cap {a['cap']:.3f}), "
             f"predicted {a['predicted_ms']:.3f} ms/image vs {a['energy_rule_ms']:.3f} for the energy rule's ranks, "
-            f"{a['target']['timed']} timed / {a['target']['cached']} cached, {a['seconds']:.0f} s")
+            f"{a['target']['timed']} timed / {a['target']['cached']} cached, {a['seconds']:.0f} s; "
+            f"the fewest MACs any allocation within this budget reaches: {a['fewest_macs_speedup']:.2f}x")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import LrexportError
 from ..progress import LayerTimed, Progress, quiet
-from ..lowrank.allocate import DENSE, Allocation, LayerTable, allocate, discarded_curve
+from ..lowrank.allocate import DENSE, Allocation, LayerTable, allocate, discarded_curve, energy_budget
 from ..lowrank.prune import PruneResult, check_energy, energy_rank, prune, rule_rank
 from .runners import RuntimeOptions
 from .tune import TuneCache, TuneLayer, layer_times, make_target, tune_layers_of
@@ -112,7 +112,7 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
     ranks = {t.name: grid_ranks(t, lowest_rank(modules[t.name].s, cap), rules[t.name], config.grid) for t in layers}
     times, target = measure(layers, ranks, config, progress)
     tables = [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()), times[t.name], rules[t.name]) for t in layers]
-    budget = sum(float(t.discarded[t.rule_rank]) for t in tables) / max(1, len(tables))
+    budget = energy_budget(tables)
     alloc = allocate(tables, budget, cap)
     chosen = {name: (modules[name].rank if c == DENSE else int(c)) for name, c in alloc.ranks.items()}
     results = prune(model, energy, multiple_of, ranks=chosen)

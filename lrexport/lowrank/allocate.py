@@ -69,6 +69,11 @@ def discarded_curve(s) -> np.ndarray:
     return np.clip((total - kept) / total, 0.0, 1.0)
 
 
+def energy_budget(tables: list[LayerTable]) -> float:
+    """The mean discarded energy fraction of the energy rule's own ranks: what an allocation may spend."""
+    return sum(float(t.discarded[t.rule_rank]) for t in tables) / max(1, len(tables))
+
+
 @dataclass
 class Allocation:
     ranks: dict  # name → DENSE or rank
