@@ -14,15 +14,15 @@ speed) and the fp32 dense model is timed beside them in the same rounds. With
 ``--tune``, "tuned@B" per runtime, mode and batch B: the energy-rule model deployed as
 ``lrexport export --runtime R --batch B`` plans it on that runtime (per-layer times, then
 the whole-model guard against the untuned and the all-dense plans); and, where "pruned16"
-is among the variants, "tuned16@B" (and "tuned32@B" for "pruned32"): that model planned the same way. "latency"
-(per runtime and mode): the ranks ``prune.latency = R`` allocates on that runtime, at the
-same energy budget as the energy-rule model (the mean over layers of the discarded energy
-fraction at the bisected e, no layer discarding more than 10·e), each decomposed conv timed
-dense and as thin pairs on the rank grid at batches 1 and 8, deployed exactly at those
-ranks (lrexport.deploy.latency_ranks); beside it, the fewest MACs any allocation within
-that budget reaches (its MACs ceiling). The dense
-model is exported the same way (BN folded in all). Each runtime (``--runtime ort,openvino,
-torch``) times all models in this one process, on its own settings, calls interleaved in
+("pruned32") is among the variants, "tuned16@B" ("tuned32@B"): that model planned the same
+way. "latency" (per runtime and mode): the ranks ``prune.latency = R`` allocates on that
+runtime, at the same energy budget as the energy-rule model (the mean over layers of the
+discarded energy fraction at the bisected e, no layer discarding more than 10·e), each
+decomposed conv timed dense and as thin pairs on the rank grid at batches 1 and 8,
+deployed exactly at those ranks (lrexport.deploy.latency_ranks); beside it, the fewest
+MACs any allocation within that budget reaches (its MACs ceiling). The dense model is
+exported the same way (BN folded in all). Each runtime (``--runtime ort,openvino,torch``)
+times all models in this one process, on its own settings, calls interleaved in
 alternating order (lrexport.deploy.timing); per round we take dense time / low-rank time,
 and report the median and p10–p90 of those ratios beside the medians of the latencies;
 "vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.
