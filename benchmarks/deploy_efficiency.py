@@ -20,14 +20,16 @@ runtime, at the same energy budget as the energy-rule model (the mean over layer
 discarded energy fraction at the bisected e, no layer discarding more than 10·e), each
 decomposed conv timed dense and as thin pairs on the rank grid at batches 1 and 8,
 deployed exactly at those ranks (lrexport.deploy.latency_ranks); beside it, the fewest
-MACs any allocation within that budget reaches (its MACs ceiling). The dense model is
-exported the same way (BN folded in all). Each runtime (``--runtime ort,openvino,torch``)
-times all models in this one process, on its own settings, calls interleaved in
-alternating order (lrexport.deploy.timing); per round we take dense time / low-rank time,
-and report the median and p10–p90 of those ratios beside the medians of the latencies;
+MACs any allocation within that budget reaches (its MACs ceiling). "fewest" (per mode):
+the ranks on the same grid with the fewest MACs within that budget, i.e. what the
+allocation would choose if time followed MACs. The dense model is exported the same way
+(BN folded in all). Each runtime (``--runtime ort,openvino,torch``) times all models in
+this one process, on its own settings, calls interleaved in alternating order
+(lrexport.deploy.timing); per round we take dense time / low-rank time, and report the
+median and p10–p90 of those ratios beside the medians of the latencies;
 "vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.
 
-    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency] [--tune] [--json out.json]
+    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency,fewest] [--tune] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 
 import lrexport
-from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune
+from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, on_grid
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
 from lrexport.deploy.quantize import quantize_for_timing
@@ -133,22 +135,33 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
     return models, details, dense_macs, pruned
 
 
-def fewest_macs(model, energy: float, cap: float) -> float:
-    """The largest MACs speedup any choice of per-layer ranks reaches within the latency variant's budget.
-
-    The allocation of lrexport.lowrank.allocate with each option's MACs in place of its time and
-    every rank below break-even a candidate: the MACs ceiling of "latency" (whose wall-clock
-    speedup can beat the energy rule's MACs speedup only if its ratio of wall x to MACs x is
-    at least the rule's MACs x over this ceiling).
+def fewest_macs(model, energy: float, cap: float, grid: int = 1):
+    """The per-layer ranks (on ``grid``; 1: every rank) with the fewest MACs within the latency
+    variant's budget, and their MACs speedup: lrexport.lowrank.allocate with each option's MACs
+    in place of its time. With ``grid`` 1 it is the MACs ceiling of any allocation.
     """
     modules = dict(model.named_modules())
     layers = tune_layers_of(model, INPUT)
     tables = [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()),
-                         {DENSE: t.macs(DENSE)} | {r: t.macs(r) for r in range(1, min(t.break_even, t.full_rank + 1))},
+                         {DENSE: t.macs(DENSE)} | {r: t.macs(r) for r in range(1, min(t.break_even, t.full_rank + 1)) if on_grid(r, grid)},
                          rule_rank(modules[t.name], energy)) for t in layers]
     best = allocate(tables, energy_budget(tables), cap)
     dense = count_macs(model, INPUT).dense
-    return dense / (dense - sum(t.macs(DENSE) for t in layers) + best.total_ms)
+    return best, dense / (dense - sum(t.macs(DENSE) for t in layers) + best.total_ms)
+
+
+@torch.no_grad()
+def add_fewest(models, details, pruned) -> None:
+    """"mode/fewest": the fewest-MACs ranks on the latency variant's grid (8) within its budget."""
+    x = torch.randn(2, *INPUT)
+    for mode in MODES:
+        _, energy, _ = pruned[mode, 1]
+        lowrank = copy.deepcopy(pruned[mode, "full"][0])
+        alloc, _ = fewest_macs(lowrank, energy, cap_of("auto", energy), grid=8)
+        modules = dict(lowrank.named_modules())
+        prune(lowrank, energy, ranks={name: modules[name].rank if c == DENSE else int(c) for name, c in alloc.ranks.items()})
+        ranks = {name: layer.rank for name, layer in svd_layers(lowrank)}
+        add_model(models, details, f"{mode}/fewest", lowrank.eval(), *to_plain(lowrank, INPUT, 8, alloc.ranks), energy, ranks, x)
 
 
 @torch.no_grad()
@@ -159,7 +172,7 @@ def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, 
         _, energy, _ = pruned[mode, 1]
         lowrank = copy.deepcopy(pruned[mode, "full"][0])
         config = LatencyConfig(runtime, tuple(batches), options, 8, cache or default_cache())
-        ceiling = fewest_macs(lowrank, energy, cap_of("auto", energy))
+        _, ceiling = fewest_macs(lowrank, energy, cap_of("auto", energy))
         result = latency_prune(lowrank, INPUT, energy, cap_of("auto", energy), config)
         plan = allocated_plan({"latency_ranks": result.record}, runtime)
         ranks = {name: layer.rank for name, layer in svd_layers(lowrank)}
@@ -288,7 +301,8 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=3.0, help="MACs speedup to prune to")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
-                    help="subset of " + ", ".join(v[0] for v in VARIANTS) + ", latency (ranks allocated by latency on each runtime)")
+                    help="subset of " + ", ".join(v[0] for v in VARIANTS) + ", latency (ranks allocated by latency on each runtime), "
+                         "fewest (the fewest-MACs ranks within latency's budget)")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
     ap.add_argument("--tune", action="store_true", help="add tuned@B per runtime, mode and batch: export's measured plan at batch B")
     ap.add_argument("--tune-cache", default=None, help="layer timing cache (JSON) reused across runs")
@@ -304,6 +318,8 @@ def main() -> None:
     variants = [v for v in VARIANTS if v[0] in names]
     models, details, dense_macs, pruned = build_models(args.seed, args.target, variants, exclude)
     rule_macs = {mode: count_macs(pruned[mode, 1][0], INPUT).deployed for mode in MODES}
+    if "fewest" in names:
+        add_fewest(models, details, pruned)
     for runtime in runtimes:
         if "latency" in names:
             add_latency(models, details, pruned, runtime, options, batches, args.tune_cache)
