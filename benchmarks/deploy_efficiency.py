@@ -19,12 +19,12 @@ way. "latency" (per runtime and mode): the ranks ``prune.latency = R`` allocates
 runtime, at the same energy budget as the energy-rule model (the mean over layers of the
 discarded energy fraction at the bisected e, no layer discarding more than 10·e), each
 decomposed conv timed dense and as thin pairs on the rank grid at batches 1 and 8,
-deployed exactly at those ranks (lrexport.deploy.latency_ranks); beside it, the fewest
-MACs any allocation within that budget reaches (its MACs ceiling). "fewest" (per mode):
-the ranks on the same grid with the fewest MACs within that budget, i.e. what the
-allocation would choose if time followed MACs. The dense model is exported the same way
-(BN folded in all). Each runtime (``--runtime ort,openvino,torch``) times all models in
-this one process, on its own settings, calls interleaved in alternating order
+deployed exactly at those ranks (lrexport.deploy.latency_ranks); the script also prints
+the fewest MACs any allocation within that budget reaches (its MACs ceiling). "fewest"
+(per mode): the ranks on the same grid with the fewest MACs within that budget, i.e. what
+the allocation would choose if time followed MACs. The dense model is exported the same
+way (BN folded in all). Each runtime (``--runtime ort,openvino,torch``) times all models
+in this one process, on its own settings, calls interleaved in alternating order
 (lrexport.deploy.timing); per round we take dense time / low-rank time, and report the
 median and p10–p90 of those ratios beside the medians of the latencies;
 "vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import lrexport
-from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, on_grid
+from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, on_grid, prune_to
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
 from lrexport.deploy.quantize import quantize_for_timing
@@ -158,8 +158,7 @@ def add_fewest(models, details, pruned) -> None:
         _, energy, _ = pruned[mode, 1]
         lowrank = copy.deepcopy(pruned[mode, "full"][0])
         alloc, _ = fewest_macs(lowrank, energy, cap_of("auto", energy), grid=8)
-        modules = dict(lowrank.named_modules())
-        prune(lowrank, energy, ranks={name: modules[name].rank if c == DENSE else int(c) for name, c in alloc.ranks.items()})
+        prune_to(lowrank, alloc, energy)
         ranks = {name: layer.rank for name, layer in svd_layers(lowrank)}
         add_model(models, details, f"{mode}/fewest", lowrank.eval(), *to_plain(lowrank, INPUT, 8, alloc.ranks), energy, ranks, x)
 
@@ -172,11 +171,10 @@ def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, 
         _, energy, _ = pruned[mode, 1]
         lowrank = copy.deepcopy(pruned[mode, "full"][0])
         config = LatencyConfig(runtime, tuple(batches), options, 8, cache or default_cache())
-        _, ceiling = fewest_macs(lowrank, energy, cap_of("auto", energy))
         result = latency_prune(lowrank, INPUT, energy, cap_of("auto", energy), config)
         plan = allocated_plan({"latency_ranks": result.record}, runtime)
         ranks = {name: layer.rank for name, layer in svd_layers(lowrank)}
-        record = {k: v for k, v in result.record.items() if k != "layers"} | {"plan": plan, "fewest_macs_speedup": ceiling}
+        record = {k: v for k, v in result.record.items() if k != "layers"} | {"plan": plan}
         add_model(models, details, f"{runtime}:{mode}/latency", lowrank.eval(), *to_plain(lowrank, INPUT, 8, plan), energy, ranks, x,
                   allocation=record)
 
@@ -285,8 +283,7 @@ def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
 def allocation_line(a: dict) -> str:
     return (f"; allocated by latency: mean discarded {a['mean_discarded']:.4f} (budget {a['budget']:.4f}, cap {a['cap']:.3f}), "
             f"predicted {a['predicted_ms']:.3f} ms/image vs {a['energy_rule_ms']:.3f} for the energy rule's ranks, "
-            f"{a['target']['timed']} timed / {a['target']['cached']} cached, {a['seconds']:.0f} s; "
-            f"the fewest MACs any allocation within this budget reaches: {a['fewest_macs_speedup']:.2f}x")
+            f"{a['target']['timed']} timed / {a['target']['cached']} cached, {a['seconds']:.0f} s")
 
 
 def main() -> None:
@@ -318,6 +315,9 @@ def main() -> None:
     variants = [v for v in VARIANTS if v[0] in names]
     models, details, dense_macs, pruned = build_models(args.seed, args.target, variants, exclude)
     rule_macs = {mode: count_macs(pruned[mode, 1][0], INPUT).deployed for mode in MODES}
+    # what any allocation within the energy rule's budget can reach at best: the ceiling of "latency" and "fewest"
+    ceilings = {mode: fewest_macs(pruned[mode, "full"][0], pruned[mode, 1][1], cap_of("auto", pruned[mode, 1][1]))[1]
+                for mode in MODES} if names & {"latency", "fewest"} else {}
     if "fewest" in names:
         add_fewest(models, details, pruned)
     for runtime in runtimes:
@@ -331,6 +331,9 @@ def main() -> None:
               f"deployed {d['deployed_macs'] / 1e9:.3f} G, ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, "
               f"dense layers {len(d['dense_layers'])}" + (f", plan: {d['plan']['deployed']}" if "plan" in d else "")
               + (allocation_line(d["allocation"]) if "allocation" in d else ""))
+    if ceilings:
+        print("the fewest MACs any choice of ranks within the energy rule's budget reaches: "
+              + ", ".join(f"{mode} {c:.2f}x" for mode, c in ceilings.items()))
     load_before = os.getloadavg()
     results = {runtime: time_runtime(runtime, options, models, dense_macs, rule_macs, batches, args.warmup, args.repeats, args.seed)
                for runtime in runtimes}
@@ -346,7 +349,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": machine() | {"loadavg_before": load_before, "loadavg_after": load_after},
                        "runtimes": {r: {"settings": st, "rows": rows} for r, (st, rows) in results.items()},
-                       "details": details, "dense_macs": dense_macs}, f, indent=2)
+                       "details": details, "dense_macs": dense_macs, "fewest_macs_speedup": ceilings}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -114,8 +114,7 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
     tables = [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()), times[t.name], rules[t.name]) for t in layers]
     budget = energy_budget(tables)
     alloc = allocate(tables, budget, cap)
-    chosen = {name: (modules[name].rank if c == DENSE else int(c)) for name, c in alloc.ranks.items()}
-    results = prune(model, energy, multiple_of, ranks=chosen)
+    results = prune_to(model, alloc, energy, multiple_of)
     record = {
         "runtime": config.runtime, "target": target, "grid": config.grid, "energy": energy, "budget": budget, "cap": cap,
         "mean_discarded": alloc.mean_discarded, "method": alloc.method, "predicted_ms": alloc.total_ms,
@@ -128,6 +127,14 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
         } for t in tables},
     }
     return LatencyPrune(results, alloc, record)
+
+
+def prune_to(model, allocation: Allocation, energy: float, multiple_of: int = 1) -> list[PruneResult]:
+    """Truncate ``model``'s decomposed convs to ``allocation``'s ranks (a dense choice keeps its full
+    rank); other SVD layers follow the energy rule."""
+    modules = dict(model.named_modules())
+    ranks = {name: modules[name].rank if c == DENSE else int(c) for name, c in allocation.ranks.items()}
+    return prune(model, energy, multiple_of, ranks=ranks)
 
 
 def allocated_plan(summary: dict, runtime: str) -> dict | None:
