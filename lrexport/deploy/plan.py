@@ -138,7 +138,9 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
     variants = _variants(plan, trained, input_size, multiple_of)
     if len(variants) == 1:
         plan.deployed, plan.layers = "dense", variants["dense"][1]
-        plan.note = f"every decomposed layer measured fastest dense on {plan.runtime}: every layer is deployed dense"
+        why = ("the latency allocation allocated every layer dense, as the MACs rule does" if planned == "allocated"
+               else f"every decomposed layer measured fastest dense on {plan.runtime}")
+        plan.note = f"{why}: every layer is deployed dense"
         return
     runners = {}
     for name, (model, layers) in variants.items():
