@@ -63,13 +63,18 @@ def test_export_deploys_exactly_the_allocated_ranks(latency_run, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def guarded_plan(run_dir, allocation):
+    """The export's plan of the run's model for ort at batch 1, had its prune step allocated ``allocation(layer)``."""
+    model, _ = load_model(run_dir / "checkpoints/finetune_best.pt")
+    allocated = {name: allocation(layer) for name, layer in svd_layers(model)}
+    config = TuneConfig(batches=(1,), guard_budget_ms=200.0)
+    return plan_export(model, (3, 16, 16), "ort", RuntimeOptions(threads=1), config, None, 1, allocated=allocated), allocated
+
+
 def test_the_guard_times_an_allocation_against_all_dense(latency_run):
     # the run's own allocation may come out all dense on a slow tiny model (then there is nothing to guard),
     # so the guard is given one with every layer a thin pair at its trained rank
-    model, _ = load_model(latency_run / "checkpoints/finetune_best.pt")
-    allocated = {name: layer.rank for name, layer in svd_layers(model)}
-    config = TuneConfig(batches=(1,), guard_budget_ms=200.0)
-    plan = plan_export(model, (3, 16, 16), "ort", RuntimeOptions(threads=1), config, None, 1, allocated=allocated)
+    plan, allocated = guarded_plan(latency_run, lambda layer: layer.rank)
     # the guard keeps it or, if slower than dense (or than the MACs rule, where that differs), deploys that
     assert plan.deployed in ("allocated", "dense", "untuned") and len(plan.guard) == 1
     row = plan.guard[0]
@@ -81,12 +86,9 @@ def test_the_guard_times_an_allocation_against_all_dense(latency_run):
 
 
 def test_an_all_dense_allocation_is_not_timed_as_low_rank(latency_run):
-    model, _ = load_model(latency_run / "checkpoints/finetune_best.pt")
-    allocated = {name: "dense" for name, _ in svd_layers(model)}
-    config = TuneConfig(batches=(1,), guard_budget_ms=200.0)
-    plan = plan_export(model, (3, 16, 16), "ort", RuntimeOptions(threads=1), config, None, 1, allocated=allocated)
+    plan, _ = guarded_plan(latency_run, lambda layer: "dense")
     if plan.guard:  # the MACs rule decomposes some layer: the guard times it against the allocation (all dense)
-        assert plan.deployed in ("dense", "untuned") and "untuned" in plan.guard[0]
+        assert plan.deployed in ("dense", "untuned") and "untuned" in plan.guard[0] and "allocated" not in plan.guard[0]
     else:
         assert plan.deployed == "dense" and "allocated every layer dense" in plan.note
 
