@@ -35,6 +35,23 @@ TINY = {
 CLI_ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80")
 
 
+# Under pytest-xdist (--dist loadgroup, in pyproject.toml) each worker builds its own copy of a
+# fixture, so tests run grouped, a group on one worker: those that use a session fixture that
+# trains (shared across modules) by that fixture, the GPU tests together (they time the one GPU),
+# every other test with its module (module fixtures train runs, too).
+SHARED_RUNS = ("quickstart_run", "trained_run")
+GPU_TESTS = Path(__file__).parent / "deploy_tests" / "gpu"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+        if GPU_TESTS in Path(item.path).parents:
+            group = "gpu"
+        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def tiny_recipe(tmp_path_factory):
     """``tiny_recipe(*changes)``: the tiny recipe with ``key.path=value`` changes, as a recipe file."""

@@ -8,23 +8,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # runs.py, the helpers beside th
 from runs import TINY_RUN, UNTUNED  # noqa: E402
 
 
-# Session fixtures that train: under pytest-xdist each worker would train its own copy, so the
-# tests that use one run on one worker (--dist loadgroup, in pyproject.toml). The GPU tests share
-# one worker too: they time kernels on the one GPU.
-SHARED_RUNS = ("quickstart_run", "trained_run")
-GPU_TESTS = Path(__file__).parent / "gpu"
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-    for item in items:
-        group = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
-        if GPU_TESTS in Path(item.path).parents:
-            group = "gpu"
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _timing_cache(tmp_path_factory):
     """Layer times go to a cache of the test session's own, not the user's."""
