@@ -282,7 +282,8 @@ def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
 
 def allocation_line(a: dict) -> str:
     return (f"; allocated by latency: mean discarded {a['mean_discarded']:.4f} (budget {a['budget']:.4f}, cap {a['cap']:.3f}), "
-            f"predicted {a['predicted_ms']:.3f} ms/image vs {a['energy_rule_ms']:.3f} for the energy rule's ranks, "
+            f"predicted {a['predicted_ms']:.3f} ms/image vs {a['energy_rule_ms']:.3f} for the energy rule's ranks "
+            f"and {a['dense_ms']:.3f} all dense ({a['dense_ms'] / a['predicted_ms']:.2f}x for the decomposed convs), "
             f"{a['target']['timed']} timed / {a['target']['cached']} cached, {a['seconds']:.0f} s")
 
 

@@ -95,4 +95,4 @@ def test_an_all_dense_allocation_is_not_timed_as_low_rank(latency_run):
 
 def test_report_shows_the_allocated_ranks(latency_run, tmp_path):
     text = (build_report([latency_run], tmp_path / "report").output / "report.md").read_text()
-    assert "Latency-allocated ranks" in text and "| layer1.0.conv1 |" in text
+    assert "Latency-allocated ranks" in text and "| layer1.0.conv1 |" in text and "ms all dense (" in text

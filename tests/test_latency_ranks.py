@@ -150,6 +150,9 @@ def test_latency_prune_truncates_to_the_allocation(monkeypatch):
     rec = result.record
     assert rec["cap"] == pytest.approx(2.0) and rec["mean_discarded"] <= rec["budget"] * (1 + 1e-9)
     assert rec["predicted_ms"] <= rec["energy_rule_ms"]
+    # all dense discards nothing, so it is always within the budget: the allocation is never predicted slower
+    assert rec["dense_ms"] == pytest.approx(sum(layer["times_ms"][DENSE] for layer in rec["layers"].values()))
+    assert rec["predicted_ms"] <= rec["dense_ms"]
     layers = dict(svd_layers(model))
     for name, layer in rec["layers"].items():
         if layer["allocated"] == DENSE:

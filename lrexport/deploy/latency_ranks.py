@@ -118,7 +118,8 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
     record = {
         "runtime": config.runtime, "target": target, "grid": config.grid, "energy": energy, "budget": budget, "cap": cap,
         "mean_discarded": alloc.mean_discarded, "method": alloc.method, "predicted_ms": alloc.total_ms,
-        "energy_rule_ms": alloc.rule_ms, "seconds": round(time.perf_counter() - start, 2),
+        "energy_rule_ms": alloc.rule_ms, "dense_ms": sum(t.times[DENSE] for t in tables),
+        "seconds": round(time.perf_counter() - start, 2),
         "note": "ms: per image, summed over the batches, of each decomposed conv timed alone (fastest call, context-corrected)",
         "layers": {t.name: {
             "energy_rank": t.rule_rank, "allocated": alloc.ranks[t.name], "discarded": alloc.discarded[t.name],
