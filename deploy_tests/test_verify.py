@@ -148,6 +148,17 @@ def test_slower_low_rank_model_gets_a_note():
     assert slower_than_dense([{"batch": 1, "wall_speedup": 0.98}], "ort", deployed="tuned") == []  # within noise
 
 
+def test_predicted_time_is_the_deployed_models():
+    from lrexport.deploy.verify import predicted_latency
+
+    tune = {"predicted": [{"batch": 1, "tuned_ms": 0.2, "untuned_ms": 0.3, "dense_ms": 0.4}]}
+    measured = [{"batch": 1, "lowrank": {"median_ms": 0.5}, "dense": {"median_ms": 0.45}}]
+    for deployed, ms in (("tuned", 0.2), ("untuned", 0.3), ("dense", 0.4)):  # the guard's dense plan runs every layer dense
+        [row] = predicted_latency({"deployed": deployed, "tune": tune}, measured)
+        assert row["lowrank_ms"] == ms and row["dense_ms"] == 0.4 and row["measured_lowrank_ms"] == 0.5
+    assert predicted_latency({"deployed": "allocated", "tune": None}, measured) == []  # nothing tuned, nothing predicted
+
+
 def test_torch_on_cuda_without_a_gpu_is_one_line(channel_export):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: test_torch_runner_on_cuda covers it")

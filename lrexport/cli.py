@@ -392,7 +392,8 @@ def _verify_tables(r: dict):
     t2 = Table(title=f"latency on {r['runtime']} {st['version']} · {how} · {r.get('precision', st['precision'])} · median of {r['timing']['repeats']} "
                      "interleaved rounds, ms (p10–p90)")
     fp32 = any("dense_fp32" in row for row in r["latency"])
-    cols = ["batch", *(["dense fp32"] if fp32 else []), "dense", "low-rank", "wall x", "MACs x", "ratio", *(["vs fp32"] if fp32 else [])]
+    cols = ["batch", *(["dense fp32"] if fp32 else []), "dense", "low-rank", "wall x", "MACs x", "deployed", "ratio",
+            *(["vs fp32"] if fp32 else [])]
     for col in cols:
         t2.add_column(col, justify="right")
 
@@ -402,10 +403,12 @@ def _verify_tables(r: dict):
     for row in r["latency"]:
         t2.add_row(
             str(row["batch"]), *([ms(row["dense_fp32"])] if fp32 else []), ms(row["dense"]), ms(row["lowrank"]),
-            f"{row['wall_speedup']:.2f}x", f"{r['macs']['speedup']:.2f}x", f"{row['ratio']:.2f}",
+            f"{row['wall_speedup']:.2f}x", f"{r['macs']['speedup']:.2f}x", f"{r['macs']['deployed_speedup']:.2f}x", f"{row['ratio']:.2f}",
             *([f"{row['speedup_over_fp32']:.2f}x"] if fp32 else []),
         )
-    t2.caption = (f"wall x: median of per-round dense/low-rank ratios{'; vs fp32: of dense fp32/low-rank' if fp32 else ''} · "
+    t2.caption = (f"wall x: median of per-round dense/low-rank ratios{'; vs fp32: of dense fp32/low-rank' if fp32 else ''}; "
+                  "MACs x: at the trained ranks; deployed: of the graph that runs (padded ranks, layers deployed dense); "
+                  "ratio: wall x / MACs x · "
                   f"plan: {r['plan']['deployed']} for {r['plan']['runtime']}")
     if not r.get("predicted"):
         return t1, t2

@@ -180,13 +180,16 @@ def slower_than_dense(latency: list[dict], runtime: str, deployed: str) -> list[
     return [f"the low-rank model ran slower than the dense one on {runtime} ({at}); {hint}"]
 
 
+# which of the tuning's predicted sums is the deployed model's: a plan the guard deployed dense runs every layer dense
+PREDICTED_FOR = {"tuned": "tuned_ms", "untuned": "untuned_ms", "dense": "dense_ms"}
+
+
 def predicted_latency(plan: dict, latency: list[dict]) -> list[dict]:
-    """The tuned plan's predicted per-batch times (sums of one-layer times) beside the measured ones."""
+    """The deployed plan's predicted per-batch times (sums of one-layer times) beside the measured ones."""
     rows = []
     measured = {row["batch"]: row for row in latency}
     for p in (plan.get("tune") or {}).get("predicted", []):
-        row = {"batch": p["batch"], "lowrank_ms": p["tuned_ms" if plan["deployed"] == "tuned" else "untuned_ms"],
-               "dense_ms": p["dense_ms"]}
+        row = {"batch": p["batch"], "lowrank_ms": p[PREDICTED_FOR[plan["deployed"]]], "dense_ms": p["dense_ms"]}
         if p["batch"] in measured:
             row["measured_lowrank_ms"] = measured[p["batch"]]["lowrank"]["median_ms"]
             row["measured_dense_ms"] = measured[p["batch"]]["dense"]["median_ms"]
