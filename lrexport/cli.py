@@ -79,6 +79,8 @@ class TrainProgress(_LiveBar):
             case LayerTimed():
                 self.bar.console.print(f"  {event.phase}: timed {event.layer} on the target runtime ({event.done}/{event.total})",
                                        highlight=False, soft_wrap=True)
+            case Message():
+                self.bar.console.print(event.text, highlight=False, soft_wrap=True)
             case Warn():
                 err.print(f"[yellow]warning:[/] {escape(event.message)}", highlight=False, soft_wrap=True)
             case PhaseEnd():

@@ -146,8 +146,12 @@ def test_latency_prune_truncates_to_the_allocation(monkeypatch):
     model = lrexport.create_model("cifar_resnet20", num_classes=10).eval()
     decompose(model, "channel")
     energy = 0.2
-    result = LR.latency_prune(model, (3, 16, 16), energy, LR.cap_of("auto", energy), LR.LatencyConfig("ort", (1, 8)))
+    events = []
+    result = LR.latency_prune(model, (3, 16, 16), energy, LR.cap_of("auto", energy), LR.LatencyConfig("ort", (1, 8)),
+                              progress=events.append)
     rec = result.record
+    # the user is told what the allocation predicts
+    assert f"{rec['dense_ms']:.3f} all dense ({rec['dense_ms'] / rec['predicted_ms']:.2f}x)" in events[-1].text
     assert rec["cap"] == pytest.approx(2.0) and rec["mean_discarded"] <= rec["budget"] * (1 + 1e-9)
     assert rec["predicted_ms"] <= rec["energy_rule_ms"]
     # all dense discards nothing, so it is always within the budget: the allocation is never predicted slower
