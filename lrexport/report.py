@@ -200,7 +200,7 @@ def latency_lines(row: RunRow) -> list[str]:
              f"{', '.join(map(str, t.get('batches', [])))}); mean discarded energy {rec['mean_discarded']:.3g} "
              f"(budget {rec['budget']:.3g}, per-layer cap {rec['cap']:.3g}); predicted {rec['predicted_ms']:.3f} ms "
              f"against {rec['energy_rule_ms']:.3f} ms for the energy rule's ranks"
-             + (f" and {rec['dense_ms']:.3f} ms all dense ({rec['dense_ms'] / rec['predicted_ms']:.2f}× predicted)" if "dense_ms" in rec else "")
+             + (f" and {rec['dense_ms']:.3f} ms all dense ({rec['dense_ms'] / rec['predicted_ms']:.2f}× predicted)" if rec.get("dense_ms") else "")
              + f" ({rec['method']}; {rec['note']}).", "",
              "| layer | energy rank | allocated | discarded energy | energy rule discards | predicted ms |",
              "|---|---|---|---|---|---|"]

@@ -170,6 +170,16 @@ def test_latency_prune_truncates_to_the_allocation(monkeypatch):
     assert LR.allocated_plan({"latency_ranks": rec}, "openvino") is None
 
 
+def test_a_model_without_decomposed_convs_allocates_nothing(monkeypatch):
+    target = Target("ort", RuntimeOptions(threads=1), {"runtime": "ort", "threads": 1, "precision": "fp32"}, (1,))
+    monkeypatch.setattr(LR, "make_target", lambda runtime, options, batches: target)
+    model = lrexport.create_model("cifar_resnet20", num_classes=10).eval()  # not decomposed
+    events = []
+    result = LR.latency_prune(model, (3, 16, 16), 0.1, 1.0, LR.LatencyConfig("ort", (1,)), progress=events.append)
+    assert result.record["layers"] == {} and result.record["predicted_ms"] == result.record["dense_ms"] == 0
+    assert events == []
+
+
 def test_recipe_keys_validate_and_are_prune_phase_keys():
     p = recipe_from_dict({}).prune
     assert (p.latency, p.latency_batches, p.latency_grid, p.max_layer_energy) == ("none", [1, 8], 8, "auto")

@@ -127,9 +127,10 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
             "energy_rule": alloc.rule[t.name], "times_ms": {str(k): v for k, v in t.times.items()},
         } for t in tables},
     }
-    progress(Message(f"  prune: ranks allocated by latency on {config.runtime}: decomposed convs predicted at "
-                     f"{alloc.total_ms:.3f} ms/image, {alloc.rule_ms:.3f} at the energy rule's ranks, "
-                     f"{record['dense_ms']:.3f} all dense ({record['dense_ms'] / alloc.total_ms:.2f}x)"))
+    if tables:  # a model without decomposed convs has nothing to predict
+        progress(Message(f"  prune: ranks allocated by latency on {config.runtime}: decomposed convs predicted at "
+                         f"{alloc.total_ms:.3f} ms/image, {alloc.rule_ms:.3f} at the energy rule's ranks, "
+                         f"{record['dense_ms']:.3f} all dense ({record['dense_ms'] / alloc.total_ms:.2f}x)"))
     return LatencyPrune(results, alloc, record)
 
 
