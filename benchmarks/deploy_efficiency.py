@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import lrexport
-from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, on_grid, prune_to
+from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, layer_tables, on_grid, prune_to
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
 from lrexport.deploy.quantize import quantize_for_timing
@@ -53,7 +53,7 @@ from lrexport.deploy.runners import ModelSource, RuntimeOptions, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
 from lrexport.deploy.tune import tune_layers_of
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
-from lrexport.lowrank.allocate import DENSE, LayerTable, allocate, discarded_curve, energy_budget
+from lrexport.lowrank.allocate import DENSE, allocate, energy_budget
 from lrexport.lowrank.prune import rule_rank
 from lrexport.lowrank.rewrite import plan_layers, relative_error, to_plain
 
@@ -142,9 +142,9 @@ def fewest_macs(model, energy: float, cap: float, grid: int = 1):
     """
     modules = dict(model.named_modules())
     layers = tune_layers_of(model, INPUT)
-    tables = [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()),
-                         {DENSE: t.macs(DENSE)} | {r: t.macs(r) for r in range(1, min(t.break_even, t.full_rank + 1)) if on_grid(r, grid)},
-                         rule_rank(modules[t.name], energy)) for t in layers]
+    macs = {t.name: {DENSE: t.macs(DENSE)} | {r: t.macs(r) for r in range(1, min(t.break_even, t.full_rank + 1)) if on_grid(r, grid)}
+            for t in layers}
+    tables = layer_tables(model, layers, macs, {t.name: rule_rank(modules[t.name], energy) for t in layers})
     best = allocate(tables, energy_budget(tables), cap)
     dense = count_macs(model, INPUT).dense
     return best, dense / (dense - sum(t.macs(DENSE) for t in layers) + best.total_ms)

@@ -111,7 +111,7 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
     rules = {t.name: rule_rank(modules[t.name], energy, multiple_of) for t in layers}
     ranks = {t.name: grid_ranks(t, lowest_rank(modules[t.name].s, cap), rules[t.name], config.grid) for t in layers}
     times, target = measure(layers, ranks, config, progress)
-    tables = [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()), times[t.name], rules[t.name]) for t in layers]
+    tables = layer_tables(model, layers, times, rules)
     budget = energy_budget(tables)
     alloc = allocate(tables, budget, cap)
     results = prune_to(model, alloc, energy, multiple_of)
@@ -132,6 +132,13 @@ def latency_prune(model, input_size, energy: float, cap: float, config: LatencyC
                          f"{alloc.total_ms:.3f} ms/image, {alloc.rule_ms:.3f} at the energy rule's ranks, "
                          f"{record['dense_ms']:.3f} all dense ({record['dense_ms'] / alloc.total_ms:.2f}x)"))
     return LatencyPrune(results, alloc, record)
+
+
+def layer_tables(model, layers: list[TuneLayer], costs: dict, rules: dict) -> list[LayerTable]:
+    """An allocation table per decomposed conv: its discarded-energy curve, ``costs[name]`` per option
+    (predicted ms; the benchmark's fewest-MACs allocation passes MACs), its energy-rule rank."""
+    modules = dict(model.named_modules())
+    return [LayerTable(t.name, discarded_curve(modules[t.name].s.detach().cpu()), costs[t.name], rules[t.name]) for t in layers]
 
 
 def prune_to(model, allocation: Allocation, energy: float, multiple_of: int = 1) -> list[PruneResult]:
