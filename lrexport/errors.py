@@ -25,7 +25,20 @@ class WriteError(LrexportError):
     """A file that could not be written (disk full, no permission); its previous version is intact."""
 
 
+class ModelError(LrexportError):
+    """A model the recipe (or the caller) names that cannot be built: an unknown name, an import path that
+    does not resolve, a factory that raises, weights that do not fit it."""
+
+    exit_code = 2
+
+
 class RuntimeMissingError(LrexportError):
     """An optional runtime (TensorRT, a GPU) that this machine lacks."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception raised by code that is not ours (a user's model, a runtime) as one short line: its type and first line."""
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0][:limit]}" if text else e.__class__.__name__

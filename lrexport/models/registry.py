@@ -1,4 +1,5 @@
-"""One registry of models by name: CIFAR ResNets here, any torchvision classifier beside."""
+"""One registry of models by name: CIFAR ResNets here, any torchvision classifier beside, any timm
+model as ``timm/NAME`` and a user's own factory as ``package.module:factory`` (lrexport.models.external)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import CheckpointError, LrexportError
+from ..errors import CheckpointError, ModelError
 from .cifar_resnet import CifarResNet
+from .external import TIMM_PREFIX, TIMM_WEIGHTS, imported_model, is_import_path, timm_input, timm_model
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -30,28 +32,40 @@ for _depth in (20, 32, 44, 56, 110):
 
     def _builder(*, num_classes: int = 10, shortcut: str = "B", depth: int = _depth, **kw) -> nn.Module:
         if shortcut not in ("A", "B"):
-            raise LrexportError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+            raise ModelError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         return CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, **kw)
 
     register_model(f"cifar_resnet{_depth}")(_builder)
 
 
 def list_models() -> list[str]:
-    """Our own models, then torchvision's classification models."""
+    """Our own models, then torchvision's classification models (timm's and import paths are not listed)."""
     return sorted(_REGISTRY) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_model(name: str, *, num_classes: int = 1000, weights: str | None = None, **kwargs) -> nn.Module:
-    """Build a model by name.
+WEIGHT_FILES = (".pt", ".pth", ".bin", ".safetensors")
 
-    ``weights`` is a local state-dict file, or for torchvision models the name of a weights
-    enum member (``"DEFAULT"``, ``"IMAGENET1K_V1"``), downloaded by torchvision.
+
+def create_model(name: str, *, num_classes: int = 1000, weights: str | None = None, **kwargs) -> nn.Module:
+    """Build a model by name: a registered one, a torchvision classifier, ``timm/NAME`` or ``package.module:factory``.
+
+    ``weights`` is a local state-dict file (.pt/.pth/.bin/.safetensors); for torchvision models it may
+    name a weights enum member (``"DEFAULT"``, ``"IMAGENET1K_V1"``), for timm models ``"pretrained"``
+    (timm's own weights); both download.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    local = weights is not None and Path(weights).suffix in (".pt", ".pth", ".bin")
-    if name in _REGISTRY:
+    local = weights is not None and Path(weights).suffix in WEIGHT_FILES
+    if name.startswith(TIMM_PREFIX):
+        if weights is not None and not local and weights != TIMM_WEIGHTS:
+            raise ModelError(f"model.weights for {name} is a state-dict file or {TIMM_WEIGHTS!r} (timm's own); got {weights!r}")
+        model = timm_model(name, num_classes, weights == TIMM_WEIGHTS, kwargs)
+    elif is_import_path(name):
         if weights is not None and not local:
-            raise LrexportError(f"model {name!r} has no built-in weights; give a state-dict file (.pt/.pth), got {weights!r}")
+            raise ModelError(f"model.weights for {name} must be a state-dict file ({', '.join(WEIGHT_FILES)}); got {weights!r}")
+        model = imported_model(name, num_classes, kwargs)
+    elif name in _REGISTRY:
+        if weights is not None and not local:
+            raise ModelError(f"model {name!r} has no built-in weights; give a state-dict file (.pt/.pth), got {weights!r}")
         model = _build(name, _REGISTRY[name], num_classes=num_classes, **kwargs)
     elif name in torchvision.models.list_models(module=torchvision.models):
         tv_weights = None
@@ -60,20 +74,25 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
                 tv_weights = torchvision.models.get_model_weights(name)[weights]
             except KeyError:
                 choices = [w.name for w in torchvision.models.get_model_weights(name)] + ["DEFAULT"]
-                raise LrexportError(f"unknown weights {weights!r} for {name}; choose from {choices} or a .pt file") from None
+                raise ModelError(f"unknown weights {weights!r} for {name}; choose from {choices} or a .pt file") from None
             if num_classes != len(tv_weights.meta["categories"]):
-                raise LrexportError(
+                raise ModelError(
                     f"weights {weights!r} of {name} have {len(tv_weights.meta['categories'])} classes, recipe asks for {num_classes}"
                 )
         try:
             model = _build(name, torchvision.models.get_model, name, weights=tv_weights, num_classes=num_classes, **kwargs)
         except (OSError, RuntimeError) as e:  # download failed
-            raise LrexportError(f"could not fetch torchvision weights {weights!r} for {name}: {e}") from None
+            raise ModelError(f"could not fetch torchvision weights {weights!r} for {name}: {e}") from None
     else:
-        raise LrexportError(f"unknown model {name!r}; see `lrexport models` for the names")
+        raise ModelError(f"unknown model {name!r}; see `lrexport models` for the names, or give timm/NAME or package.module:factory")
     if local:
         load_state_dict_file(model, weights)
     return model
+
+
+def model_input(name: str, kwargs: dict | None = None) -> dict | None:
+    """The input a model was made for, where it says (timm's pretrained config): channels, image_size, mean, std."""
+    return timm_input(name, kwargs or {}) if name.startswith(TIMM_PREFIX) else None
 
 
 def _build(name: str, builder: Callable[..., nn.Module], *args, **kwargs) -> nn.Module:
@@ -82,20 +101,31 @@ def _build(name: str, builder: Callable[..., nn.Module], *args, **kwargs) -> nn.
         return builder(*args, **kwargs)
     except (TypeError, ValueError) as e:
         shown = {k: v for k, v in kwargs.items() if k not in ("weights", "num_classes")}
-        raise LrexportError(f"model {name!r} cannot be built with model.kwargs = {shown}: {str(e).splitlines()[0][:200]}") from None
+        raise ModelError(f"model {name!r} cannot be built with model.kwargs = {shown}: {str(e).splitlines()[0][:200]}") from None
+
+
+class WeightsError(CheckpointError):
+    """model.weights: a file that is missing, not a state dict, or does not fit the model."""
+
+    exit_code = 2
 
 
 def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
-    """Load a dense state dict (plain, or wrapped under 'model'/'state_dict') into ``model``."""
+    """Load a dense state dict (plain, or wrapped under 'model'/'state_dict') into ``model``; a WeightsError (exit 2) if it cannot."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path}")
     try:
-        with warnings.catch_warnings():  # a foreign pickle makes torch warn before it refuses it
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":  # timm's and Hugging Face's format: tensors only, no pickle
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # a foreign pickle makes torch warn before it refuses it
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's own message runs to many lines and suggests weights_only=False
-        raise CheckpointError(f"cannot read weights file {path}: not a torch.save'd state dict, or a damaged one "
+        raise WeightsError(f"cannot read weights file {path}: not a torch.save'd state dict, or a damaged one "
                               f"({e.__class__.__name__})") from None
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
@@ -103,10 +133,10 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"weights file {path} does not match the model: {' '.join(first[:3])[:300]}") from None
+        raise WeightsError(f"weights file {path} does not match the model: {' '.join(first[:3])[:300]}") from None
