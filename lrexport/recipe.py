@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from .data import DATASETS, DataConfig
+from .data import CHANNELS, DATASETS, DataConfig
 from .errors import RecipeError
 
 
@@ -162,7 +162,7 @@ class Recipe:
 _DATA_CHECKS = {
     "dataset": _check(*DATASETS), "batch_size": _check(ge=1), "eval_batch_size": _check(ge=0), "workers": _check(ge=0),
     "image_size": _check(ge=0), "num_classes": _check(ge=2), "train_size": _check(ge=1), "val_size": _check(ge=1),
-    "seed": _check(ge=0, lt=2**32),
+    "seed": _check(ge=0, lt=2**32), "channels": _check(*CHANNELS), "std": _check(gt=0),
 }
 
 
@@ -273,7 +273,17 @@ def recipe_from_dict(raw: dict, where: str = "<recipe>", overrides: typing.Itera
         _apply_override(raw, path, value, text)
     recipe = _build(Recipe, raw, where, "")
     _check_latency(recipe.prune, where)
+    _check_normalisation(recipe.data, where)
     return recipe
+
+
+def _check_normalisation(d: DataConfig, where: str) -> None:
+    """data.mean and data.std come together, one value per input channel."""
+    channels = d.channels or 3
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if (d.mean or d.std) and len(values) != channels:
+            raise RecipeError(f"{where}: data.{key} must have one value per channel ({channels}), got {_show(values)}")
 
 
 def _check_latency(p: PruneConfig, where: str) -> None:

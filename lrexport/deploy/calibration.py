@@ -82,7 +82,8 @@ class CalibrationReader:
         # the same preprocessing as inference: calibration must see what the engine will see
         from .runtime import preprocess
 
-        meta = {"input": {"shape": [1, *input_shape], "mean": list(mean), "std": list(std), "resize": resize}}
+        meta = {"input": {"shape": [1, *input_shape], "mean": list(mean), "std": list(std), "resize": resize,
+                          "color": "RGB" if input_shape[0] == 3 else "L"}}
         return cls((preprocess(f, meta) for f in files), **kwargs)
 
     # -- batches -----------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def preprocess(path: str | Path, meta: dict) -> np.ndarray:
     _, height, width = inp["shape"][1:]
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = img.convert(inp.get("color", "RGB"))  # "RGB", or "L" for a one-channel model
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"{path}: not a readable image ({e.__class__.__name__})") from None
     # validation resized the shorter side to meta's resize (0: none) before cropping;
@@ -136,7 +136,7 @@ def preprocess(path: str | Path, meta: dict) -> np.ndarray:
     elif img.size != (width, height):
         img = _resize_shorter(img, max(height, width))
     img = _center_crop(img, height, width)
-    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = np.asarray(img, dtype=np.float32).reshape(height, width, -1) / 255.0
     x = (x - np.asarray(inp["mean"], np.float32)) / np.asarray(inp["std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
