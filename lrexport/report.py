@@ -79,7 +79,7 @@ def read_run(path: str | Path) -> RunRow:
     energy = s["phases"].get("prune", {}).get("energy", recipe.prune.energy)
     decay = float(recipe.reg.decay)
     row = RunRow(
-        run=path.name, path=path, model=recipe.model.name, dataset=recipe.data.dataset, decomposition=recipe.decompose.mode,
+        run=path.name, path=path, model=s.get("model", {}).get("name", recipe.model.name), dataset=recipe.data.dataset, decomposition=recipe.decompose.mode,
         # the paper's "None" rows are λ_s = 0; a Hoyer recipe with decay 0 is one of them
         regularizer=recipe.reg.type if decay > 0 else "none", decay=decay,
         energy=float(energy) if isinstance(energy, (int, float)) else float("nan"),
@@ -171,7 +171,7 @@ def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished:
                      f"{r.base_top1:.2f} | {r.best_top1:.2f} | {r.gain_top1:+.2f} | {r.gain_top5:+.2f} | {macs_cell(r)} | {_wall_cell(r)} |")
     if unfinished:
         lines += ["", "Not finished (left out): " + ", ".join(f"`{p}`" for p in unfinished)]
-    dense = [line for line in map(undecomposed_line, rows) if line]
+    dense = [line for line in map(dense_layers_line, rows) if line]
     if dense:
         lines += [""] + [f"- {line}" for line in dense]
     for title, files in figures.items():
@@ -181,12 +181,10 @@ def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished:
     return "\n".join(lines) + "\n"
 
 
-def undecomposed_line(row: RunRow) -> str | None:
-    """The layers a run left dense because the SVD form cannot express them (summary "undecomposed")."""
-    layers = row.summary.get("undecomposed")
-    if not layers:
-        return None
-    return f"{row.run}: left dense, cannot be decomposed: " + ", ".join(f"{name} ({why})" for name, why in layers.items())
+def dense_layers_line(row: RunRow) -> str | None:
+    """The conv and linear layers a run left dense, each with why (summary "layers")."""
+    dense = [f"{name} ({s['reason']})" for name, s in (row.summary.get("layers") or {}).items() if not s["decomposed"]]
+    return f"{row.run}: left dense: " + ", ".join(dense) if dense else None
 
 
 def latency_lines(row: RunRow) -> list[str]:

@@ -12,7 +12,7 @@ from torch import nn
 from lrexport import rundir
 from lrexport.cli import main
 from lrexport.errors import CheckpointError, LrexportError
-from lrexport.lowrank import undecomposable_layers
+from lrexport.lowrank import layer_status
 from lrexport.models.registry import register_model
 from lrexport.recipe import recipe_from_dict
 from lrexport.report import build_report
@@ -41,7 +41,7 @@ RAW = {
     "prune": {"energy": 0.01},
     "phases": {"dense": {"epochs": 0}, "svd": {"epochs": 1, "lr": 0.05}, "finetune": {"epochs": 0}},
 }
-LEFT_DENSE = {"2": "grouped, groups=4", "4": "padding_mode='reflect'", "6": "padding='same'"}
+LEFT_DENSE = {"2": "grouped, groups=4", "4": "padding_mode='reflect'", "6": "padding='same'", "10": "Linear, decompose.linear = false"}
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,14 @@ def test_readers_import_no_torch(tmp_path):
 
 
 def test_layers_left_dense_are_named(mixed_run, tmp_path):
-    assert undecomposable_layers(_mixed_convs(), exclude=["4"]) == {"2": LEFT_DENSE["2"], "6": LEFT_DENSE["6"]}
+    status = {s.name: s.reason for s in layer_status(_mixed_convs(), include=["*"], exclude=["0"])}
+    assert status == {**LEFT_DENSE, "0": "excluded by decompose.exclude"}
     summary = rundir.read_summary(mixed_run)
-    assert summary["undecomposed"] == LEFT_DENSE
+    assert {name: s["reason"] for name, s in summary["layers"].items() if not s["decomposed"]} == LEFT_DENSE
     assert set(summary["ranks"]) == {"0"}  # only the plain conv was decomposed
     md = (build_report([mixed_run], tmp_path / "r").output / "report.md").read_text()
-    assert "mixed: left dense, cannot be decomposed: 2 (grouped, groups=4), 4 (padding_mode='reflect'), 6 (padding='same')" in md
+    assert ("mixed: left dense: 2 (grouped, groups=4), 4 (padding_mode='reflect'), 6 (padding='same'), "
+            "10 (Linear, decompose.linear = false)") in md
 
 
 def test_report_runs_without_torch(mixed_run, tmp_path):
@@ -78,7 +80,7 @@ def test_report_runs_without_torch(mixed_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lrexport", "report", str(mixed_run), "--output", str(tmp_path / "a")],
                           env=no_torch_env(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "left dense, cannot be decomposed: 2 (grouped" in " ".join(proc.stdout.split())
+    assert "left dense: 2 (grouped" in " ".join(proc.stdout.split())
     build_report([mixed_run], tmp_path / "b")
     assert (tmp_path / "a" / "report.csv").read_text() == (tmp_path / "b" / "report.csv").read_text()
 

@@ -19,6 +19,27 @@ from . import macs as M
 MODES = ("channel", "spatial")
 
 
+def conv_macs(c: int, n: int, kernel, stride, padding, dilation, mode: str, in_hw: tuple[int, int], rank: int) -> tuple[int, int]:
+    """(dense, factored at ``rank``) MACs per image of a c→n conv in ``mode`` for an input of spatial size ``in_hw``."""
+    (kh, kw), stride, padding, dilation = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    out_hw = tuple(M.conv_out(in_hw[i], (kh, kw)[i], stride[i], padding[i], dilation[i]) for i in (0, 1))
+    dense = M.dense_conv_macs(c, n, kh, kw, out_hw)
+    if mode == "channel":
+        return dense, M.channel_macs(c, n, kh, kw, rank, out_hw)
+    return dense, M.spatial_macs(c, n, kh, kw, rank, out_hw, mid_w=in_hw[1])
+
+
+def matrix_shape(c: int, n: int, kernel, mode: str) -> tuple[int, int]:
+    """(rows, cols) of a c→n conv's weight as the matrix ``mode`` factors: channel n × c·kh·kw, spatial n·kw × c·kh."""
+    kh, kw = _pair(kernel)
+    return (n, c * kh * kw) if mode == "channel" else (n * kw, c * kh)
+
+
+def break_even(dense: int, per_rank: int, full_rank: int) -> int:
+    """The smallest rank whose factored pair costs no less than the dense layer (``per_rank``: the pair's cost at rank 1)."""
+    return min(full_rank + 1, math.ceil(dense / per_rank))
+
+
 def _exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # float64 so that the factors reproduce the dense layer to float32 rounding
     u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
@@ -63,9 +84,7 @@ class SVDConv2d(nn.Module):
         self.in_channels, self.out_channels, self.mode = in_channels, out_channels, mode
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
-        kh, kw = self.kernel_size
-        rows, cols = (out_channels, in_channels * kh * kw) if mode == "channel" else (out_channels * kw, in_channels * kh)
-        _add_factors(self, rows, cols, rank, out_channels if bias else 0)
+        _add_factors(self, *matrix_shape(in_channels, out_channels, self.kernel_size, mode), rank, out_channels if bias else 0)
         if init:  # skipped when a state dict will fill the factors anyway (an SVD per layer is not free)
             self.reset_parameters()
 
@@ -129,18 +148,12 @@ class SVDConv2d(nn.Module):
     # -- cost -------------------------------------------------------------------------
     def macs(self, in_hw: tuple[int, int], rank: int | None = None) -> tuple[int, int]:
         """(dense, factored) MACs per image for an input of spatial size ``in_hw``."""
-        r = self.rank if rank is None else rank
-        (kh, kw), c, n = self.kernel_size, self.in_channels, self.out_channels
-        out_hw = tuple(M.conv_out(in_hw[i], self.kernel_size[i], self.stride[i], self.padding[i], self.dilation[i]) for i in (0, 1))
-        dense = M.dense_conv_macs(c, n, kh, kw, out_hw)
-        if self.mode == "channel":
-            return dense, M.channel_macs(c, n, kh, kw, r, out_hw)
-        return dense, M.spatial_macs(c, n, kh, kw, r, out_hw, mid_w=in_hw[1])
+        return conv_macs(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.mode, in_hw, self.rank if rank is None else rank)
 
     def break_even_rank(self, in_hw: tuple[int, int]) -> int:
         """Smallest rank at which the factored pair costs no less than the dense conv."""
-        dense, per_rank = self.macs(in_hw, rank=1)
-        return min(self.full_rank + 1, math.ceil(dense / per_rank))
+        return break_even(*self.macs(in_hw, rank=1), self.full_rank)
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,8 +215,7 @@ class SVDLinear(nn.Module):
         return M.linear_macs(self.in_features, self.out_features), M.linear_macs(self.in_features, self.out_features, r)
 
     def break_even_rank(self, in_hw=None) -> int:
-        dense, per_rank = self.macs(rank=1)
-        return min(self.full_rank + 1, math.ceil(dense / per_rank))
+        return break_even(*self.macs(rank=1), self.full_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense, factored = self.macs()

@@ -53,11 +53,12 @@ def dense(p: Pipeline, resume: dict | None) -> dict:
 
 @phase("decompose", keys=("decompose",))
 def decompose(p: Pipeline, resume: dict | None) -> dict:
-    from ..lowrank import decompose as decompose_model, svd_layers, undecomposable_layers
+    from ..lowrank import decompose as decompose_model, layer_status, svd_layers
 
-    d = p.recipe.decompose
-    p.summary["undecomposed"] = undecomposable_layers(p.model, d.include, d.exclude)  # left dense: name -> why
-    decompose_model(p.model, d.mode, d.include, d.exclude, d.linear)
+    d, size = p.recipe.decompose, tuple(p.info.input_size)
+    # every conv and linear layer: decomposed, or left dense and why
+    p.summary["layers"] = {s.name: s.to_dict() for s in layer_status(p.model, d.mode, d.include, d.exclude, d.linear, size)}
+    decompose_model(p.model, d.mode, d.include, d.exclude, d.linear, input_size=size)
     if d.init == "scratch":
         for _, layer in svd_layers(p.model):
             layer.reset_parameters()
