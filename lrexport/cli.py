@@ -108,6 +108,20 @@ def summary_table(summary: dict):
     return table
 
 
+def layers_table(summary: dict):
+    """Every conv and linear layer: its ranks (full → kept) where decomposed, else why it stayed dense."""
+    from rich.table import Table
+
+    table = Table(title="layers")
+    for col in ("layer", "type", "shape", "rank", "left dense because"):
+        table.add_column(col, justify="right" if col == "rank" else "left")
+    for name, layer in summary.get("layers", {}).items():
+        ranks = summary.get("ranks", {}).get(name)
+        rank = f"{ranks['full']} → {ranks.get('final', ranks['pruned'])}" if layer["decomposed"] and ranks else "dense"
+        table.add_row(name, layer["type"], layer["shape"], rank, layer["reason"])
+    return table
+
+
 def output_option(help: str, *old_names: str):
     """``--output DIR``: one name for the output directory in every command; ``old_names`` still work, unlisted."""
     aliases = {name: f"{name.lstrip('-').replace('-', '_')}_alias" for name in old_names}
@@ -156,6 +170,7 @@ def train(recipe, overrides, output, resume, previous, nproc):
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     out.print(summary_table(s))
+    out.print(layers_table(s))
     out.print(
         f"base top-1 {s['base_top1']:.2f}% → best finetuned {s['best_finetune_top1']:.2f}% "
         f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir / SUMMARY}",
@@ -204,6 +219,8 @@ def models():
 
     for name in list_models():
         out.print(name, highlight=False)
+    out.print("and any timm model as timm/NAME (pip install \"lrexport[timm]\"), or your own as package.module:factory "
+              "(docs/recipes.md, \"Your own model\")", highlight=False, markup=False, soft_wrap=True)
 
 
 # -- deployment: export, verify, infer -------------------------------------------------------
@@ -516,11 +533,11 @@ def _sweep_table(result):
 @reports_errors
 def report(runs, output):
     """Tables (Markdown, CSV) and plots of finished RUNS (run or sweep directories): accuracy gain vs speedup."""
-    from .report import build_report, undecomposed_line
+    from .report import build_report, dense_layers_line
 
     result = build_report(runs, output)
     out.print(_report_table(result.rows))
-    for line in filter(None, map(undecomposed_line, result.rows)):
+    for line in filter(None, map(dense_layers_line, result.rows)):
         out.print(line, highlight=False, soft_wrap=True)
     for path in result.unfinished:
         out.print(f"not finished, left out: {path}", highlight=False, soft_wrap=True)

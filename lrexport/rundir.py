@@ -176,12 +176,13 @@ class Run:
             raise LrexportError(f"run {self.path} has no {path.relative_to(self.path)}; has its finetuning finished?")
         return path
 
-    def load_models(self):
-        """(low-rank model, dense model), both in eval mode on the CPU."""
+    def load_models(self, base=None):
+        """(low-rank model, dense model), both in eval mode on the CPU; ``base``: the module a run
+        whose model was passed in from Python started from."""
         from .train.checkpoint import load_model
 
-        lowrank, _ = load_model(self.checkpoint("lowrank"))
-        dense, _ = load_model(self.checkpoint("dense"))
+        lowrank, _ = load_model(self.checkpoint("lowrank"), base)
+        dense, _ = load_model(self.checkpoint("dense"), base)
         return lowrank.eval(), dense.eval()
 
     def validation_set(self):

@@ -3,11 +3,14 @@
 A checkpoint holds ``arch`` (model name, num_classes, model kwargs, decomposition mode and
 per-layer ranks, input size), the state dict under ``model``, and whatever training state
 the writer adds (phase, epoch, optimizer, scheduler, rng, metrics). Loading rebuilds the
-model from ``arch`` and then loads the weights; no modules are unpickled.
+model from ``arch`` and then loads the weights; no modules are unpickled. A model that was
+passed in from Python (``run_recipe(..., model=m)``, ``arch["given"]``) has no name to rebuild
+it by: loading takes that module again as ``base``.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import zipfile
 from pathlib import Path
@@ -24,12 +27,22 @@ from ..models import create_model
 FORMAT_VERSION = 1
 
 
-def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_kwargs: dict | None = None) -> dict:
-    """The data needed to rebuild ``model``: what a checkpoint stores beside the weights."""
+def class_path(module: nn.Module) -> str:
+    """``package.module.Class`` of a module: what names a model passed in from Python."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_kwargs: dict | None = None,
+               given: bool = False) -> dict:
+    """The data needed to rebuild ``model``: what a checkpoint stores beside the weights.
+
+    ``given``: the model was passed in from Python; ``name`` is then its class path.
+    """
     layers = svd_layers(model)
     modes = {layer.mode for _, layer in layers} - {"linear"}
     return {
         "model": name,
+        "given": given,
         "num_classes": int(num_classes),
         "model_kwargs": dict(model_kwargs or {}),
         "input_size": [int(v) for v in input_size],
@@ -39,15 +52,39 @@ def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_
     }
 
 
-def build_model(arch: dict) -> nn.Module:
-    """Rebuild the (possibly decomposed) model described by ``arch``, weights uninitialised."""
+class GivenModelError(CheckpointError):
+    """A checkpoint of a model passed in from Python, loaded without that model."""
+
+    exit_code = 2
+
+
+def _given(arch: dict, base: nn.Module | None) -> nn.Module:
+    """A copy of ``base``, the module a checkpoint's model was built from in Python."""
+    if base is None:
+        raise GivenModelError(f"this run's model was passed to lrexport from Python ({arch['model']}); there is no name to rebuild "
+                              "it by: pass the same module again (model= of export_run, run_recipe or load_model)")
+    if class_path(base) != arch["model"]:
+        raise GivenModelError(f"the module given is a {class_path(base)}; this run's model is a {arch['model']}")
+    return copy.deepcopy(base)
+
+
+def build_model(arch: dict, base: nn.Module | None = None) -> nn.Module:
+    """Rebuild the (possibly decomposed) model described by ``arch``, weights uninitialised.
+
+    ``base``: the module the run started from, for a model that was passed in from Python.
+    """
     try:
-        model = create_model(arch["model"], num_classes=arch["num_classes"], **arch.get("model_kwargs", {}))
+        if arch.get("given"):
+            model = _given(arch, base)
+        else:
+            model = create_model(arch["model"], num_classes=arch["num_classes"], **arch.get("model_kwargs", {}))
         dec = arch.get("decomposition")
         if dec:
             decompose(model, mode=dec["mode"], ranks=dec["ranks"])
+    except GivenModelError:
+        raise
     except LrexportError as e:
-        raise CheckpointError(f"the model a checkpoint describes cannot be built: {e}") from None
+        raise type(e)(f"the model a checkpoint describes cannot be built: {e}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # an arch entry of the wrong shape
         raise CheckpointError(f"a checkpoint's model description is damaged ({e.__class__.__name__}: {str(e)[:100]})") from None
     return model
@@ -91,9 +128,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint describes, load its weights; returns (model, checkpoint)."""
+def load_model(path: str | Path, base: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights; returns (model, checkpoint).
+
+    ``base``: the module the run started from, for a model that was passed in from Python.
+    """
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt["arch"])
+    model = build_model(ckpt["arch"], base)
     load_weights(model, ckpt["model"], path)
     return model, ckpt

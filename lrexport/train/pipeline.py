@@ -10,6 +10,7 @@ draws a UI. Under torchrun only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -26,12 +27,12 @@ from torch import nn
 
 from .. import __version__, rundir
 from ..progress import EpochEnd, PhaseEnd, PhaseStart, Progress, Step, Warn, quiet
-from ..data import build_datasets
-from ..errors import CheckpointError, DataError, LrexportError
+from ..data import build_datasets, resolve_input
+from ..errors import CheckpointError, DataError, LrexportError, ModelError, first_line
 from ..lowrank import count_macs, layer_ranks
-from ..models import create_model
+from ..models import create_model, load_state_dict_file, model_input
 from ..recipe import PhaseConfig, Recipe
-from .checkpoint import build_model, load_checkpoint, load_weights, model_arch, save_checkpoint
+from .checkpoint import build_model, class_path, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
 from .phases import PHASES, REGISTRY
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
@@ -73,8 +74,10 @@ class _StopSignals:
 class Pipeline:
     """Runs one recipe into one run directory, phase by phase."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = quiet, dist: Dist | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path, progress: Progress = quiet, dist: Dist | None = None,
+                 model: nn.Module | None = None):
         self.recipe, self.run_dir = recipe, Path(run_dir)
+        self.given = model  # a model passed in from Python: the run starts from a copy of it
         self.dist = dist or Dist()
         self.progress = progress if self.dist.is_main else quiet
         device = resolve_device(recipe.device)
@@ -94,9 +97,15 @@ class Pipeline:
         self.stop = _StopSignals()
 
     # -- setup -------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return class_path(self.given) if self.given is not None else self.recipe.model.name
+
     def _setup_data(self) -> None:
         r, d = self.recipe, self.dist
-        train_ds, val_ds, self.info = build_datasets(r.data)
+        # input size and normalisation the recipe leaves open come from the model's own config (timm's)
+        self.data_config = r.data if self.given is not None else resolve_input(r.data, model_input(r.model.name, r.model.kwargs))
+        train_ds, val_ds, self.info = build_datasets(self.data_config)
         num_classes = r.model.num_classes or self.info.num_classes
         if num_classes != self.info.num_classes:
             raise DataError(f"model.num_classes = {num_classes} but the {r.data.dataset} data has {self.info.num_classes} classes")
@@ -115,8 +124,9 @@ class Pipeline:
             "name": r.name, "run_dir": str(self.run_dir), "recipe_hash": r.hash(), "lrexport_version": __version__,
             "torch_version": torch.__version__, "device": str(self.device), "processes": self.dist.world,
             "started": datetime.now().isoformat(timespec="seconds"),
-            "model": {"name": r.model.name, "num_classes": self.num_classes, "kwargs": r.model.kwargs, "weights": r.model.weights},
-            "data_config": dataclasses.asdict(r.data), "data_info": self.info.to_dict(),
+            "model": {"name": self.model_name, "num_classes": self.num_classes, "kwargs": r.model.kwargs, "weights": r.model.weights,
+                      "given": self.given is not None},
+            "data_config": dataclasses.asdict(self.data_config), "data_info": self.info.to_dict(),
             "decomposition": dataclasses.asdict(r.decompose), "reg": dataclasses.asdict(r.reg),
             "prune": dataclasses.asdict(r.prune), "phases": {},
         }
@@ -134,8 +144,36 @@ class Pipeline:
         return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def _arch(self) -> dict:
-        r = self.recipe
-        return model_arch(self.model, r.model.name, self.num_classes, self.info.input_size, r.model.kwargs)
+        return model_arch(self.model, self.model_name, self.num_classes, self.info.input_size, self.recipe.model.kwargs,
+                          given=self.given is not None)
+
+    def _new_model(self) -> nn.Module:
+        """The model the run starts from: the recipe's by name, or a copy of the one passed in (the caller's stays as it is)."""
+        m = self.recipe.model
+        if self.given is None:
+            return create_model(m.name, num_classes=self.num_classes, weights=m.weights or None, **m.kwargs)
+        model = copy.deepcopy(self.given)
+        if m.weights:
+            load_state_dict_file(model, m.weights)
+        return model
+
+    @torch.no_grad()
+    def _check_model(self) -> None:
+        """The model runs on the data's images and gives one output per class: else one line now, not a traceback later."""
+        x = torch.zeros(2, *self.info.input_size, device=self.device)
+        shape = "×".join(map(str, x.shape))
+        self.model.eval()
+        try:
+            out = self.model(x)
+        except Exception as e:
+            raise ModelError(f"model {self.model_name} cannot run on the data's images ({shape}; data.image_size and data.channels "
+                             f"set them): {first_line(e)}") from None
+        finally:
+            self.model.train()
+        if not isinstance(out, torch.Tensor) or out.shape != (2, self.num_classes):
+            got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+            raise ModelError(f"model {self.model_name} gives {got} for {shape} images; training needs logits of shape "
+                             f"(2, {self.num_classes}), one per class of the {self.recipe.data.dataset} data")
 
     # -- files (rank 0 only) -----------------------------------------------------------
     def save(self, name: str, **state) -> None:
@@ -291,7 +329,7 @@ class Pipeline:
             missing = [k for k in ("completed", "phase", "summary", "rng") if k not in state]
             if missing:
                 raise CheckpointError(f"{path} is not a resume checkpoint (it lacks {', '.join(missing)})")
-            model = build_model(state["arch"])
+            model = build_model(state["arch"], self.given)
             load_weights(model, state["model"], path)
         except CheckpointError as e:
             hint = "" if previous or not rundir.checkpoint_path(source, rundir.LAST_PREV).exists() else "; add --previous to use the one before it"
@@ -335,8 +373,8 @@ class Pipeline:
         else:
             torch.manual_seed(self.recipe.seed)
             random.seed(self.recipe.seed)
-            self.model = self.place(create_model(self.recipe.model.name, num_classes=self.num_classes,
-                                                  weights=self.recipe.model.weights or None, **self.recipe.model.kwargs))
+            self.model = self.place(self._new_model())
+            self._check_model()
             self.summary = self._new_summary()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -360,18 +398,23 @@ class Pipeline:
 
 
 def run_recipe(recipe: Recipe, output: str | Path | None = None, progress: Progress = quiet, *, resume: str | Path | bool | None = None,
-               previous: bool = False, start_from: str | Path | None = None, stop_after: str | None = None) -> RunResult:
+               previous: bool = False, start_from: str | Path | None = None, stop_after: str | None = None,
+               model: nn.Module | None = None) -> RunResult:
     """Run every phase of ``recipe``; returns the run directory and its summary.
 
     ``resume=True`` continues the newest run of this recipe, a path continues that run.
-    Under torchrun (WORLD_SIZE > 1) each process calls this; rank 0 writes the files.
+    ``model``: train this module (a copy of it) instead of the recipe's ``model.name``; resuming
+    and exporting the run then take it again. Under torchrun (WORLD_SIZE > 1) each process calls
+    this; rank 0 writes the files.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        raise ModelError(f"model= takes a torch.nn.Module; got a {type(model).__name__}")
     dist = init_distributed(recipe.device)
     try:
         if resume:
             run_dir = rundir.resumable_run(recipe.output_dir, recipe.name) if resume is True else Path(resume)
-            return Pipeline(recipe, run_dir, progress, dist).run(resume=True, previous=previous, stop_after=stop_after)
+            return Pipeline(recipe, run_dir, progress, dist, model).run(resume=True, previous=previous, stop_after=stop_after)
         run_dir = Path(output) if output is not None else rundir.new_run_dir(recipe.output_dir, recipe.name)
-        return Pipeline(recipe, run_dir, progress, dist).run(start_from=start_from, stop_after=stop_after)
+        return Pipeline(recipe, run_dir, progress, dist, model).run(start_from=start_from, stop_after=stop_after)
     finally:
         shutdown(dist)
