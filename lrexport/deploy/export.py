@@ -296,7 +296,7 @@ def describe(run: Run, built: Built, plan: Plan, config: ExportConfig, checks: l
         "created": datetime.now().isoformat(timespec="seconds"),
         "input": {
             "name": INPUT_NAME, "shape": [config.batch, *size], "dtype": "float32", "layout": "NCHW",
-            "color": "RGB", "scale": 1 / 255, "mean": list(run.data_info["mean"]), "std": list(run.data_info["std"]),
+            "color": "RGB" if size[0] == 3 else "L", "scale": 1 / 255, "mean": list(run.data_info["mean"]), "std": list(run.data_info["std"]),
             "resize": int(run.data_info.get("resize") or 0),
         },
         "output": {"name": OUTPUT_NAME, "kind": "logits"},
@@ -334,12 +334,13 @@ def validation_sample(run: Run, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = None, config: ExportConfig | None = None,
-               runs_root: str | Path = "runs", progress: Progress = quiet) -> ExportResult:
+               runs_root: str | Path = "runs", progress: Progress = quiet, model: torch.nn.Module | None = None) -> ExportResult:
     """Export a run's finetuned low-rank model and its dense baseline for ``config.target``.
 
     ``run_dir`` defaults to the newest run under ``runs_root``, ``out_dir`` to RUN/artifacts.
     ``progress`` hears a LayerTuned event for each tuned layer and a Message for each pass
-    of the accuracy check of ranks below the energy rule's.
+    of the accuracy check of ranks below the energy rule's. ``model``: for a run whose model
+    was passed to ``run_recipe`` from Python, the same module (the run has no name to rebuild it by).
     """
     config = config or ExportConfig()
     config.validate()
@@ -347,7 +348,9 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     out_dir = Path(out_dir) if out_dir is not None else artifacts_dir(run.path)
     int8 = config.options.precision == "int8"
     calibration = calibration_batches(run, config.quant) if int8 else None  # before any work: the data may be gone
-    trained, dense = run.load_models()
+    trained, dense = run.load_models(model)
+    # a model the rewrite or ONNX cannot carry fails here, naming the layer, before any tuning
+    to_onnx(to_plain(dense, run.input_size, 1)[0], run.input_size, config.batch, config.opset)
     allocated = allocated_plan(run.summary, config.target)
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
                        config.multiple_of, _below_checker(run, trained, config.tune, progress) if allocated is None else None,

@@ -9,7 +9,10 @@ the network's compute ops only.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
 import warnings
 from collections import Counter
 
@@ -18,9 +21,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
-from torch import nn
+from torch import fx, nn
 
-from ..errors import LrexportError
+from ..errors import LrexportError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 17
@@ -30,24 +33,88 @@ class GraphError(LrexportError):
     """An exported graph that is invalid or does more than run the network."""
 
 
-def to_onnx(module: nn.Module, input_size, batch: int | None = None, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Export ``module`` (eval mode) for inputs of ``input_size`` (C, H, W); ``batch=None`` is dynamic."""
-    example = torch.zeros(batch or 1, *input_size)
-    dynamic = None if batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
+@contextlib.contextmanager
+def _exporter_output_muted():
+    """The TorchScript exporter prints the whole graph to the process's stdout (from C++) when it
+    cannot convert an op; the error it raises says what matters, in one line."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved), os.close(devnull)
+
+
+def _export(module: nn.Module, args: tuple, buf, opset: int, **kwargs) -> None:
+    with warnings.catch_warnings(), _exporter_output_muted():
         # the TorchScript exporter announces its own deprecation on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         # strided slices it cannot fold are left to fold_constants below
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
-        torch.onnx.export(
-            module.eval(), (example,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
-        )
+        torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=opset, do_constant_folding=True, **kwargs)
+
+
+def to_onnx(module: nn.Module, input_size, batch: int | None = None, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Export ``module`` (eval mode) for inputs of ``input_size`` (C, H, W); ``batch=None`` is dynamic.
+
+    A module ONNX cannot carry is one GraphError; where the module is a torch.fx graph (the
+    export's rewrites are), it names the layer whose op failed.
+    """
+    example = torch.zeros(batch or 1, *input_size)
+    dynamic = None if batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    buf = io.BytesIO()
+    try:
+        _export(module, (example,), buf, opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic)
+    except Exception as e:
+        where = failing_layer(module, example, opset) if isinstance(module, fx.GraphModule) else None
+        raise GraphError(f"ONNX (opset {opset}) cannot carry {where or 'the model'}: {first_line(e)}") from None
     proto = onnx.load_from_string(buf.getvalue())
     strip_identities(proto)
     fold_constants(proto)
     return proto
+
+
+def _layer_of(node: fx.Node) -> str:
+    """The layer an fx node belongs to, as a user names it: its module path, and the op where it is not the module."""
+    if node.op == "call_module":
+        return f"layer {node.target!r}"
+    stack = node.meta.get("nn_module_stack") or {}
+    op = getattr(node.target, "__name__", str(node.target))
+    return f"layer {next(reversed(stack.values()))[0]!r} ({op})" if stack else f"the model's own forward ({op})"
+
+
+@torch.no_grad()
+def failing_layer(gm: fx.GraphModule, example: torch.Tensor, opset: int) -> str | None:
+    """The first node of ``gm`` that does not export to ONNX on its own (its tensor inputs as graph
+    inputs, the rest as constants), named by its layer; None if each node exports alone."""
+    values: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+
+    Recorder(gm).run(example)
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or not isinstance(values[node], torch.Tensor):
+            continue
+        graph, inputs = fx.Graph(), []
+
+        def as_input(arg: fx.Node):
+            if not isinstance(values[arg], torch.Tensor):
+                return values[arg]
+            inputs.append(values[arg])
+            return graph.placeholder(f"x{len(inputs)}")
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), as_input)
+        graph.output(graph.create_node(node.op, node.target, args, kwargs))
+        try:
+            _export(fx.GraphModule(gm, graph), tuple(inputs), io.BytesIO(), opset)
+        except Exception:
+            return _layer_of(node)
+    return None
 
 
 # ops whose output is not a function of their inputs: never fold

@@ -13,9 +13,12 @@ import operator
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
+from ..errors import LrexportError, first_line
+from .probe import input_sizes
 from .svd_layers import SVDConv2d, SVDLinear, svd_layers
 
 
@@ -60,25 +63,6 @@ class RewriteReport:
         }
 
 
-@torch.no_grad()
-def _input_sizes(model: nn.Module, input_size) -> dict[str, tuple[int, int] | None]:
-    """Spatial input size of every SVD layer, from one forward pass (break-even depends on it)."""
-    sizes, hooks = {}, []
-    for name, layer in svd_layers(model):
-        def hook(module, inputs, name=name):
-            x = inputs[0]
-            sizes[name] = tuple(x.shape[-2:]) if x.dim() == 4 else None
-
-        hooks.append(layer.register_forward_pre_hook(hook))
-    try:
-        param = next(model.parameters())
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
-
-
 def plan_layers(model: nn.Module, input_size, multiple_of: int = 8, plan: dict | None = None) -> list[LayerPlan]:
     """Deployment decision for every SVD layer of ``model`` at ``input_size`` (C, H, W).
 
@@ -88,14 +72,9 @@ def plan_layers(model: nn.Module, input_size, multiple_of: int = 8, plan: dict |
     changes no output, dropping values would change the model).
     """
     plan = dict(plan or {})
-    was_training = model.training
-    model.eval()
-    try:
-        sizes = _input_sizes(model, input_size)
-    finally:
-        model.train(was_training)
-    plans = []
     layers = svd_layers(model)
+    sizes = input_sizes(model, input_size, dict(layers))  # break-even depends on each layer's input size
+    plans = []
     unknown = sorted(set(plan) - {name for name, _ in layers})
     if unknown:
         raise ValueError(f"plan names layers that are not SVD layers of the model: {unknown}")
@@ -175,17 +154,52 @@ def _plain_linear(layer: SVDLinear, plan: LayerPlan) -> nn.Module:
     return nn.Sequential(first, second)
 
 
+class RewriteError(LrexportError):
+    """A model the export cannot rewrite into a static graph."""
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, remembering the innermost module whose forward could not be traced."""
+
+    failed_in: str | None = None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a torch.fx graph; a model that cannot be traced is a RewriteError naming the layer."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = f"layer {tracer.failed_in!r}" if tracer.failed_in else f"the forward of {type(model).__name__}"
+        raise RewriteError(f"export cannot trace {where} into a static graph (torch.fx: {first_line(e)})") from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _batchnorms(gm: fx.GraphModule) -> int:
+    """BatchNorm ops in a traced graph: BatchNorm modules, and F.batch_norm where a module of its own (timm's
+    BatchNormAct2d) calls it."""
+    modules = dict(gm.named_modules())
+    return sum((n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm))
+               or (n.op == "call_function" and n.target is F.batch_norm) for n in gm.graph.nodes)
+
+
 def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, int, int]:
     """Trace ``model`` with torch.fx and fold each BatchNorm into the conv/linear before it.
 
     Returns (graph module, folded count, BatchNorms left). The model must be in eval mode.
     """
-    def count_bn(m: nn.Module) -> int:
-        return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
-
-    before = count_bn(model)
-    fused = fuse(model, inplace=True)
-    left = count_bn(fused)
+    traced = trace(model)
+    before = _batchnorms(traced)
+    fused = fuse(traced, inplace=True, no_trace=True)
+    left = _batchnorms(fused)
     return fused, before - left, left
 
 
