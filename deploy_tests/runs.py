@@ -62,10 +62,10 @@ def no_torch_env(tmp_path) -> dict:
 
 
 def save_val_image(run, index: int, path: Path) -> int:
-    """Write validation image ``index`` as an 8-bit PNG (undoing the normalisation); returns its label."""
+    """Write validation image ``index`` as an 8-bit PNG, RGB or grayscale (undoing the normalisation); returns its label."""
     summary = open_run(run)
     x, y = summary.validation_set()[index]
-    mean, std = (torch.tensor(summary.data_info[k]).view(3, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(summary.data_info[k]).view(-1, 1, 1) for k in ("mean", "std"))
     pixels = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).save(path)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
     return int(y)
