@@ -1,12 +1,15 @@
 """Atomic file writes, torch-free: the one place results reach the disk whole or not at all.
 
 Checkpoints, run directories, artifacts, sweeps and reports all write through here, so that
-a reader (report, infer) need not import the training code to write a file.
+a reader (report, infer) need not import the training code to write a file. And muting what
+native libraries print straight to a file descriptor, past Python's streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,3 +45,17 @@ def atomic_write_bytes(path: str | Path, data: bytes, what: str = "file") -> Non
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def muted(fd: int):
+    """Send what is written to descriptor ``fd`` (1: stdout, 2: stderr) to /dev/null meanwhile: for native code
+    that prints there directly (the TorchScript ONNX exporter's graph dumps, ExecuTorch's CPU probing)."""
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved), os.close(devnull)

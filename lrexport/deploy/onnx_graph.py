@@ -9,10 +9,7 @@ the network's compute ops only.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import sys
 import warnings
 from collections import Counter
 
@@ -24,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import fx, nn
 
 from ..errors import LrexportError, first_line
+from ..io import muted
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 17
@@ -33,22 +31,10 @@ class GraphError(LrexportError):
     """An exported graph that is invalid or does more than run the network."""
 
 
-@contextlib.contextmanager
-def _exporter_output_muted():
-    """The TorchScript exporter prints the whole graph to the process's stdout (from C++) when it
-    cannot convert an op; the error it raises says what matters, in one line."""
-    sys.stdout.flush()
-    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved), os.close(devnull)
-
-
 def _export(module: nn.Module, args: tuple, buf, opset: int, **kwargs) -> None:
-    with warnings.catch_warnings(), _exporter_output_muted():
+    # muted stdout: the TorchScript exporter prints the whole graph there (from C++) when it cannot
+    # convert an op; the error it raises says what matters, in one line
+    with warnings.catch_warnings(), muted(1):
         # the TorchScript exporter announces its own deprecation on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         # strided slices it cannot fold are left to fold_constants below
@@ -225,4 +211,4 @@ def conv_chain_module(proto: onnx.ModelProto) -> nn.Module:
     for node in proto.graph.node:
         if node.op_type != "Conv":
             raise GraphError(f"conv_chain_module takes Conv nodes only; got {node.op_type}")
-    return nn.Sequential(*(conv_from_node(node, weights) for node in proto.graph.node))
+    return nn.Sequential(*(conv_from_node(node, weights) for node in proto.graph.node)).eval()
