@@ -7,8 +7,8 @@ export's whole-model guard, verify and the benchmarks all open models through
 ``open_runner`` and time them with ``lrexport.deploy.timing``.
 
 A model reaches a runtime as a ``ModelSource``: the ONNX graph (onnxruntime, OpenVINO), the
-plain PyTorch module (torch) or a TensorRT engine. A runtime that is not installed is a
-``RuntimeMissingError``: one line, exit 2.
+plain PyTorch module (torch; ExecuTorch lowers it), ExecuTorch programs or a TensorRT engine.
+A runtime that is not installed is a ``RuntimeMissingError``: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ModelSource:
     onnx: bytes | Path | None = None
     torch: Callable[[], object] | None = None  # builds the plain nn.Module
     engine: Path | None = None
+    pte: dict[int, bytes | Path] | None = None  # ExecuTorch programs by batch
     label: str = "the model"
 
 
@@ -259,6 +260,22 @@ def _open_trt(source: ModelSource, options: RuntimeOptions):
     return TrtRunner(source.engine)
 
 
+def _open_executorch(source: ModelSource, options: RuntimeOptions):
+    from .executorch import ExecutorchRunner
+
+    if source.pte:
+        return ExecutorchRunner(options, programs=source.pte, label=source.label)
+    if source.torch is None:
+        raise LrexportError(f"{source.label} has no ExecuTorch program; export it with --runtime executorch")
+    return ExecutorchRunner(options, module=source.torch(), label=source.label)
+
+
+def _check_executorch() -> None:
+    from .executorch import require
+
+    require()
+
+
 def _check_trt() -> None:
     from .trt import import_tensorrt, require_gpu
 
@@ -272,12 +289,16 @@ class Runtime:
     open: Callable[[ModelSource, RuntimeOptions], Runner]
     check: Callable[[], object]  # raises RuntimeMissingError where the runtime is not installed
     tunable: bool = True  # layers can be timed on it one by one
+    onnx: bool = True  # it runs ONNX graphs (the others take the PyTorch module, or their own files)
+    int8: bool = False  # it runs int8 models (export --precision int8)
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "ort": Runtime("ort", _open_ort, lambda: __import__("onnxruntime")),  # CPU provider; CUDA with onnxruntime-gpu
-    "openvino": Runtime("openvino", _open_openvino, _openvino),  # CPU plugin
-    "torch": Runtime("torch", _open_torch, lambda: None),  # the plain module: CPU, or CUDA
+    "ort": Runtime("ort", _open_ort, lambda: __import__("onnxruntime"), int8=True),  # CPU provider; CUDA with onnxruntime-gpu
+    "openvino": Runtime("openvino", _open_openvino, _openvino, int8=True),  # CPU plugin
+    "torch": Runtime("torch", _open_torch, lambda: None, onnx=False),  # the plain module: CPU, or CUDA
+    # PyTorch's edge runtime with XNNPACK: programs lowered from the module (lrexport.deploy.executorch)
+    "executorch": Runtime("executorch", _open_executorch, _check_executorch, onnx=False, int8=True),
     "trt": Runtime("trt", _open_trt, _check_trt, tunable=False),  # engines built by export --format trt
 }
 

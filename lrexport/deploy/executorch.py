@@ -1,0 +1,247 @@
+"""ExecuTorch with its XNNPACK backend: PyTorch's runtime for phones and boards, as a deployment target.
+
+A model reaches it as a program (.pte): ``torch.export`` → ``to_edge_transform_and_lower`` with
+the XNNPACK partitioner → ``to_executorch``. Each program has a static input shape: with a
+dynamic batch, ExecuTorch 1.5's XNNPACK delegate sized its buffers by the example batch and
+crashed (SIGSEGV) running a ResNet-18 at another batch here, so export writes one program per
+deployment batch, and the runner lowers one per batch where it gets a module (tuning, the guard).
+
+int8 is PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (activations int8 per
+tensor, weights int8 per output channel, symmetric), ranges calibrated on images; a conv whose
+own int8 error exceeds a bound stays in float, which XNNPACK runs in fp32 (``quantize_checked``).
+
+ExecuTorch's Python runtime needs torch; a .pte runs without it only from ExecuTorch's own C++
+runtime (and its Android/iOS bindings).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import LrexportError, RuntimeMissingError, first_line
+from ..io import muted
+from .runners import RuntimeOptions
+from .timing import WALL, cpu_name
+
+MAX_BATCH = 4096  # the batch dimension's bound while quantizing (programs are lowered per batch)
+
+
+@functools.cache
+def require():
+    """The ExecuTorch modules lrexport uses; a RuntimeMissingError (one line, exit 2) where it is not installed."""
+    # torchao, which ExecuTorch imports, logs a deprecation warning on torch's pytree logger at import
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        import executorch
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as e:
+        raise RuntimeMissingError(f'ExecuTorch is not installed (or not whole: {first_line(e)}): pip install "lrexport[executorch]"') from None
+    finally:
+        pytree_log.setLevel(level)
+    with muted(2):  # its CPU probing prints what it could not read (ARM registers on x86) to stderr, once
+        portable_lib._threadpool_get_thread_count()
+    version = getattr(executorch, "__version__", None) or _version()
+    return {"version": version, "partitioner": XnnpackPartitioner, "lower": to_edge_transform_and_lower, "runtime": Runtime.get(),
+            "quantizer": XNNPACKQuantizer, "config": get_symmetric_quantization_config, "prepare": prepare_pt2e,
+            "convert": convert_pt2e, "threads": portable_lib}
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("executorch")
+
+
+def set_threads(threads: int) -> int:
+    """Size XNNPACK's thread pool (one per process); returns the size it has."""
+    pool = require()["threads"]
+    if pool._threadpool_get_thread_count() != threads:
+        pool._unsafe_reset_threadpool(threads)  # "unsafe" while a program runs; no program runs here
+    return pool._threadpool_get_thread_count()
+
+
+# -- programs --------------------------------------------------------------------------------------
+def lower(module: nn.Module, example: torch.Tensor, label: str = "the model") -> bytes:
+    """``module`` (in eval mode: quantized modules refuse ``.eval()``) as an ExecuTorch program for inputs
+    shaped like ``example``, XNNPACK running what it can."""
+    et = require()
+    try:
+        program = torch.export.export(module, (example,))
+        return et["lower"](program, partitioner=[et["partitioner"]()]).to_executorch().buffer
+    except Exception as e:  # export and lowering raise many types of their own
+        raise LrexportError(f"ExecuTorch cannot lower {label}: {first_line(e)}") from None
+
+
+def layer_of(node: fx.Node) -> str | None:
+    """The module path of the layer an exported graph's node belongs to (its innermost module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+def prepare(module: nn.Module, input_size, keep_float=()) -> fx.GraphModule:
+    """``module`` exported with a free batch dimension and observed for XNNPACK's int8, except the
+    convs named in ``keep_float`` (their module paths)."""
+    et = require()
+    keep_float = set(keep_float)
+    graph = torch.export.export(module.eval(), (torch.zeros(2, *input_size),),
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)).module()
+    quantizer = et["quantizer"]().set_global(et["config"](is_per_channel=True))
+    if keep_float:
+        quantizer.set_filter_function(lambda node: layer_of(node) not in keep_float)
+    return et["prepare"](graph, quantizer)
+
+
+@torch.no_grad()
+def calibrate(prepared: fx.GraphModule, batches: list[np.ndarray]) -> fx.GraphModule:
+    for x in batches:
+        prepared(torch.from_numpy(x))
+    return prepared
+
+
+def quantize(module: nn.Module, input_size, batches: list[np.ndarray], keep_float=()) -> nn.Module:
+    """``module`` in int8 as XNNPACK runs it (PT2E, ranges from ``batches``), any batch size."""
+    return require()["convert"](calibrate(prepare(module, input_size, keep_float), batches))
+
+
+def _observer(prepared: fx.GraphModule, node) -> torch.nn.Module | None:
+    return getattr(prepared, node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+
+@torch.no_grad()
+def layer_errors(prepared: fx.GraphModule, batches: list[np.ndarray]) -> dict[str, float]:
+    """Per quantized conv of a calibrated ``prepared`` model: ‖int8 conv − float conv‖ / ‖float conv‖ on
+    ``batches``, each conv on its float input, with the input and weights quantized as its observers say."""
+    convs = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
+            continue
+        act, weight = _observer(prepared, node.args[0]), _observer(prepared, node.args[1])
+        if act is None or weight is None:
+            continue  # left in float
+        scale, zero = act.calculate_qparams()
+        w_scale, w_zero = weight.calculate_qparams()
+        geometry = dict(zip(("stride", "padding", "dilation", "groups"), node.args[3:]))
+        convs[node.name] = (layer_of(node) or node.name, node, float(scale), int(zero), act.quant_min, act.quant_max,
+                            w_scale, w_zero.int(), weight.ch_axis, weight.quant_min, weight.quant_max, geometry)
+    # the probe observes what it runs: a copy, so that the prepared model keeps the calibration's ranges
+    probe, values = copy.deepcopy(prepared), {}
+    nodes = {n.name: n for n in probe.graph.nodes}
+    wanted = {a.name for _, node, *_ in convs.values() for a in node.args[:3] if isinstance(a, fx.Node)}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                values[n.name] = out
+            return out
+
+    diff, ref = dict.fromkeys(convs, 0.0), dict.fromkeys(convs, 0.0)
+    for x in batches:
+        Recorder(probe).run(torch.from_numpy(x))
+        for name, (_, node, scale, zero, qmin, qmax, w_scale, w_zero, axis, wqmin, wqmax, geometry) in convs.items():
+            x_in, w = values[nodes[name].args[0].name], values[nodes[name].args[1].name]
+            bias = values[node.args[2].name] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else None
+            y = F.conv2d(x_in, w, bias, **geometry)
+            y_q = F.conv2d(torch.fake_quantize_per_tensor_affine(x_in, scale, zero, qmin, qmax),
+                           torch.fake_quantize_per_channel_affine(w, w_scale, w_zero, axis, wqmin, wqmax), bias, **geometry)
+            diff[name] += float((y_q - y).double().pow(2).sum())
+            ref[name] += float(y.double().pow(2).sum())
+    return {convs[n][0]: (diff[n] / ref[n]) ** 0.5 if ref[n] else 0.0 for n in convs}
+
+
+def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], max_layer_error: float | None) -> tuple[nn.Module, dict]:
+    """``quantize``, then again with the convs whose own int8 error exceeds ``max_layer_error`` in float.
+
+    Returns the int8 module and its evidence: each conv's error, the bound, the convs left in float
+    (as lrexport.deploy.quantize does for ONNX).
+    """
+    prepared = calibrate(prepare(module, input_size), batches)
+    if max_layer_error is None:
+        return require()["convert"](prepared), {"max_layer_error": None, "layer_errors": {}, "float_layers": []}
+    errors = layer_errors(prepared, batches[:2])  # two batches: the error of a layer, not of the data set
+    keep_float = sorted(n for n, e in errors.items() if e > max_layer_error)
+    if keep_float:
+        prepared = calibrate(prepare(module, input_size, keep_float), batches)
+    return require()["convert"](prepared), {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
+                                            "float_layers": keep_float}
+
+
+# -- the runner --------------------------------------------------------------------------------------
+class ExecutorchRunner:
+    """ExecuTorch programs on the CPU through XNNPACK: stored ones (one per batch), or lowered on demand
+    from a module, per batch (in int8 quantized first, on random inputs: ranges do not change a kernel's speed)."""
+
+    clock = WALL
+
+    def __init__(self, options: RuntimeOptions, programs: dict[int, bytes | Path] | None = None,
+                 module: nn.Module | None = None, label: str = "the model"):
+        self.et = require()
+        if options.device != "cpu" or options.precision not in ("fp32", "int8"):
+            raise RuntimeMissingError(f"lrexport runs ExecuTorch (XNNPACK) on the CPU in fp32 or int8; got {options.device} {options.precision}")
+        self.options, self.label = options, label
+        self.threads = set_threads(options.cpu_threads)
+        self.programs = {int(b): p for b, p in (programs or {}).items()}
+        self.module = module
+        self.quantized = options.precision != "int8"  # a module to run in int8 is quantized on first use
+        self.methods: dict[int, tuple] = {}  # batch -> (program bytes or file, loaded program, its method)
+
+    def _deployable(self, sample_shape) -> nn.Module:
+        if not self.quantized:
+            from .quantize import random_batches
+
+            self.module, self.quantized = quantize(self.module, sample_shape, random_batches((2, *sample_shape))), True
+        return self.module
+
+    def _method(self, batch: int, sample_shape):
+        if batch not in self.methods:
+            if batch in self.programs:
+                program = self.programs[batch]
+            elif self.module is not None:
+                program = lower(self._deployable(sample_shape), torch.zeros(batch, *sample_shape), self.label)
+            else:
+                raise LrexportError(f"{self.label} has ExecuTorch programs for batch {', '.join(map(str, sorted(self.programs)))}, "
+                                    f"not {batch}: export with --batch {batch} or --tune-batches including it")
+            try:
+                loaded = self.et["runtime"].load_program(program)
+                # the method reads its program's memory: the program (and its bytes) must outlive it
+                self.methods[batch] = (program, loaded, loaded.load_method("forward"))
+            except Exception as e:
+                raise LrexportError(f"ExecuTorch cannot load {self.label} (batch {batch}): {first_line(e)}") from None
+        return self.methods[batch][-1]
+
+    @staticmethod
+    def _tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if self.module is None and len(x) not in self.programs:  # stored programs: the largest batch, the last part padded
+            from .runtime import run_batched
+
+            return run_batched(self.run, x, max(self.programs))
+        return self._method(len(x), x.shape[1:]).execute([self._tensor(x)])[0].numpy()
+
+    def bind(self, x: np.ndarray) -> Callable[[], object]:
+        self._method(len(x), x.shape[1:])
+        loaded, inputs = self.methods[len(x)], [self._tensor(x)]
+        # the call holds the loaded program, not just its method: a runner dropped after binding must not free it
+        return lambda: loaded[-1].execute(inputs)
+
+    def settings(self) -> dict:
+        return {"runtime": "executorch", "version": self.et["version"], "device": cpu_name(), "provider": "XNNPACK",
+                "threads": self.threads, "precision": self.options.precision}
