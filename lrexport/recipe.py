@@ -22,6 +22,7 @@ from typing import Any
 import tomli_w
 
 from .data import CHANNELS, DATASETS, DataConfig
+from .deploy.runners import RUNTIMES
 from .errors import RecipeError
 
 
@@ -77,7 +78,7 @@ class PruneConfig:
     tune_below: bool = False
     # choose each decomposed conv's rank from its measured latency on this runtime, within the
     # energy rule's budget (lrexport.deploy.latency_ranks); "none": the energy rule alone
-    latency: str = field(default="none", metadata=_check("none", "ort", "openvino", "torch"))
+    latency: str = field(default="none", metadata=_check("none", *(name for name, r in RUNTIMES.items() if r.tunable)))
     latency_batches: list[int] = field(default_factory=lambda: [1, 8], metadata=_check(ge=1, nonempty=True))
     latency_threads: int = field(default=0, metadata=_check(ge=0))  # 0: all CPUs
     latency_device: str = field(default="cpu", metadata=_check("cpu", "cuda"))  # cuda: torch only
@@ -292,8 +293,9 @@ def _check_latency(p: PruneConfig, where: str) -> None:
         return
     if p.latency_device == "cuda" and p.latency != "torch":
         raise RecipeError(f"{where}: prune.latency_device = \"cuda\" needs prune.latency = \"torch\"; {p.latency} runs on the CPU")
-    if p.latency_precision == "int8" and p.latency not in ("ort", "openvino"):
-        raise RecipeError(f"{where}: prune.latency_precision = \"int8\" needs prune.latency = \"ort\" or \"openvino\"")
+    if p.latency_precision == "int8" and not RUNTIMES[p.latency].int8:
+        int8 = " or ".join(f'"{name}"' for name, r in RUNTIMES.items() if r.int8 and r.tunable)
+        raise RecipeError(f"{where}: prune.latency_precision = \"int8\" needs prune.latency = {int8}")
     if p.latency_precision in ("fp16", "bf16") and p.latency_device != "cuda":
         raise RecipeError(f"{where}: prune.latency_precision = \"{p.latency_precision}\" needs prune.latency = \"torch\" "
                           "with latency_device = \"cuda\"; CPU runtimes measure fp32 or int8")

@@ -8,6 +8,9 @@
 - quantize (``--precision int8``): both graphs quantized statically, ranges calibrated on the
   run's images (lrexport.deploy.quantize); the fp32 dense graph stays beside them as the
   reference verify times them against.
+- lower (``--runtime executorch``): ExecuTorch programs of both models per deployment batch
+  (model_b1.pte, ...), in int8 quantized by XNNPACK's quantizer on the same calibration images
+  (lrexport.deploy.executorch), checked against PyTorch like the ONNX graphs.
 - write: model.onnx, dense.onnx, the same plain models as PyTorch programs (model.pt2,
   dense.pt2, for the torch runtime), plan.json, PyTorch's predictions on the validation set
   (reference.npz, what verify compares the runtime with) and meta.json. Verify reads only
@@ -39,13 +42,14 @@ from .latency_ranks import allocated_plan
 from .plan import PLAN_FILE, Plan, TuneConfig, plan_export
 from .quantize import QuantConfig, QuantizationError, quantize_checked
 from ..rundir import Run, artifacts_dir, newest_run, open_run
-from .runners import RUNTIMES, RuntimeOptions, UnknownRuntimeError
+from .runners import RUNTIMES, RuntimeOptions, UnknownRuntimeError, get_runtime
 from .runtime import META_FILE, OrtRunner, run_batched
 
 FORMATS = ("onnx", "trt")
 MODELS = ("lowrank", "dense")
 FILES = {"lowrank": "model.onnx", "dense": "dense.onnx", "dense_fp32": "dense_fp32.onnx"}  # the last with int8 only
 PROGRAMS = {"lowrank": "model.pt2", "dense": "dense.pt2"}
+EXECUTORCH = "executorch"
 REFERENCE_FILE = "reference.npz"
 META_VERSION = 2  # 2: plan.json, reference.npz, PyTorch programs; verify needs no run directory
 
@@ -92,8 +96,9 @@ class ExportConfig:
         if self.multiple_of < 1:
             raise LrexportError(f"multiple_of must be ≥ 1; got {self.multiple_of}")
         precision = self.options.precision
-        if precision == "int8" and self.target not in ("ort", "openvino"):
-            raise RuntimeMissingError(f"--precision int8 exports quantized ONNX for ort or openvino; {self.target} has no int8 path here")
+        if precision == "int8" and not RUNTIMES[self.target].int8:
+            int8 = ", ".join(name for name, r in RUNTIMES.items() if r.int8)
+            raise RuntimeMissingError(f"--precision int8 exports for {int8}; {self.target} has no int8 path here")
         if precision in ("fp16", "bf16") and not (self.target == "torch" or (precision == "fp16" and self.target == "openvino")):
             raise RuntimeMissingError(f"--precision {precision} runs on {'openvino or ' if precision == 'fp16' else ''}torch (CUDA); "
                                       f"not on {self.target}")
@@ -125,6 +130,7 @@ class Built:
     reports: dict[str, RewriteReport]
     protos: dict[str, onnx.ModelProto]
     ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    pte: dict[str, dict[int, bytes]] = field(default_factory=dict)  # ExecuTorch programs by model and batch
 
 
 @dataclass
@@ -226,6 +232,45 @@ def quantize_built(built: Built, calibration: list[np.ndarray], quant: QuantConf
     return evidence
 
 
+def pte_file(model: str, batch: int) -> str:
+    return f"{Path(FILES[model]).stem}_b{batch}.pte"
+
+
+@torch.no_grad()
+def lower_built(built: Built, input_size, batches, calibration: list[np.ndarray] | None, config: ExportConfig,
+                x: torch.Tensor) -> tuple[dict | None, list[Check]]:
+    """ExecuTorch programs of both models at each batch into ``built.pte``; with ``calibration`` in int8 (XNNPACK's
+    quantizer, per-layer error fallback), the fp32 dense model's beside them. Returns the int8 evidence (as
+    ``quantize_built``'s) and the fp32 programs' checks against PyTorch on ``x`` (failing the export beyond tolerance)."""
+    from . import executorch as et
+
+    modules = dict(built.plain)
+    evidence = None
+    if calibration is not None:
+        evidence = {"calibration": {"split": config.quant.split, "images": sum(len(b) for b in calibration)},
+                    "format": "XNNPACK int8 (PT2E): activations int8 per tensor, weights int8 per channel, symmetric",
+                    "runtime": EXECUTORCH}
+        for m in MODELS:
+            modules[m], evidence[m] = et.quantize_checked(built.plain[m], input_size, calibration, config.quant.max_layer_error)
+        modules["dense_fp32"] = built.plain["dense"]
+    checks = []
+    for m, module in modules.items():
+        built.pte[m] = {b: et.lower(module, torch.zeros(b, *input_size), f"the {m} model") for b in batches}
+        out = et.ExecutorchRunner(config.options, programs=built.pte[m], label=f"the {m} model").run(x.numpy())
+        quantized = evidence is not None and m in MODELS
+        result = compare(f"{m}: executorch{' int8' if quantized else ''} vs original{' fp32' if quantized else ''}", out,
+                         built.originals[m if m in MODELS else "dense"](x).numpy())
+        if quantized:
+            evidence[m]["check"] = result.to_dict()
+        else:
+            checks.append(result)
+    bad = [c for c in checks if not c.rel_err < config.tolerance]
+    if bad:
+        raise ExportCheckError(f"the ExecuTorch programs do not reproduce PyTorch (tolerance {config.tolerance:g}): "
+                               + "; ".join(f"{c.what}: relative error {c.rel_err:.3g}" for c in bad))
+    return evidence, checks
+
+
 @torch.no_grad()
 def reference_predictions(models: dict[str, torch.nn.Module], val, k: int, batch_size: int = 256) -> dict[str, np.ndarray]:
     """PyTorch's top-k classes per validation image for each model, and the labels: what verify compares with."""
@@ -264,6 +309,14 @@ def write(out_dir: Path, built: Built, plan: Plan, reference: dict[str, np.ndarr
         for m in MODELS:
             atomic_write_bytes(out_dir / PROGRAMS[m], blobs[m])
             programs[m] = PROGRAMS[m]
+    for m, by_batch in built.pte.items():
+        for b, blob in by_batch.items():
+            atomic_write_bytes(out_dir / pte_file(m, b), blob)
+    if built.pte:
+        from .executorch import require
+
+        meta["pte"] = {m: {str(b): pte_file(m, b) for b in by_batch} for m, by_batch in built.pte.items()}
+        meta["versions"]["executorch"] = require()["version"]
     buf = io.BytesIO()
     np.savez_compressed(buf, **reference)
     atomic_write_bytes(out_dir / REFERENCE_FILE, buf.getvalue())
@@ -309,7 +362,9 @@ def describe(run: Run, built: Built, plan: Plan, config: ExportConfig, checks: l
         "quantization": None if plan.quantization is None else {
             "calibration": plan.quantization["calibration"], "format": plan.quantization["format"],
             "float_layers": {m: plan.quantization[m]["float_layers"] for m in MODELS},
-            "reference": {"dense_fp32": FILES["dense_fp32"]}},
+            # ExecuTorch's int8 lives in its programs; the ONNX graphs stay float, dense.onnx the fp32 reference
+            "runtime": plan.quantization.get("runtime", "onnx"),
+            "reference": {"dense_fp32": FILES["dense" if plan.quantization.get("runtime") == EXECUTORCH else "dense_fp32"]}},
         "plan": {"file": PLAN_FILE, "deployed": plan.deployed, "note": plan.note},
         "reference": {"file": REFERENCE_FILE, "by": "PyTorch, the models as trained (and truncated as planned)",
                       "accuracy": _accuracy(reference), "topk": int(reference["lowrank_top"].shape[1])},
@@ -344,6 +399,8 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     """
     config = config or ExportConfig()
     config.validate()
+    if config.format != "trt":  # TensorRT builds its engines last, the ONNX artifacts written (_write_engines)
+        get_runtime(config.target)  # a runtime that is not installed: one line before any work
     run = open_run(run_dir if run_dir is not None else newest_run(runs_root))
     out_dir = Path(out_dir) if out_dir is not None else artifacts_dir(run.path)
     int8 = config.options.precision == "int8"
@@ -358,7 +415,11 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     built = build(plan.model(trained), dense, plan, run.input_size, config)
     x = validation_sample(run, config.check_images)
     checks = check(built, x, config)  # the fp32 graphs reproduce PyTorch; int8 is judged by verify's accuracy
-    if int8:
+    if config.target == EXECUTORCH:
+        plan.quantization, et_checks = lower_built(built, run.input_size, config.tune.deployment_batches(config.batch), calibration,
+                                                   config, x)
+        checks += et_checks
+    elif int8:
         plan.quantization = quantize_built(built, calibration, config.quant, x, config.batch)
     val = run.validation_set()
     reference = reference_predictions(built.originals, val, min(5, len(run.data_info["class_names"])))

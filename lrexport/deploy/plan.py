@@ -48,6 +48,10 @@ class TuneConfig:
     below_images: int = 2000
     guard_budget_ms: float = 6000.0
 
+    def deployment_batches(self, batch: int | None) -> tuple[int, ...]:
+        """The batches the deployment is planned (and ExecuTorch programs lowered) for: the fixed export batch, else these."""
+        return (batch,) if batch else tuple(self.batches or DEFAULT_BATCHES)
+
 
 @dataclass
 class Plan:
@@ -92,8 +96,7 @@ def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, conf
         return Plan(runtime, "untuned", None, note="not tuned (--no-tune): ranks by the MACs rule")
     if not RUNTIMES[runtime].tunable:
         return Plan(runtime, "untuned", None, note=f"per-layer tuning on {runtime} is not implemented: ranks by the MACs rule")
-    batches = (batch,) if batch else tuple(config.batches or DEFAULT_BATCHES)
-    target = make_target(runtime, options, batches)
+    target = make_target(runtime, options, config.deployment_batches(batch))
     if allocated is not None:
         plan = Plan(runtime, "allocated", dict(allocated), target=target.to_dict(),
                     note=f"ranks allocated by measured latency on {runtime} before finetuning (summary.json latency_ranks)")
@@ -145,12 +148,15 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
     runners = {}
     for name, (model, layers) in variants.items():
         plain, _ = to_plain(model, input_size, multiple_of, layers)
-        graph = to_onnx(plain, input_size, batch)
-        if options.precision == "int8":
-            from .quantize import quantize_for_timing
+        graph = None
+        if RUNTIMES[plan.runtime].onnx:
+            graph = to_onnx(plain, input_size, batch)
+            if options.precision == "int8":
+                from .quantize import quantize_for_timing
 
-            graph = quantize_for_timing(graph, (batch or 2, *input_size))
-        source = ModelSource(onnx=graph.SerializeToString(), torch=lambda p=plain: p, label=f"the {name} plan")
+                graph = quantize_for_timing(graph, (batch or 2, *input_size))
+            graph = graph.SerializeToString()
+        source = ModelSource(onnx=graph, torch=lambda p=plain: p, label=f"the {name} plan")
         runners[name] = open_runner(plan.runtime, source, options)
     worst = {name: float("inf") for name in runners}
     gen = torch.Generator().manual_seed(2)

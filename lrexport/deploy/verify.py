@@ -17,10 +17,10 @@ import numpy as np
 
 from ..errors import LrexportError
 from ..io import atomic_write_text
-from .export import MODELS, REFERENCE_FILE
+from .export import EXECUTORCH, MODELS, REFERENCE_FILE
 from .plan import PLAN_FILE
 from .. import rundir
-from .runners import ModelSource, RuntimeOptions, open_runner
+from .runners import RUNTIMES, ModelSource, RuntimeOptions, get_runtime, open_runner
 from .runtime import load_meta, run_batched
 from .timing import CUDA_EVENTS, interleave, machine
 
@@ -53,8 +53,10 @@ class Artifacts:
 
     def source(self, m: str) -> ModelSource:
         """Model ``m`` ("lowrank", "dense", or the int8 artifacts' "dense_fp32") in every form the artifacts hold."""
+        pte = {int(b): self.path / f for b, f in (self.meta.get("pte") or {}).get(m, {}).items()} or None
         if m == "dense_fp32":
-            return ModelSource(onnx=self.path / self.meta["quantization"]["reference"]["dense_fp32"], label=f"the fp32 dense model of {self.path}")
+            return ModelSource(onnx=self.path / self.meta["quantization"]["reference"]["dense_fp32"], pte=pte,
+                               label=f"the fp32 dense model of {self.path}")
         program = (self.meta.get("programs") or {}).get(m)
         engine = (self.meta.get("engines") or {}).get(m)
 
@@ -65,8 +67,19 @@ class Artifacts:
 
         return ModelSource(
             onnx=self.path / self.meta["models"][m]["file"], torch=load_program if program else None,
-            engine=self.path / engine if engine else None, label=f"the {m} model of {self.path}",
+            engine=self.path / engine if engine else None, pte=pte, label=f"the {m} model of {self.path}",
         )
+
+    def check_runtime(self, runtime: str) -> None:
+        """int8 artifacts run where they were quantized for: QDQ graphs on ONNX runtimes, ExecuTorch's programs on it."""
+        if self.precision != "int8":
+            return
+        quantized_for = self.meta["quantization"].get("runtime", "onnx")
+        fits = runtime == EXECUTORCH if quantized_for == EXECUTORCH else RUNTIMES[runtime].onnx
+        if not fits:
+            where = "ExecuTorch programs (--runtime executorch)" if quantized_for == EXECUTORCH else "QDQ ONNX graphs (ort, openvino)"
+            raise LrexportError(f"{self.path} holds int8 models as {where}; {runtime} cannot run them: verify with that runtime, "
+                                f"or export again with --runtime {runtime}")
 
     def validation_set(self):
         """The validation set named in meta.json, rebuilt with its validation transform."""
@@ -208,6 +221,8 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
     config, options = config or VerifyConfig(), options or RuntimeOptions()
     art = load_artifacts(artifacts_dir if artifacts_dir is not None else rundir.artifacts_dir(rundir.newest_run(runs_root)))
     runtime = runtime or art.meta.get("runtime", "ort")
+    get_runtime(runtime)  # an unknown or missing runtime: one line
+    art.check_runtime(runtime)
     if options.precision == "fp32" and art.precision != "fp32":
         options = replace(options, precision=art.precision)  # quantized graphs run as what they are
     runners = {m: open_runner(runtime, art.source(m), options) for m in MODELS}
