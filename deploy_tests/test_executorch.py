@@ -18,7 +18,7 @@ from lrexport.deploy.export import ExportConfig, export_run
 from lrexport.deploy.plan import TuneConfig, plan_export
 from lrexport.deploy.quantize import QuantConfig
 from lrexport.deploy.runners import RuntimeOptions
-from lrexport.deploy.tune import DENSE, LayerShape, TuneCache, layer_times, make_target, tune_layers_of
+from lrexport.deploy.tune import DENSE, TuneCache, layer_times, make_target, tune_layers_of
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
 from lrexport.errors import LrexportError
 from lrexport.lowrank import decompose, svd_layers

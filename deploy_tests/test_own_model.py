@@ -169,6 +169,7 @@ def test_timm_model_trains_exports_and_verifies_on_onnxruntime(name, tiny_recipe
 def test_timm_config_gives_the_input_the_recipe_leaves_open():
     open_ = resolve_input(DataConfig(), model_input("timm/resnet18"))
     assert (open_.image_size, open_.channels, open_.mean, open_.std) == (224, 3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert model_input(create_model("timm/resnet18")) == model_input("timm/resnet18")  # a timm module passed from Python
     gray = resolve_input(DataConfig(image_size=64, channels=1), model_input("timm/resnet18", {"in_chans": 1}))
     assert (gray.image_size, gray.channels, len(gray.mean)) == (64, 1, 1)
     _, val, info = build_datasets(DataConfig(channels=1, image_size=8, train_size=4, val_size=4))

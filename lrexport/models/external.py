@@ -105,13 +105,26 @@ def timm_model(name: str, num_classes: int, pretrained: bool, kwargs: dict) -> n
                          "give a downloaded state dict as model.weights instead") from None
 
 
-def timm_input(name: str, kwargs: dict) -> dict | None:
-    """timm's pretrained config for ``name``: {"channels", "image_size", "mean", "std"}, or None."""
-    cfg = _timm().models.get_pretrained_cfg(name.removeprefix(TIMM_PREFIX))
-    if cfg is None:
+def _input_of(cfg, channels: int | None = None) -> dict | None:
+    """{"channels", "image_size", "mean", "std"} of a timm pretrained config (a PretrainedCfg or its dict)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key: getattr(cfg, key, None)
+    size, mean, std = get("input_size"), get("mean"), get("std")
+    if not (size and mean and std):
         return None
-    channels = int(kwargs.get("in_chans", cfg.input_size[0]))
-    mean, std = list(cfg.mean), list(cfg.std)
+    channels = int(channels or size[0])
+    mean, std = list(mean), list(std)
     if channels != len(mean):  # timm averages the colour statistics for other channel counts too
         mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
-    return {"channels": channels, "image_size": int(cfg.input_size[-1]), "mean": mean, "std": std}
+    return {"channels": channels, "image_size": int(size[-1]), "mean": mean, "std": std}
+
+
+def timm_input(name: str, kwargs: dict) -> dict | None:
+    """timm's pretrained config for ``name``, as ``_input_of`` gives it, or None."""
+    cfg = _timm().models.get_pretrained_cfg(name.removeprefix(TIMM_PREFIX))
+    return None if cfg is None else _input_of(cfg, kwargs.get("in_chans"))
+
+
+def module_input(module: nn.Module) -> dict | None:
+    """The input a module passed in from Python says it was made for: a timm model's ``pretrained_cfg``, else None."""
+    cfg = getattr(module, "pretrained_cfg", None)
+    return _input_of(cfg) if isinstance(cfg, dict) else None

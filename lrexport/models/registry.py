@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelError
 from .cifar_resnet import CifarResNet
-from .external import TIMM_PREFIX, TIMM_WEIGHTS, imported_model, is_import_path, timm_input, timm_model
+from .external import TIMM_PREFIX, TIMM_WEIGHTS, imported_model, is_import_path, module_input, timm_input, timm_model
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -90,8 +90,11 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
     return model
 
 
-def model_input(name: str, kwargs: dict | None = None) -> dict | None:
-    """The input a model was made for, where it says (timm's pretrained config): channels, image_size, mean, std."""
+def model_input(name: str | nn.Module, kwargs: dict | None = None) -> dict | None:
+    """The input a model (by name, or a module) was made for, where it says (timm's pretrained config):
+    channels, image_size, mean, std."""
+    if isinstance(name, nn.Module):
+        return module_input(name)
     return timm_input(name, kwargs or {}) if name.startswith(TIMM_PREFIX) else None
 
 

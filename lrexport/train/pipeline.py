@@ -104,7 +104,7 @@ class Pipeline:
     def _setup_data(self) -> None:
         r, d = self.recipe, self.dist
         # input size and normalisation the recipe leaves open come from the model's own config (timm's)
-        self.data_config = r.data if self.given is not None else resolve_input(r.data, model_input(r.model.name, r.model.kwargs))
+        self.data_config = resolve_input(r.data, model_input(self.given if self.given is not None else r.model.name, r.model.kwargs))
         train_ds, val_ds, self.info = build_datasets(self.data_config)
         num_classes = r.model.num_classes or self.info.num_classes
         if num_classes != self.info.num_classes:
