@@ -1,6 +1,7 @@
-"""Wall-clock speedup of exported low-rank ResNet-18s over the dense one, on CPU runtimes.
+"""Wall-clock speedup of exported low-rank ResNet-18s over the dense one, on CPU runtimes
+(onnxruntime, OpenVINO, PyTorch, ExecuTorch with XNNPACK).
 
-torchvision ResNet-18 at 224×224, every conv decomposed channel-wise and spatial-wise.
+torchvision ResNet-18 at 224×224, every conv decomposed channel-wise and spatial-wise (``--modes``).
 Each layer gets a synthetic, exponentially decaying spectrum with its own decay rate,
 so energy pruning leaves uneven ranks as it does after SVD training; the energy
 threshold e is found by bisection so that the pruned model has ~``--target``× fewer MACs.
@@ -29,7 +30,7 @@ in this one process, on its own settings, calls interleaved in alternating order
 median and p10–p90 of those ratios beside the medians of the latencies;
 "vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.
 
-    python benchmarks/deploy_efficiency.py [--runtime ort,openvino] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency,fewest] [--tune] [--json out.json]
+    python benchmarks/deploy_efficiency.py [--runtime ort,openvino,executorch] [--modes channel] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency,fewest] [--tune] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of,
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
 from lrexport.deploy.quantize import quantize_for_timing
-from lrexport.deploy.runners import ModelSource, RuntimeOptions, open_runner
+from lrexport.deploy.runners import RUNTIMES, ModelSource, RuntimeOptions, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
 from lrexport.deploy.tune import tune_layers_of
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
@@ -111,8 +112,9 @@ TUNED = {"tuned": (1, "aligned8"), "tuned16": (16, "pruned16"), "tuned32": (32, 
 
 
 @torch.no_grad()
-def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
-    """name -> (plain module, ONNX proto, MACs as trained, MACs as deployed); per-variant details; the pruned models."""
+def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), modes=MODES):
+    """name -> (plain module, ONNX proto, MACs as trained, MACs as deployed); per-variant details; the pruned models
+    ((mode, multiple) -> (model, energy, ranks); (mode, "full"): decomposed, not pruned)."""
     torch.manual_seed(seed)
     dense = lrexport.create_model("resnet18", num_classes=1000).eval()
     x = torch.randn(2, *INPUT)
@@ -121,7 +123,7 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
     dense_macs = count_macs(dense, INPUT).deployed
     models = {"dense": (plain_dense, to_onnx(plain_dense, INPUT), dense_macs, dense_macs)}
     details, pruned = {}, {}
-    for mode in MODES:
+    for mode in modes:
         decomposed = decompose(copy.deepcopy(dense), mode, exclude=exclude)
         synthesize_spectra(decomposed, seed)
         pruned[mode, "full"] = (decomposed.eval(), None, None)  # what the latency variant allocates from
@@ -133,6 +135,10 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=()):
             lowrank, energy, ranks = pruned[mode, prune_multiple]
             add_model(models, details, f"{mode}/{name}", lowrank, *to_plain(lowrank, INPUT, align), energy, ranks, x)
     return models, details, dense_macs, pruned
+
+
+def modes_of(pruned) -> list[str]:
+    return list(dict.fromkeys(mode for mode, _ in pruned))
 
 
 def fewest_macs(model, energy: float, cap: float, grid: int = 1):
@@ -154,7 +160,7 @@ def fewest_macs(model, energy: float, cap: float, grid: int = 1):
 def add_fewest(models, details, pruned) -> None:
     """"mode/fewest": the fewest-MACs ranks on the latency variant's grid (8) within its budget."""
     x = torch.randn(2, *INPUT)
-    for mode in MODES:
+    for mode in modes_of(pruned):
         _, energy, _ = pruned[mode, 1]
         lowrank = copy.deepcopy(pruned[mode, "full"][0])
         alloc, _ = fewest_macs(lowrank, energy, cap_of("auto", energy), grid=8)
@@ -167,7 +173,7 @@ def add_fewest(models, details, pruned) -> None:
 def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, batches, cache) -> None:
     """"R:mode/latency": ranks allocated by measured latency on ``runtime`` at the energy-rule model's budget."""
     x = torch.randn(2, *INPUT)
-    for mode in MODES:
+    for mode in modes_of(pruned):
         _, energy, _ = pruned[mode, 1]
         lowrank = copy.deepcopy(pruned[mode, "full"][0])
         config = LatencyConfig(runtime, tuple(batches), options, 8, cache or default_cache())
@@ -195,7 +201,7 @@ def add_model(models, details, name: str, lowrank, plain, report, energy, ranks,
 def add_tuned(models, details, pruned, variants, runtime: str, options: RuntimeOptions, batches, cache) -> None:
     """"R:mode/tuned@B" (and tuned16@B, tuned32@B): each model as ``lrexport export --runtime R --batch B`` plans it."""
     x = torch.randn(2, *INPUT)
-    for mode in MODES:
+    for mode in modes_of(pruned):
         for tuned_name, (multiple, untuned_name) in TUNED.items():
             if untuned_name not in {v[0] for v in variants}:
                 continue
@@ -209,16 +215,18 @@ def add_tuned(models, details, pruned, variants, runtime: str, options: RuntimeO
 
 
 def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
-    """A runner per model of ``runtime``; in int8 every model quantized (QDQ), plus the fp32 dense one as "dense_fp32"."""
+    """A runner per model of ``runtime``; in int8 every model quantized (QDQ for the ONNX runtimes, XNNPACK's
+    quantizer for ExecuTorch), plus the fp32 dense one as "dense_fp32"."""
     own = {name: m for name, m in models.items() if ":" not in name or name.startswith(f"{runtime}:")}
+    int8, onnx = options.precision == "int8", RUNTIMES[runtime].onnx
     runners = {}
     for name, (plain, proto, *_) in own.items():
-        if options.precision == "int8":
-            graph = quantize_for_timing(proto, (2, *INPUT))
-        runners[name] = open_runner(runtime, ModelSource(onnx=(graph if options.precision == "int8" else proto).SerializeToString(),
-                                                         torch=lambda p=plain: p, label=name), options)
-    if options.precision == "int8":
-        runners["dense_fp32"] = open_runner(runtime, ModelSource(onnx=models["dense"][1].SerializeToString()),
+        graph = (quantize_for_timing(proto, (2, *INPUT)) if int8 else proto).SerializeToString() if onnx else None
+        runners[name] = open_runner(runtime, ModelSource(onnx=graph, torch=lambda p=plain: p, label=name), options)
+    if int8:
+        dense_plain, dense_proto, *_ = models["dense"]
+        runners["dense_fp32"] = open_runner(runtime, ModelSource(onnx=dense_proto.SerializeToString() if onnx else None,
+                                                                 torch=lambda: dense_plain, label="dense fp32"),
                                             RuntimeOptions(threads=options.threads))
     return runners
 
@@ -266,7 +274,8 @@ def speedup_row(runtime: str, name: str, batch: int, times: dict, macs_speedup: 
 def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
     int8 = any("vs_fp32" in r for r in rows)
     print(f"\n{runtime} {settings['version']}, {settings['threads']} threads, {settings['precision']}; interleaved rounds after warm-up"
-          + ("; every model int8 (QDQ) but dense fp32: wall x over dense int8, vs fp32 over dense fp32" if int8 else ""))
+          + (f"; every model int8 ({'QDQ' if RUNTIMES[runtime].onnx else 'XNNPACK quantizer'}) but dense fp32: wall x over dense int8, "
+             "vs fp32 over dense fp32" if int8 else ""))
     header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"
               f"{'min x':>7}{'MACs x':>8}{'deployed':>9}{'ratio':>7}{'vs rule':>8}" + (f"{'vs fp32':>9}" if int8 else ""))
     print(header)
@@ -289,7 +298,7 @@ def allocation_line(a: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runtime", default="ort", help="comma-separated runtimes, e.g. ort,openvino,torch")
+    ap.add_argument("--runtime", default="ort", help="comma-separated runtimes, e.g. ort,openvino,executorch,torch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                     help="int8: every model quantized (QDQ, per-channel), timed beside the fp32 dense model")
@@ -301,6 +310,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                     help="subset of " + ", ".join(v[0] for v in VARIANTS) + ", latency (ranks allocated by latency on each runtime), "
                          "fewest (the fewest-MACs ranks within latency's budget)")
+    ap.add_argument("--modes", default=",".join(MODES), help="decomposition modes, e.g. channel")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
     ap.add_argument("--tune", action="store_true", help="add tuned@B per runtime, mode and batch: export's measured plan at batch B")
     ap.add_argument("--tune-cache", default=None, help="layer timing cache (JSON) reused across runs")
@@ -314,11 +324,11 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     names = set(args.variants.split(","))
     variants = [v for v in VARIANTS if v[0] in names]
-    models, details, dense_macs, pruned = build_models(args.seed, args.target, variants, exclude)
-    rule_macs = {mode: count_macs(pruned[mode, 1][0], INPUT).deployed for mode in MODES}
+    models, details, dense_macs, pruned = build_models(args.seed, args.target, variants, exclude, args.modes.split(","))
+    rule_macs = {mode: count_macs(pruned[mode, 1][0], INPUT).deployed for mode in modes_of(pruned)}
     # what any allocation within the energy rule's budget can reach at best: the ceiling of "latency" and "fewest"
     ceilings = {mode: fewest_macs(pruned[mode, "full"][0], pruned[mode, 1][1], cap_of("auto", pruned[mode, 1][1]))[1]
-                for mode in MODES} if names & {"latency", "fewest"} else {}
+                for mode in modes_of(pruned)} if names & {"latency", "fewest"} else {}
     if "fewest" in names:
         add_fewest(models, details, pruned)
     for runtime in runtimes:
