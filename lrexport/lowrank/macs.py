@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
+
+from .probe import probe
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -95,7 +96,6 @@ def _is_svd(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("macs", "mode", "rank", "full_rank"))
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> MacReport:
     """Per-layer and total MACs for one image of ``input_size`` (C, H, W), by running the model.
 
@@ -124,13 +124,5 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     for name, module in model.named_modules():
         if _is_svd(module) or isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(hook_for(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe(model, input_size, hooks)
     return report
