@@ -20,6 +20,8 @@ import copy
 import functools
 import logging
 from pathlib import Path
+from importlib.metadata import version
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -43,7 +45,6 @@ def require():
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
     try:
-        import executorch
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
         from executorch.exir import to_edge_transform_and_lower
@@ -56,21 +57,14 @@ def require():
         pytree_log.setLevel(level)
     with muted(2):  # its CPU probing prints what it could not read (ARM registers on x86) to stderr, once
         portable_lib._threadpool_get_thread_count()
-    version = getattr(executorch, "__version__", None) or _version()
-    return {"version": version, "partitioner": XnnpackPartitioner, "lower": to_edge_transform_and_lower, "runtime": Runtime.get(),
-            "quantizer": XNNPACKQuantizer, "config": get_symmetric_quantization_config, "prepare": prepare_pt2e,
-            "convert": convert_pt2e, "threads": portable_lib}
-
-
-def _version() -> str:
-    from importlib.metadata import version
-
-    return version("executorch")
+    return SimpleNamespace(version=version("executorch"), partitioner=XnnpackPartitioner, lower=to_edge_transform_and_lower,
+                           runtime=Runtime.get(), quantizer=XNNPACKQuantizer, config=get_symmetric_quantization_config,
+                           prepare=prepare_pt2e, convert=convert_pt2e, pool=portable_lib)
 
 
 def set_threads(threads: int) -> int:
     """Size XNNPACK's thread pool (one per process); returns the size it has."""
-    pool = require()["threads"]
+    pool = require().pool
     if pool._threadpool_get_thread_count() != threads:
         pool._unsafe_reset_threadpool(threads)  # "unsafe" while a program runs; no program runs here
     return pool._threadpool_get_thread_count()
@@ -83,7 +77,7 @@ def lower(module: nn.Module, example: torch.Tensor, label: str = "the model") ->
     et = require()
     try:
         program = torch.export.export(module, (example,))
-        return et["lower"](program, partitioner=[et["partitioner"]()]).to_executorch().buffer
+        return et.lower(program, partitioner=[et.partitioner()]).to_executorch().buffer
     except Exception as e:  # export and lowering raise many types of their own
         raise LrexportError(f"ExecuTorch cannot lower {label}: {first_line(e)}") from None
 
@@ -101,10 +95,10 @@ def prepare(module: nn.Module, input_size, keep_float=()) -> fx.GraphModule:
     keep_float = set(keep_float)
     graph = torch.export.export(module.eval(), (torch.zeros(2, *input_size),),
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)).module()
-    quantizer = et["quantizer"]().set_global(et["config"](is_per_channel=True))
+    quantizer = et.quantizer().set_global(et.config(is_per_channel=True))
     if keep_float:
         quantizer.set_filter_function(lambda node: layer_of(node) not in keep_float)
-    return et["prepare"](graph, quantizer)
+    return et.prepare(graph, quantizer)
 
 
 @torch.no_grad()
@@ -116,7 +110,7 @@ def calibrate(prepared: fx.GraphModule, batches: list[np.ndarray]) -> fx.GraphMo
 
 def quantize(module: nn.Module, input_size, batches: list[np.ndarray], keep_float=()) -> nn.Module:
     """``module`` in int8 as XNNPACK runs it (PT2E, ranges from ``batches``), any batch size."""
-    return require()["convert"](calibrate(prepare(module, input_size, keep_float), batches))
+    return require().convert(calibrate(prepare(module, input_size, keep_float), batches))
 
 
 def _observer(prepared: fx.GraphModule, node) -> torch.nn.Module | None:
@@ -173,12 +167,12 @@ def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], m
     """
     prepared = calibrate(prepare(module, input_size), batches)
     if max_layer_error is None:
-        return require()["convert"](prepared), {"max_layer_error": None, "layer_errors": {}, "float_layers": []}
+        return require().convert(prepared), {"max_layer_error": None, "layer_errors": {}, "float_layers": []}
     errors = layer_errors(prepared, batches[:2])  # two batches: the error of a layer, not of the data set
     keep_float = sorted(n for n, e in errors.items() if e > max_layer_error)
     if keep_float:
         prepared = calibrate(prepare(module, input_size, keep_float), batches)
-    return require()["convert"](prepared), {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
+    return require().convert(prepared), {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
                                             "float_layers": keep_float}
 
 
@@ -218,7 +212,7 @@ class ExecutorchRunner:
                 raise LrexportError(f"{self.label} has ExecuTorch programs for batch {', '.join(map(str, sorted(self.programs)))}, "
                                     f"not {batch}: export with --batch {batch} or --tune-batches including it")
             try:
-                loaded = self.et["runtime"].load_program(program)
+                loaded = self.et.runtime.load_program(program)
                 # the method reads its program's memory: the program (and its bytes) must outlive it
                 self.methods[batch] = (program, loaded, loaded.load_method("forward"))
             except Exception as e:
@@ -243,5 +237,5 @@ class ExecutorchRunner:
         return lambda: loaded[-1].execute(inputs)
 
     def settings(self) -> dict:
-        return {"runtime": "executorch", "version": self.et["version"], "device": cpu_name(), "provider": "XNNPACK",
+        return {"runtime": "executorch", "version": self.et.version, "device": cpu_name(), "provider": "XNNPACK",
                 "threads": self.threads, "precision": self.options.precision}

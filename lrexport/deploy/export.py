@@ -316,7 +316,7 @@ def write(out_dir: Path, built: Built, plan: Plan, reference: dict[str, np.ndarr
         from .executorch import require
 
         meta["pte"] = {m: {str(b): pte_file(m, b) for b in by_batch} for m, by_batch in built.pte.items()}
-        meta["versions"]["executorch"] = require()["version"]
+        meta["versions"]["executorch"] = require().version
     buf = io.BytesIO()
     np.savez_compressed(buf, **reference)
     atomic_write_bytes(out_dir / REFERENCE_FILE, buf.getvalue())

@@ -27,19 +27,20 @@ def is_import_path(name: str) -> bool:
 
 
 def _import(module_name: str, path: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        top = module_name.split(".")[0]
-        if e.name not in (top, module_name) and not module_name.startswith(f"{e.name}."):
+    """Import ``module_name`` from the Python path, else from the current directory."""
+    while True:
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module_name == e.name or module_name.startswith(f"{e.name}.")):
+                # the user's module imports something that is not installed
+                raise ModelError(f"model {path!r}: importing {module_name} failed: {first_line(e)}") from None
+            cwd = os.getcwd()
+            if cwd in sys.path or "" in sys.path:
+                raise ModelError(f"model {path!r}: no module named {module_name!r} on the Python path or in {cwd}") from None
+            sys.path.append(cwd)  # `lrexport` (a console script) does not put the current directory on the path itself
+        except Exception as e:  # the user's module raised while importing
             raise ModelError(f"model {path!r}: importing {module_name} failed: {first_line(e)}") from None
-        cwd = os.getcwd()
-        if cwd in sys.path or "" in sys.path:
-            raise ModelError(f"model {path!r}: no module named {module_name!r} on the Python path or in {cwd}") from None
-    except Exception as e:  # the user's module raised while importing
-        raise ModelError(f"model {path!r}: importing {module_name} failed: {first_line(e)}") from None
-    sys.path.append(cwd)  # `lrexport` (a console script) does not put the current directory on the path itself
-    return _import(module_name, path)
 
 
 def resolve_factory(path: str) -> Callable[..., nn.Module]:
