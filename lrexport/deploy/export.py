@@ -177,14 +177,19 @@ def _below_checker(run: Run, trained, config: TuneConfig, progress: Progress):
     return check
 
 
-def build(lowrank, dense, plan: Plan, input_size, config: ExportConfig) -> Built:
-    """Plain rewrites and checked ONNX graphs of both models."""
-    plain_lr, report_lr = to_plain(lowrank, input_size, config.multiple_of, plan.layers)
-    plain_dense, report_dense = to_plain(dense, input_size, 1)
+def rewrite(model, input_size, config: ExportConfig, multiple_of: int = 1, layers: dict | None = None) -> tuple:
+    """``model`` as plain convs (its layers as ``layers`` plans, else by the MACs rule), its rewrite report and ONNX graph."""
+    plain, report = to_plain(model, input_size, multiple_of, layers)
+    return plain, report, to_onnx(plain, input_size, config.batch, config.opset)
+
+
+def build(lowrank, dense, dense_rewrite: tuple, plan: Plan, input_size, config: ExportConfig) -> Built:
+    """Plain rewrites and checked ONNX graphs of both models (the dense one's ``rewrite`` done before planning)."""
+    (plain_lr, report_lr, proto_lr), (plain_dense, report_dense, proto_dense) = (
+        rewrite(lowrank, input_size, config, config.multiple_of, plan.layers), dense_rewrite)
     built = Built({"lowrank": lowrank, "dense": dense}, {"lowrank": plain_lr, "dense": plain_dense},
-                  {"lowrank": report_lr, "dense": report_dense}, {})
+                  {"lowrank": report_lr, "dense": report_dense}, {"lowrank": proto_lr, "dense": proto_dense})
     for m in MODELS:
-        built.protos[m] = to_onnx(built.plain[m], input_size, config.batch, config.opset)
         built.ops[m] = check_graph(built.protos[m])
     return built
 
@@ -406,13 +411,13 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     int8 = config.options.precision == "int8"
     calibration = calibration_batches(run, config.quant) if int8 else None  # before any work: the data may be gone
     trained, dense = run.load_models(model)
-    # a model the rewrite or ONNX cannot carry fails here, naming the layer, before any tuning
-    to_onnx(to_plain(dense, run.input_size, 1)[0], run.input_size, config.batch, config.opset)
+    # first: a model the rewrite or ONNX cannot carry fails here, naming the layer, before any tuning
+    dense_rewrite = rewrite(dense, run.input_size, config)
     allocated = allocated_plan(run.summary, config.target)
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
                        config.multiple_of, _below_checker(run, trained, config.tune, progress) if allocated is None else None,
                        progress, allocated)
-    built = build(plan.model(trained), dense, plan, run.input_size, config)
+    built = build(plan.model(trained), dense, dense_rewrite, plan, run.input_size, config)
     x = validation_sample(run, config.check_images)
     checks = check(built, x, config)  # the fp32 graphs reproduce PyTorch; int8 is judged by verify's accuracy
     if config.target == EXECUTORCH:
