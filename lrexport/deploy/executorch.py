@@ -2,8 +2,8 @@
 
 A model reaches it as a program (.pte): ``torch.export`` → ``to_edge_transform_and_lower`` with
 the XNNPACK partitioner → ``to_executorch``. Each program has a static input shape: with a
-dynamic batch, ExecuTorch 1.5's XNNPACK delegate sized its buffers by the example batch and
-crashed (SIGSEGV) running a ResNet-18 at another batch here, so export writes one program per
+dynamic batch, ExecuTorch 1.5's XNNPACK delegate refused batches above a bound of its own and
+crashed (SIGSEGV) running a ResNet-18 below its bound here, so export writes one program per
 deployment batch, and the runner lowers one per batch where it gets a module (tuning, the guard).
 
 int8 is PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (activations int8 per
