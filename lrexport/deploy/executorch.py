@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from ..errors import LrexportError, RuntimeMissingError, first_line
 from ..io import muted
+from ..lowrank.rewrite import node_values
 from .runners import RuntimeOptions
 from .timing import WALL, cpu_name
 
@@ -134,22 +135,13 @@ def layer_errors(prepared: fx.GraphModule, batches: list[np.ndarray]) -> dict[st
         convs[node.name] = (layer_of(node) or node.name, node, float(scale), int(zero), act.quant_min, act.quant_max,
                             w_scale, w_zero.int(), weight.ch_axis, weight.quant_min, weight.quant_max, geometry)
     # the probe observes what it runs: a copy, so that the prepared model keeps the calibration's ranges
-    probe, values = copy.deepcopy(prepared), {}
-    nodes = {n.name: n for n in probe.graph.nodes}
+    probe = copy.deepcopy(prepared)
     wanted = {a.name for _, node, *_ in convs.values() for a in node.args[:3] if isinstance(a, fx.Node)}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in wanted:
-                values[n.name] = out
-            return out
-
     diff, ref = dict.fromkeys(convs, 0.0), dict.fromkeys(convs, 0.0)
     for x in batches:
-        Recorder(probe).run(torch.from_numpy(x))
+        values = node_values(probe, torch.from_numpy(x), keep=lambda n: n.name in wanted)
         for name, (_, node, scale, zero, qmin, qmax, w_scale, w_zero, axis, wqmin, wqmax, geometry) in convs.items():
-            x_in, w = values[nodes[name].args[0].name], values[nodes[name].args[1].name]
+            x_in, w = values[node.args[0].name], values[node.args[1].name]
             bias = values[node.args[2].name] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else None
             y = F.conv2d(x_in, w, bias, **geometry)
             y_q = F.conv2d(torch.fake_quantize_per_tensor_affine(x_in, scale, zero, qmin, qmax),

@@ -71,27 +71,21 @@ def _layer_of(node: fx.Node) -> str:
     return f"layer {next(reversed(stack.values()))[0]!r} ({op})" if stack else f"the model's own forward ({op})"
 
 
-@torch.no_grad()
 def failing_layer(gm: fx.GraphModule, example: torch.Tensor, opset: int) -> str | None:
     """The first node of ``gm`` that does not export to ONNX on its own (its tensor inputs as graph
     inputs, the rest as constants), named by its layer; None if each node exports alone."""
-    values: dict[fx.Node, object] = {}
+    from ..lowrank.rewrite import node_values
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Recorder(gm).run(example)
+    values = node_values(gm, example)
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or not isinstance(values[node], torch.Tensor):
+        if node.op not in ("call_module", "call_function", "call_method") or not isinstance(values[node.name], torch.Tensor):
             continue
         graph, inputs = fx.Graph(), []
 
         def as_input(arg: fx.Node):
-            if not isinstance(values[arg], torch.Tensor):
-                return values[arg]
-            inputs.append(values[arg])
+            if not isinstance(values[arg.name], torch.Tensor):
+                return values[arg.name]
+            inputs.append(values[arg.name])
             return graph.placeholder(f"x{len(inputs)}")
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), as_input)

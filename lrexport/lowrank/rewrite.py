@@ -203,23 +203,31 @@ def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, int, int]:
     return fused, before - left, left
 
 
+@torch.no_grad()
+def node_values(gm: fx.GraphModule, *inputs, keep=None) -> dict[str, object]:
+    """node name → the value it computes when ``gm`` runs on ``inputs`` (only nodes ``keep(node)`` accepts, if given)."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if keep is None or keep(n):
+                values[n.name] = out
+            return out
+
+    Recorder(gm).run(*inputs)
+    return values
+
+
 def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
     """Replace reads of non-batch tensor dimensions (``x.shape[1]``, ``x.size(2)``) by their values.
 
     Such reads would otherwise export as Shape/Gather arithmetic; only the batch size can
     vary at run time, so every other dimension is a constant. Returns how many were frozen.
     """
-    values: dict[fx.Node, object] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
     param = next(gm.parameters(), None)
-    with torch.no_grad():
-        like = dict(dtype=param.dtype, device=param.device) if param is not None else {}
-        Recorder(gm).run(torch.zeros(2, *input_size, **like))
+    like = dict(dtype=param.dtype, device=param.device) if param is not None else {}
+    values = node_values(gm, torch.zeros(2, *input_size, **like))
 
     def static_dim(node: fx.Node) -> bool:
         if node.op == "call_function" and node.target is operator.getitem:
@@ -230,16 +238,16 @@ def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
             )
             if not (is_shape and isinstance(idx, int)):
                 return False
-            ndim = len(values[src])
+            ndim = len(values[src.name])
             return ndim > 0 and idx % ndim != 0
         if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-            return node.args[1] % values[node.args[0]].dim() != 0
+            return node.args[1] % values[node.args[0].name].dim() != 0
         return False
 
     frozen = 0
     for node in list(gm.graph.nodes):
-        if static_dim(node) and isinstance(values.get(node), int):
-            value = values[node]
+        if static_dim(node) and isinstance(values.get(node.name), int):
+            value = values[node.name]
             for user in list(node.users):
                 user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
                 user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
