@@ -71,14 +71,11 @@ class LayerShape:
 
     def macs(self, rank: int | None) -> int:
         """MACs per image of the dense conv (``rank=None``) or the pair at ``rank``."""
-        from ..lowrank import macs as M
+        from ..lowrank.svd_layers import conv_macs
 
-        out_hw = self.out_hw
-        if rank is None:
-            return M.dense_conv_macs(self.c, self.n, self.kh, self.kw, out_hw)
-        if self.mode == "channel":
-            return M.channel_macs(self.c, self.n, self.kh, self.kw, rank, out_hw)
-        return M.spatial_macs(self.c, self.n, self.kh, self.kw, rank, out_hw, mid_w=self.in_hw[1])
+        dense, pair = conv_macs(self.c, self.n, (self.kh, self.kw), self.stride, self.padding, self.dilation, self.mode,
+                                self.in_hw, rank or 1)
+        return dense if rank is None else pair
 
 
 @dataclass
