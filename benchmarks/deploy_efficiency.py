@@ -49,8 +49,7 @@ import lrexport
 from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, layer_tables, on_grid, prune_to
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
-from lrexport.deploy.quantize import quantize_for_timing
-from lrexport.deploy.runners import RUNTIMES, ModelSource, RuntimeOptions, open_runner
+from lrexport.deploy.runners import RUNTIMES, RuntimeOptions, open_runner, timing_source
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
 from lrexport.deploy.tune import tune_layers_of
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
@@ -218,16 +217,13 @@ def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
     """A runner per model of ``runtime``; in int8 every model quantized (QDQ for the ONNX runtimes, XNNPACK's
     quantizer for ExecuTorch), plus the fp32 dense one as "dense_fp32"."""
     own = {name: m for name, m in models.items() if ":" not in name or name.startswith(f"{runtime}:")}
-    int8, onnx = options.precision == "int8", RUNTIMES[runtime].onnx
+    if options.precision == "int8":
+        own["dense_fp32"] = models["dense"]
     runners = {}
     for name, (plain, proto, *_) in own.items():
-        graph = (quantize_for_timing(proto, (2, *INPUT)) if int8 else proto).SerializeToString() if onnx else None
-        runners[name] = open_runner(runtime, ModelSource(onnx=graph, torch=lambda p=plain: p, label=name), options)
-    if int8:
-        dense_plain, dense_proto, *_ = models["dense"]
-        runners["dense_fp32"] = open_runner(runtime, ModelSource(onnx=dense_proto.SerializeToString() if onnx else None,
-                                                                 torch=lambda: dense_plain, label="dense fp32"),
-                                            RuntimeOptions(threads=options.threads))
+        run_as = RuntimeOptions(threads=options.threads) if name == "dense_fp32" else options
+        source = timing_source(runtime, run_as.precision, lambda p=proto: p, lambda p=plain: p, (2, *INPUT), name)
+        runners[name] = open_runner(runtime, source, run_as)
     return runners
 
 

@@ -27,7 +27,7 @@ from ..lowrank import truncated
 from ..progress import Progress, quiet
 from ..lowrank.rewrite import plan_layers, to_plain
 from .onnx_graph import to_onnx
-from .runners import RUNTIMES, ModelSource, RuntimeOptions, open_runner
+from .runners import RUNTIMES, RuntimeOptions, open_runner, timing_source
 from .timing import CUDA_EVENTS, interleave_within
 from .tune import CACHE_FILE, DENSE, make_target, tune_model
 
@@ -148,15 +148,8 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
     runners = {}
     for name, (model, layers) in variants.items():
         plain, _ = to_plain(model, input_size, multiple_of, layers)
-        graph = None
-        if RUNTIMES[plan.runtime].onnx:
-            graph = to_onnx(plain, input_size, batch)
-            if options.precision == "int8":
-                from .quantize import quantize_for_timing
-
-                graph = quantize_for_timing(graph, (batch or 2, *input_size))
-            graph = graph.SerializeToString()
-        source = ModelSource(onnx=graph, torch=lambda p=plain: p, label=f"the {name} plan")
+        source = timing_source(plan.runtime, options.precision, lambda p=plain: to_onnx(p, input_size, batch), lambda p=plain: p,
+                               (batch or 2, *input_size), f"the {name} plan")
         runners[name] = open_runner(plan.runtime, source, options)
     worst = {name: float("inf") for name in runners}
     gen = torch.Generator().manual_seed(2)

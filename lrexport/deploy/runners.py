@@ -303,6 +303,22 @@ RUNTIMES: dict[str, Runtime] = {
 }
 
 
+def timing_source(runtime: str, precision: str, graph: Callable[[], object], module: Callable[[], object], input_shape,
+                  label: str) -> ModelSource:
+    """A model as ``runtime`` takes it to be timed at ``precision``: its ONNX graph where the runtime reads
+    ONNX (``graph()`` builds the fp32 one, only then; in int8 quantized on random inputs of ``input_shape``, as
+    ranges do not change a kernel's speed), and the module builder (ExecuTorch quantizes that itself)."""
+    onnx = None
+    if RUNTIMES[runtime].onnx:
+        proto = graph()
+        if precision == "int8":
+            from .quantize import quantize_for_timing
+
+            proto = quantize_for_timing(proto, input_shape)
+        onnx = proto.SerializeToString()
+    return ModelSource(onnx=onnx, torch=module, label=label)
+
+
 def get_runtime(name: str) -> Runtime:
     """The registered runtime ``name``, checked to be installed here."""
     if name not in RUNTIMES:

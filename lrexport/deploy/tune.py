@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import LrexportError, RuntimeMissingError
 from ..io import atomic_write_text
 from ..progress import LayerTuned, Progress, quiet
-from .runners import RUNTIMES, ModelSource, RuntimeOptions, get_runtime, open_runner
+from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner, timing_source
 from .timing import CUDA_EVENTS, Stats, interleave_within
 
 CACHE_FILE = "tune_cache.json"
@@ -331,19 +331,14 @@ class Target:
         return {"runtime": self.runtime, **self.settings, "batches": list(self.batches)}
 
 
-def layer_source(shape: LayerShape, candidate, batch: int, precision: str = "fp32", onnx: bool = True) -> ModelSource:
-    """One candidate as every runtime takes it: its one-layer ONNX graph (quantized for int8; ``onnx=False``:
-    none, for runtimes that take the module), and the same convs as PyTorch modules."""
+def layer_source(shape: LayerShape, candidate, batch: int, runtime: str, precision: str = "fp32") -> ModelSource:
+    """One candidate as ``runtime`` takes it (``runners.timing_source``): its one-layer ONNX graph, and the same
+    convs as PyTorch modules."""
     from .onnx_graph import conv_chain_module
 
     proto = layer_onnx(shape, candidate, batch)
-    graph = proto
-    if onnx and precision == "int8":
-        from .quantize import quantize_for_timing
-
-        graph = quantize_for_timing(proto, [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim])
-    return ModelSource(onnx=graph.SerializeToString() if onnx else None, torch=lambda: conv_chain_module(proto),
-                       label=f"candidate {candidate}")
+    input_shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    return timing_source(runtime, precision, lambda: proto, lambda: conv_chain_module(proto), input_shape, f"candidate {candidate}")
 
 
 def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
@@ -354,7 +349,7 @@ def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
     if not get_runtime(runtime).tunable:
         raise RuntimeMissingError(f"per-layer tuning on {runtime} is not implemented; export with --no-tune")
     probe = LayerShape("channel", 8, 8, 1, 1, (1, 1), (0, 0), (1, 1), (4, 4))
-    settings = open_runner(runtime, layer_source(probe, DENSE, 1, options.precision, RUNTIMES[runtime].onnx), options).settings()
+    settings = open_runner(runtime, layer_source(probe, DENSE, 1, runtime, options.precision), options).settings()
     return Target(runtime, options, settings, batches)
 
 
@@ -372,8 +367,7 @@ def time_candidates(shape: LayerShape, candidates, target: Target, batch: int, w
     }
     calls, clock = {}, None
     for cand in candidates:
-        source = layer_source(shape, cand, batch, target.options.precision, RUNTIMES[target.runtime].onnx)
-        runner = open_runner(target.runtime, source, target.options)
+        runner = open_runner(target.runtime, layer_source(shape, cand, batch, target.runtime, target.options.precision), target.options)
         calls[cand] = runner.bind(inputs[CONTEXT_OUT if cand == CONTEXT_OUT else "in"])
         clock = runner.clock
     timed = interleave_within(calls, budget_ms, min_repeats, max_repeats, warmup, cuda=clock == CUDA_EVENTS)
