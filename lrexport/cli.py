@@ -108,6 +108,19 @@ def summary_table(summary: dict):
     return table
 
 
+def channels_table(summary: dict):
+    """What the channels phase removed: per layer whose width changed, its input and output channels before → after."""
+    from rich.table import Table
+
+    ch = summary["channels"]
+    table = Table(title=f"channels · {ch['ratio']:.1%} of each prunable group removed, {ch['speedup']:.2f}x fewer MACs")
+    for col in ("layer", "in", "out"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, w in ch["layers"].items():
+        table.add_row(name, *(f"{a} → {b}" if a != b else str(a) for a, b in (w["in"], w["out"])))
+    return table
+
+
 def layers_table(summary: dict):
     """Every conv and linear layer: its ranks (full → kept) where decomposed, else why it stayed dense."""
     from rich.table import Table
@@ -170,7 +183,10 @@ def train(recipe, overrides, output, resume, previous, nproc):
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     out.print(summary_table(s))
-    out.print(layers_table(s))
+    if s.get("channels"):
+        out.print(channels_table(s))
+    if s.get("layers"):
+        out.print(layers_table(s))
     out.print(
         f"base top-1 {s['base_top1']:.2f}% → best finetuned {s['best_finetune_top1']:.2f}% "
         f"(gain {s['accuracy_gain']:+.2f}), MACs speedup {s['macs_speedup']:.2f}x · {result.run_dir / SUMMARY}",
@@ -484,6 +500,8 @@ class SweepProgress(_LiveBar):
                 self.phase = self.bar.add_task(event.phase, total=epochs * event.steps, info="")
             case Step() if self.phase is not None:
                 self.bar.update(self.phase, advance=event.advance, info=f"epoch {event.epoch} loss {event.loss:.3f}")
+            case Message():
+                say(event.text)
             case EnergyStep():
                 mark = "" if event.within else " (beyond tolerance)"
                 say(f"    e = {event.energy:g}: top-1 {event.top1:.2f}%, MACs speedup {event.speedup:.2f}x{mark}")
@@ -499,13 +517,18 @@ class SweepProgress(_LiveBar):
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep, e.g. --grid reg.decay=0.001,0.01 (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value in every run (repeatable).")
 @output_option("Sweep directory (default: <output_dir>/<name>-sweep-<time>).")
+@click.option("--runtime", default=None, metavar="RUNTIME",
+              help="Export each result for this runtime and verify it there (accuracy and measured speedup in the report).")
 @reports_errors
-def sweep(recipe, grid, overrides, output):
-    """Run RECIPE over a grid of values, training each shared phase once."""
+def sweep(recipe, grid, overrides, output, runtime):
+    """Run RECIPE over a grid of values, training each shared phase once.
+
+    A grid may span methods (--grid method=lowrank,channels,channels+lowrank): a key of a phase a
+    method skips does not multiply that method's runs."""
     from .sweep import run_sweep
 
     with SweepProgress() as progress:
-        result = run_sweep(recipe, grid, overrides, output, progress)
+        result = run_sweep(recipe, grid, overrides, output, progress, runtime)
     out.print(_sweep_table(result))
     skipped = len(result.plan.runs) - len(result.ran)
     out.print(f"ran {len(result.ran)} runs, skipped {skipped} finished runs · lrexport report {result.output}", highlight=False, soft_wrap=True)
@@ -518,13 +541,18 @@ def _sweep_table(result):
     keys = list(result.plan.grid) or ["run"]  # the grid values name each run
     for key in keys:
         table.add_column(key, justify="right", min_width=len(key))
-    for col in ("base top-1 %", "best top-1 %", "gain", "MACs speedup"):
+    from .rundir import wall_speedups
+
+    walls = {leaf.name: wall_speedups(result.output / leaf.name) for leaf in result.plan.leaves}
+    batches = sorted({b for w in walls.values() for b in w})
+    for col in ("base top-1 %", "best top-1 %", "gain", "MACs speedup", *(f"wall b{b}" for b in batches)):
         table.add_column(col, justify="right")
     for leaf in result.plan.leaves:
-        s = result.summaries[leaf.name]
-        table.add_row(*(str(leaf.values.get(k, leaf.name)) for k in keys), f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}",
-                      f"{s['accuracy_gain']:+.2f}", f"{s['macs_speedup']:.2f}x")
+        s, wall = result.summaries[leaf.name], walls[leaf.name]
+        table.add_row(*(str(leaf.values.get(k, "-")) for k in keys), f"{s['base_top1']:.2f}", f"{s['best_finetune_top1']:.2f}",
+                      f"{s['accuracy_gain']:+.2f}", f"{s['macs_speedup']:.2f}x", *(f"{wall[b]:.2f}x" if b in wall else "-" for b in batches))
     return table
+
 
 
 @main.command()

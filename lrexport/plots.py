@@ -1,5 +1,6 @@
 """PNG figures of runs: the accuracy–speedup trade-off (with the paper's points and baselines),
-singular-value spectra, per-layer ranks and MACs, and the energy ladder.
+the Pareto front of the methods in MACs and measured wall-clock, singular-value spectra,
+per-layer ranks and MACs, and the energy ladder.
 
 Each function takes plain data and returns PNG bytes; the caller decides where they go.
 Figures are drawn on an Agg canvas of their own (no pyplot, no global backend switch) at a
@@ -20,8 +21,10 @@ DPI = 100
 TRADEOFF_PX = (880, 600)
 SPECTRA_COLS = 6
 LADDER_PX = (800, 500)
-REG_COLOURS = {"hoyer": "tab:blue", "l1": "tab:orange", "none": "tab:green"}
-DEC_MARKERS = {"channel": "o", "spatial": "s"}
+REG_COLOURS = {"hoyer": "tab:blue", "l1": "tab:orange", "none": "tab:green", "filters": "tab:red"}
+DEC_MARKERS = {"channel": "o", "spatial": "s", "filters": "D"}
+METHOD_COLOURS = {"lowrank": "tab:blue", "channels": "tab:red", "channels+lowrank": "tab:purple"}
+PARETO_PANEL_PX = (420, 420)
 BASELINE_MARKERS = ("^", "v", "<", ">", "P", "X", "*", "D", "h", "p")
 
 
@@ -95,6 +98,39 @@ def tradeoff_png(title: str, runs: list[dict], paper: list[dict] = (), baselines
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.7, 0.9), fontsize=8, frameon=False)
     if note:
         fig.text(0.7, 0.04, note, fontsize=7, color="0.3", wrap=True, va="bottom")
+    return _png(fig)
+
+
+def pareto_png(title: str, points: list[dict], panels: list[tuple[str, str]], fronts: dict[str, list[int]],
+               dense_top1: float | None = None) -> bytes:
+    """Accuracy against speedup, one panel per speedup measure, each with its Pareto front.
+
+    ``points``: {method, top1, <key>: speedup or None for each panel}. ``panels``: (key, x label).
+    ``fronts``: key → indices of ``points`` on that panel's front, fastest first.
+    """
+    fig = _figure((PARETO_PANEL_PX[0] * len(panels), PARETO_PANEL_PX[1] + 60))
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.84, bottom=0.14, wspace=0.25)
+    for ax, (key, label) in zip(axes, panels):
+        if dense_top1 is not None:
+            ax.axhline(dense_top1, color="0.6", lw=0.8, zorder=0)
+        ax.axvline(1.0, color="0.6", lw=0.8, ls="--", zorder=0)  # below 1×: slower than the dense model
+        for p in points:
+            if p.get(key):
+                ax.scatter(p[key], p["top1"], s=45, color=METHOD_COLOURS.get(p["method"], "0.3"), edgecolors="black", lw=0.6, zorder=3)
+        front = [points[i] for i in fronts.get(key, [])]
+        if front:
+            ax.step([p[key] for p in front], [p["top1"] for p in front], where="post", color="0.2", lw=1, zorder=2)
+            ax.scatter([p[key] for p in front], [p["top1"] for p in front], s=140, facecolors="none", edgecolors="0.2", lw=1, zorder=4)
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.25)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    handles = [Line2D([], [], ls="", marker="o", ms=7, color=c, label=m) for m, c in METHOD_COLOURS.items()]
+    handles.append(Line2D([], [], ls="-", marker="o", ms=10, color="0.2", markerfacecolor="none", label="Pareto front"))
+    if dense_top1 is not None:
+        handles.append(Line2D([], [], color="0.6", label=f"dense {dense_top1:.2f}%"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.95))
+    fig.suptitle(title, fontsize=11, y=0.995)
     return _png(fig)
 
 

@@ -27,6 +27,7 @@ from .errors import RecipeError
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 (or narrower)
+METHODS = ("lowrank", "channels", "channels+lowrank")
 
 
 def _check(*choices: Any, ge: float | None = None, gt: float | None = None, lt: float | None = None, words: tuple = (),
@@ -90,6 +91,22 @@ class PruneConfig:
 
 
 @dataclass
+class ChannelsConfig:
+    """Filter pruning (method "channels" or "channels+lowrank"), through Torch-Pruning (lrexport.channels)."""
+
+    # the target, one of the two: dense MACs over pruned MACs, or the fraction of each prunable group's channels removed
+    speedup: float = field(default=0.0, metadata=_check(ge=0))
+    ratio: float = field(default=0.0, metadata=_check(ge=0, lt=1))
+    # which channels go: "l2"/"l1" a filter's own weight norm, "group" the norm over all layers the channel
+    # couples, "taylor" |weight × gradient| on training batches, "fpgm" the geometric median, "random"
+    importance: str = field(default="l2", metadata=_check("l2", "l1", "group", "taylor", "fpgm", "random"))
+    round_to: int = field(default=8, metadata=_check(ge=1))  # widths stay multiples of this: odd widths run slowly (docs/recipes.md)
+    steps: int = field(default=1, metadata=_check(ge=1))  # prune in this many rounds, importance taken anew each round
+    taylor_batches: int = field(default=8, metadata=_check(ge=1))  # training batches the taylor gradients sum over
+    exclude: list[str] = field(default_factory=list)  # conv/linear layers whose outputs stay whole (the classifier always does)
+
+
+@dataclass
 class PhaseConfig:
     epochs: int = field(default=0, metadata=_check(ge=0))  # 0 skips the phase
     optimizer: str = field(default="sgd", metadata=_check("sgd", "adam"))
@@ -105,6 +122,7 @@ class PhaseConfig:
 @dataclass
 class PhasesConfig:
     dense: PhaseConfig = field(default_factory=PhaseConfig)  # optional dense pretraining
+    recover: PhaseConfig = field(default_factory=PhaseConfig)  # finetuning right after channel pruning
     fullrank: PhaseConfig = field(default_factory=PhaseConfig)  # full-rank SVD form, λ_o only
     svd: PhaseConfig = field(default_factory=PhaseConfig)  # λ_o and λ_s
     finetune: PhaseConfig = field(default_factory=PhaseConfig)  # pruned ranks fixed, λ_o only
@@ -139,8 +157,12 @@ class Recipe:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = field(default="none", metadata=_check("none", "bf16", "fp16"))
     channels_last: bool = False
+    # "lowrank": the paper's method; "channels": filter pruning alone; "channels+lowrank": filter
+    # pruning, then the paper's method on the narrower network
+    method: str = field(default="lowrank", metadata=_check(*METHODS))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -274,6 +296,7 @@ def recipe_from_dict(raw: dict, where: str = "<recipe>", overrides: typing.Itera
         _apply_override(raw, path, value, text)
     recipe = _build(Recipe, raw, where, "")
     _check_latency(recipe.prune, where)
+    _check_channels(recipe, where)
     _check_normalisation(recipe.data, where)
     return recipe
 
@@ -285,6 +308,18 @@ def _check_normalisation(d: DataConfig, where: str) -> None:
         values = getattr(d, key)
         if (d.mean or d.std) and len(values) != channels:
             raise RecipeError(f"{where}: data.{key} must have one value per channel ({channels}), got {_show(values)}")
+
+
+def _check_channels(r: Recipe, where: str) -> None:
+    """A method that prunes channels needs exactly one target."""
+    c = r.channels
+    if "channels" not in r.method:
+        return
+    if (c.speedup > 0) == (c.ratio > 0):
+        raise RecipeError(f"{where}: method = \"{r.method}\" needs one target: channels.speedup (dense MACs over pruned MACs, > 1) "
+                          "or channels.ratio (the fraction of channels removed, between 0 and 1)")
+    if c.speedup and c.speedup <= 1:
+        raise RecipeError(f"{where}: channels.speedup must be > 1 (dense MACs over pruned MACs), got {c.speedup:g}")
 
 
 def _check_latency(p: PruneConfig, where: str) -> None:

@@ -1,10 +1,12 @@
 """Tables and figures of finished runs: the seed's Table 3 columns, plus wall-clock speedup.
 
 Reads only what runs wrote, through ``lrexport.rundir``: the summary (measurements), the
-typed recipe (model, data, decomposition, regularizer), the spectra, and the verify report
-where ``lrexport verify`` has run. Writes report.md, report.csv, one trade-off plot per model and
-data set (with the paper's own points and its baselines), and per run its spectra, ranks
-and MACs (and the energy ladder, if the energy was searched: summary "energy_search").
+typed recipe (method, model, data, decomposition, regularizer), the spectra, and the verify
+report where ``lrexport verify`` has run. Writes report.md, report.csv, one trade-off plot per
+model and data set (with the paper's own points and its baselines), one Pareto plot per model
+and data set (top-1 against MACs and against measured wall-clock speedup per batch, each
+method in its colour, the front marked), and per run its spectra, ranks and MACs (and the
+energy ladder, if the energy was searched: summary "energy_search").
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class RunRow:
 
     run: str  # unique display name
     path: Path
+    method: str  # "lowrank", "channels" or "channels+lowrank"
     model: str
     dataset: str
     decomposition: str
@@ -47,6 +50,7 @@ class RunRow:
     wall: dict[int, float] = field(default_factory=dict)  # batch size -> wall-clock speedup
     wall_runtime: str = ""
     deployed_macs_speedup: float | None = None  # with the ranks aligned at export
+    dense_top1: float | None = None  # the dense model's (the dense phase's), where it was measured
     summary: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -78,11 +82,14 @@ def read_run(path: str | Path) -> RunRow:
     # the energy the prune step used: the searched one where prune.energy = "auto"
     energy = s["phases"].get("prune", {}).get("energy", recipe.prune.energy)
     decay = float(recipe.reg.decay)
+    lowrank = "lowrank" in recipe.method
     row = RunRow(
-        run=path.name, path=path, model=s.get("model", {}).get("name", recipe.model.name), dataset=recipe.data.dataset, decomposition=recipe.decompose.mode,
+        run=path.name, path=path, method=recipe.method, model=s.get("model", {}).get("name", recipe.model.name),
+        dataset=recipe.data.dataset, decomposition=recipe.decompose.mode if lowrank else "filters",
         # the paper's "None" rows are λ_s = 0; a Hoyer recipe with decay 0 is one of them
-        regularizer=recipe.reg.type if decay > 0 else "none", decay=decay,
-        energy=float(energy) if isinstance(energy, (int, float)) else float("nan"),
+        regularizer=(recipe.reg.type if decay > 0 else "none") if lowrank else "filters", decay=decay if lowrank else float("nan"),
+        energy=float(energy) if lowrank and isinstance(energy, (int, float)) else float("nan"),
+        dense_top1=s["phases"].get("dense", {}).get("top1"),
         base_top1=s["base_top1"], best_top1=s["best_finetune_top1"], gain_top1=s["accuracy_gain"],
         base_top5=s["base_top5"], best_top5=s["best_finetune_top5"], gain_top5=s["best_finetune_top5"] - s["base_top5"],
         dense_macs=s["macs"]["dense_macs"], macs=s["macs"]["macs"], macs_speedup=s["macs_speedup"],
@@ -91,7 +98,7 @@ def read_run(path: str | Path) -> RunRow:
     verify = rundir.verify_path(path)
     if verify.is_file():
         v = rundir.read_json(verify, "verify report")
-        row.wall = {int(r["batch"]): float(r["wall_speedup"]) for r in v.get("latency", [])}
+        row.wall = rundir.wall_speedups(path)
         row.wall_runtime = f"{v.get('runtime', '?')}, {v.get('threads', '?')} threads"
         row.deployed_macs_speedup = v.get("macs", {}).get("deployed_speedup")
     return row
@@ -127,11 +134,11 @@ def csv_text(rows: list[RunRow]) -> str:
     batches = _batches(rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "path", "model", "dataset", "decomposition", "regularizer", "decay", "energy", "base_top1", "best_top1",
+    w.writerow(["run", "path", "method", "model", "dataset", "decomposition", "regularizer", "decay", "energy", "base_top1", "best_top1",
                 "accuracy_gain", "base_top5", "best_top5", "top5_gain", "dense_macs", "macs", "macs_speedup",
                 "paper_macs_speedup", "deployed_macs_speedup", "wall_runtime", *(f"wall_speedup_b{b}" for b in batches)])
     for r in rows:
-        w.writerow([r.run, str(r.path), r.model, r.dataset, r.decomposition, r.regularizer, repr(r.decay), repr(r.energy),
+        w.writerow([r.run, str(r.path), r.method, r.model, r.dataset, r.decomposition, r.regularizer, repr(r.decay), repr(r.energy),
                     repr(r.base_top1), repr(r.best_top1), repr(r.gain_top1), repr(r.base_top5), repr(r.best_top5), repr(r.gain_top5),
                     r.dense_macs, r.macs, repr(r.macs_speedup),
                     *("" if v is None else repr(v) for v in (r.paper_macs_speedup, r.deployed_macs_speedup)),
@@ -157,20 +164,24 @@ def _model_label(model: str) -> str:
 
 
 def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished: list[Path]) -> str:
+    methods = any(r.method != "lowrank" for r in rows)  # the paper's own runs keep its Table 3 columns
     lines = ["# lrexport report", "",
-             "Accuracy gain is best finetuned accuracy minus the full-rank decomposed model's (the paper's *base*), in points. "
+             "Accuracy gain is best finetuned accuracy minus the full-rank decomposed model's (the paper's *base*; the dense "
+             "model's where channels were pruned), in points. "
              "MACs speedup is dense MACs over low-rank MACs as deployed, a layer at or above its break-even rank counted as one "
              "dense conv, whereas the paper's code counts every decomposed layer as its factored pair at any rank (in brackets "
              "where the two differ by more than 0.5 %). Wall-clock speedup is measured by `lrexport verify` through the runtime, "
              "per batch size.", "",
-             "| run | model | data | decomposition | regularizer | λ_s | e | base top-1 % | best top-1 % | gain | top-5 gain | "
-             "MACs speedup | wall-clock speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| run |{' method |' * methods} model | data | decomposition | regularizer | λ_s | e | base top-1 % | best top-1 % | gain | "
+             "top-5 gain | MACs speedup | wall-clock speedup |",
+             "|---|" + "---|" * (12 + methods)]
     for r in rows:
-        lines.append(f"| {r.run} | {_model_label(r.model)} | {r.dataset} | {r.decomposition} | {r.regularizer} | {r.decay:g} | {r.energy:.1e} | "
+        lines.append(f"| {r.run} |{f' {r.method} |' * methods} {_model_label(r.model)} | {r.dataset} | {r.decomposition} | {r.regularizer} | {_num(r.decay, 'g')} | "
+                     f"{_num(r.energy, '.1e')} | "
                      f"{r.base_top1:.2f} | {r.best_top1:.2f} | {r.gain_top1:+.2f} | {r.gain_top5:+.2f} | {macs_cell(r)} | {_wall_cell(r)} |")
     if unfinished:
         lines += ["", "Not finished (left out): " + ", ".join(f"`{p}`" for p in unfinished)]
+    lines += pareto_lines(rows)
     dense = [line for line in map(dense_layers_line, rows) if line]
     if dense:
         lines += [""] + [f"- {line}" for line in dense]
@@ -179,6 +190,54 @@ def markdown_text(rows: list[RunRow], figures: dict[str, list[str]], unfinished:
     for r in rows:
         lines += latency_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def _num(value: float, fmt: str) -> str:
+    """A number as ``fmt``; a setting the run's method has no use for (NaN) as a dash."""
+    return "–" if value != value else format(value, fmt)
+
+
+def pareto_front(values: list[tuple[float | None, float]]) -> list[int]:
+    """Indices of the (speedup, accuracy) points no other point beats in both, fastest first (None: not measured)."""
+    order = sorted((i for i, (x, _) in enumerate(values) if x is not None), key=lambda i: (-values[i][0], -values[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if values[i][1] > best:
+            front.append(i)
+            best = values[i][1]
+    return front
+
+
+def speedup_panels(rows: list[RunRow]) -> list[tuple[str, str]]:
+    """The speedup measures of a Pareto plot or table: MACs, then wall-clock at each verified batch."""
+    return [("macs", "MACs speedup (×)")] + [(f"b{b}", f"wall-clock speedup, batch {b} (×)") for b in _batches(rows)]
+
+
+def _speedup(r: RunRow, key: str) -> float | None:
+    return r.macs_speedup if key == "macs" else r.wall.get(int(key[1:]))
+
+
+def has_front(group: list[RunRow]) -> bool:
+    """Whether runs of one model and data set have a Pareto front to show beyond the trade-off plot:
+    several runs, and more than one method among them or a wall-clock speedup measured."""
+    return len(group) > 1 and (len({r.method for r in group}) > 1 or any(r.wall for r in group))
+
+
+def pareto_lines(rows: list[RunRow]) -> list[str]:
+    """Per model and data set worth a front (``has_front``): the Pareto front of each speedup measure."""
+    lines = []
+    for (model, dataset), group in _groups(rows).items():
+        if not has_front(group):
+            continue
+        lines += ["", f"## Pareto front: {_model_label(model)} on {dataset}", "",
+                  "Runs no other run beats in both top-1 and speedup, fastest first"
+                  + (f" (dense top-1 {group[0].dense_top1:.2f} %)." if group[0].dense_top1 is not None else "."), "",
+                  "| speedup measure | run | method | top-1 % | speedup |", "|---|---|---|---|---|"]
+        for key, label in speedup_panels(group):
+            for i in pareto_front([(_speedup(r, key), r.best_top1) for r in group]):
+                r = group[i]
+                lines.append(f"| {label.replace(' (×)', '')} | {r.run} | {r.method} | {r.best_top1:.2f} | {_speedup(r, key):.2f}× |")
+    return lines
 
 
 def dense_layers_line(row: RunRow) -> str | None:
@@ -224,7 +283,10 @@ def tradeoff_figure(rows: list[RunRow]) -> bytes:
     runs = []
     for r in rows:
         batch = min(r.wall) if r.wall else None
-        runs.append({"label": f"λ {r.decay:g}, e {r.energy:.0e}", "decomposition": r.decomposition, "regularizer": r.regularizer,
+        label = f"λ {r.decay:g}, e {r.energy:.0e}" if "lowrank" in r.method else ""
+        if "channels" in r.method:
+            label = f"channels {r.summary.get('channels', {}).get('speedup', float('nan')):.1f}×" + (f", {label}" if label else "")
+        runs.append({"label": label, "decomposition": r.decomposition, "regularizer": r.regularizer,
                      "gain": r.gain, "macs_speedup": r.macs_speedup, "wall_speedup": r.wall.get(batch) if batch else None})
     metric = "top-5" if first.metric == "top5" else "top-1"
     note = ""
@@ -238,6 +300,26 @@ def tradeoff_figure(rows: list[RunRow]) -> bytes:
         note += " Hollow: wall-clock speedup at the smallest batch verified."
     return tradeoff_png(f"{_model_label(first.model)} on {first.dataset}: {metric} gain vs speedup", runs, paper, base,
                         f"{metric} accuracy gain (points)", note.strip())
+
+
+def pareto_figure(rows: list[RunRow]) -> bytes:
+    """One model on one data set: top-1 against MACs and against each verified batch's wall-clock speedup."""
+    from .plots import pareto_png
+
+    panels = speedup_panels(rows)
+    points = [{"method": r.method, "top1": r.best_top1, **{key: _speedup(r, key) for key, _ in panels}} for r in rows]
+    fronts = {key: pareto_front([(p[key], p["top1"]) for p in points]) for key, _ in panels}
+    walls = {r.wall_runtime for r in rows if r.wall}
+    measured = f"; wall-clock on {', '.join(sorted(walls))}" if walls else "; no run verified: MACs only"
+    return pareto_png(f"{_model_label(rows[0].model)} on {rows[0].dataset}: top-1 against speedup{measured}", points, panels, fronts,
+                      rows[0].dense_top1)
+
+
+def _groups(rows: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
+    groups: dict[tuple[str, str], list[RunRow]] = defaultdict(list)
+    for r in rows:
+        groups[(r.model, r.dataset)].append(r)
+    return groups
 
 
 def run_figures(row: RunRow) -> dict[str, bytes]:
@@ -281,7 +363,8 @@ def build_report(paths, output: str | Path | None = None) -> Report:
     run_dirs, unfinished = expand_runs(paths)
     if not run_dirs:
         raise LrexportError(f"no finished run in {', '.join(map(str, paths))}")
-    rows = sorted((read_run(p) for p in run_dirs), key=lambda r: (r.model, r.dataset, r.decomposition, r.regularizer, r.decay, r.energy))
+    rows = sorted((read_run(p) for p in run_dirs), key=lambda r: (r.model, r.dataset, r.method, r.decomposition, r.regularizer,
+                                                                    r.macs_speedup))
     _unique_names(rows)
     output = Path(output) if output is not None else default_output(paths)
     files: list[Path] = []
@@ -292,11 +375,11 @@ def build_report(paths, output: str | Path | None = None) -> Report:
         return rel
 
     figures: dict[str, list[str]] = {"Accuracy gain against speedup": []}
-    groups: dict[tuple[str, str], list[RunRow]] = defaultdict(list)
-    for r in rows:
-        groups[(r.model, r.dataset)].append(r)
-    for (model, dataset), group in groups.items():
+    for (model, dataset), group in _groups(rows).items():
         figures["Accuracy gain against speedup"].append(write(f"tradeoff-{_slug(model)}-{_slug(dataset)}.png", tradeoff_figure(group)))
+        if has_front(group):
+            figures.setdefault("Top-1 against MACs and wall-clock speedup", []).append(
+                write(f"pareto-{_slug(model)}-{_slug(dataset)}.png", pareto_figure(group)))
     for r in rows:
         figures[f"Run {r.run}"] = [write(f"runs/{_slug(r.run)}/{name}", png) for name, png in run_figures(r).items()]
     atomic_write_text(output / "report.csv", csv_text(rows))

@@ -85,6 +85,14 @@ def resumable_run(root: str | Path, name: str) -> Path:
 
 
 # -- files ------------------------------------------------------------------------------------
+def wall_speedups(run_dir: str | Path) -> dict[int, float]:
+    """batch → wall-clock speedup over dense that ``lrexport verify`` measured (empty where it has not run)."""
+    path = verify_path(run_dir)
+    if not path.is_file():
+        return {}
+    return {int(r["batch"]): float(r["wall_speedup"]) for r in read_json(path, "verify report").get("latency", [])}
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())

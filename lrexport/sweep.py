@@ -8,6 +8,12 @@ so on down to the leaves, one per combination, which finish the method. A 3 × 2
 ``reg.decay`` × ``prune.energy`` trains the dense and full-rank models once, SVD-trains three
 times and prunes + finetunes six times.
 
+A grid may span methods (``method=lowrank,channels,channels+lowrank``): a key of a phase that a
+point's method skips (``prune.energy`` for "channels", ``channels.speedup`` for "lowrank") does
+not multiply that method's points; they take its first value and leave it out of their names.
+With ``runtime``, each leaf is exported for that runtime and verified on it as it finishes
+(RUN/artifacts), so the report can put measured wall-clock speedups beside accuracy.
+
 Layout of the output directory::
 
     sweep.json                      the plan: grid, runs, parents, which are leaves
@@ -35,11 +41,11 @@ import tomli_w
 from . import rundir
 from .errors import LrexportError, RecipeError
 from .io import atomic_write_text
-from .progress import Progress, RunEnd, RunStart, SweepStart, quiet
+from .progress import Message, Progress, RunEnd, RunStart, SweepStart, quiet
 from .recipe import Recipe, load_recipe, parse_override, read_recipe_dict, recipe_from_dict
 # the phases' order and the recipe keys each is the first to depend on: one registry, the pipeline's
 # (keys not listed there -- device, amp, eval.* ... -- are taken to affect everything: nothing is shared)
-from .train.phases import PHASE_KEYS, PHASES
+from .train.phases import PHASE_KEYS, PHASE_METHODS, PHASES
 
 SWEEP_FILE = "sweep.json"
 
@@ -117,7 +123,8 @@ class SweepPlan:
 
     def phase_runs(self) -> dict[str, int]:
         """How many times each phase runs in the whole sweep."""
-        return {p: sum(p in r.phases for r in self.runs) for p in PHASES}
+        counts = {p: sum(p in r.phases and r.recipe.method in PHASE_METHODS[p] for r in self.runs) for p in PHASES}
+        return {p: n for p, n in counts.items() if n}
 
 
 def plan_sweep(raw: dict, grid: Mapping[str, list], overrides: Iterable[str] = (), where: str = "<recipe>") -> SweepPlan:
@@ -149,6 +156,11 @@ def plan_sweep(raw: dict, grid: Mapping[str, list], overrides: Iterable[str] = (
         level_keys = [k for k in keys if first_phase(k) == levels[level]]
         for combo in itertools.product(*(grid[k] for k in level_keys)):
             values = fixed_values | dict(zip(level_keys, combo))
+            method = recipe(values).method
+            inert = [k for k in level_keys if k != "method" and method not in PHASE_METHODS[first_phase(k)]]
+            if any(values[k] != grid[k][0] for k in inert):  # the same run as the one with the first value
+                continue
+            values = {k: v for k, v in values.items() if k not in inert}
             name = _label(values) if last else f"shared/{_label(values)}"
             runs.append(SweepRun(name, values, recipe(values), PHASES[start:end], parent, last))
             if not last:
@@ -190,7 +202,8 @@ def _state(run_dir: Path, run: SweepRun) -> str:
         raise LrexportError(f"{run_dir} holds a run of a different recipe; sweep into a new --output")
     if rundir.has_summary(run_dir):
         summary = rundir.read_summary(run_dir)
-        done = rundir.finished(summary) if run.leaf else all(p in summary.get("phases", {}) for p in run.phases)
+        ran = [p for p in run.phases if run.recipe.method in PHASE_METHODS[p]]  # another method's phases leave no record
+        done = rundir.finished(summary) if run.leaf else all(p in summary.get("phases", {}) for p in ran)
         if done:
             return "done"
     return "partial" if rundir.checkpoint_path(run_dir, rundir.LAST).is_file() else "new"
@@ -200,19 +213,48 @@ def default_output(recipe: Recipe) -> Path:
     return rundir.new_run_dir(recipe.output_dir, f"{recipe.name}-sweep")
 
 
+def _verified_on(run_dir: Path, runtime: str) -> bool:
+    """Whether the run's artifacts were verified on ``runtime`` after its training finished."""
+    report = rundir.verify_path(run_dir)
+    if not report.is_file():
+        return False
+    try:
+        verified = json.loads(report.read_text()).get("runtime") == runtime
+    except (OSError, json.JSONDecodeError):
+        return False
+    return verified and report.stat().st_mtime >= (run_dir / rundir.SUMMARY).stat().st_mtime
+
+
+def deploy_leaf(run_dir: Path, runtime: str, progress: Progress = quiet) -> dict:
+    """Export a finished run for ``runtime`` and verify it there; returns verify.json's content."""
+    from .deploy import ExportConfig, export_run, verify_artifacts
+
+    progress(Message(f"    exporting for {runtime} and verifying: {run_dir / rundir.ARTIFACTS}"))
+    exported = export_run(run_dir, config=ExportConfig(runtime=runtime), progress=progress)
+    return verify_artifacts(exported.out_dir, runtime).report
+
+
 def run_sweep(
     recipe_path: str | Path,
     grid: Iterable[str] | Mapping[str, list],
     overrides: Iterable[str] = (),
     output: str | Path | None = None,
     progress: Progress = quiet,
+    runtime: str | None = None,
 ) -> SweepResult:
     """Run every combination of ``grid`` (``key=v1,v2`` strings or a dict) over the recipe file.
 
     ``overrides`` are ``--set`` strings applied to every run. ``output`` defaults to
-    ``<output_dir>/<name>-sweep-<time>``. Returns the leaves' summaries.
+    ``<output_dir>/<name>-sweep-<time>``. ``runtime``: export each leaf for it and verify it
+    there (a leaf already verified on it since it last trained is left as it is). Returns the
+    leaves' summaries.
     """
     from .train import run_recipe
+
+    if runtime is not None:
+        from .deploy.runners import get_runtime
+
+        get_runtime(runtime)  # unknown or not installed: one line before any training
 
     base = load_recipe(recipe_path, overrides)  # a bad file or --set fails before anything runs
     raw = read_recipe_dict(recipe_path)  # its base chain merged, as load_recipe reads it
@@ -238,6 +280,8 @@ def run_sweep(
             run_recipe(run.recipe, run_dir, progress, start_from=parent, stop_after=run.stop_after)
         if state != "done":
             result.ran.append(run.name)
+        if run.leaf and runtime is not None and not _verified_on(run_dir, runtime):
+            deploy_leaf(run_dir, runtime, progress)
         if run.leaf:
             result.summaries[run.name] = rundir.read_summary(run_dir)
         progress(RunEnd(i + 1, len(plan.runs), run.name))

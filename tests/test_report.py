@@ -87,6 +87,7 @@ def test_markdown_table_and_links(runs, report):
     assert links and all((report.output / link).is_file() for link in links)
     assert {p.relative_to(report.output).as_posix() for p in report.files} == {
         "report.md", "report.csv", "tradeoff-cifar_resnet20-synthetic.png",
+        "pareto-cifar_resnet20-synthetic.png",  # a run was verified: top-1 against measured speedup, with its front
         *(f"runs/{r}/{f}.png" for r in "abc" for f in ("spectra", "ranks", "macs")), "runs/c/energy.png"}
 
 

@@ -12,7 +12,7 @@ from lrexport.cli import main
 from lrexport.errors import LrexportError, RecipeError
 from lrexport.progress import PhaseStart, RunStart
 from lrexport.recipe import read_recipe_dict
-from lrexport.sweep import PHASES, _same_recipe, first_phase, parse_grid, plan_sweep, run_sweep
+from lrexport.sweep import PHASE_METHODS, PHASES, _same_recipe, first_phase, parse_grid, plan_sweep, run_sweep
 
 # the shared tiny recipe with half its data and a full-rank phase: every phase branches or is shared
 CHANGES = ("data.train_size=128", "data.batch_size=64", "phases.fullrank.epochs=1", "phases.fullrank.lr=0.05")
@@ -65,7 +65,7 @@ def test_leaves_carry_their_values(swept):
             assert (recipe["reg"]["decay"], recipe["prune"]["energy"]) == (d, e)
             assert summary["phases"]["prune"]["energy"] == e
             assert result.summaries[run.name]["best_finetune_top1"] == summary["best_finetune_top1"]
-            assert list(summary["phases"]) == list(PHASES) and "finished" in summary
+            assert list(summary["phases"]) == [p for p in PHASES if "lowrank" in PHASE_METHODS[p]] and "finished" in summary
         # the two energies branch from one SVD-trained model
         low, high = (json.loads((_leaf(result, d, e) / "summary.json").read_text()) for e in ENERGIES)
         assert low["phases"]["svd"] == high["phases"]["svd"]
@@ -130,7 +130,7 @@ def test_sweep_plans_from_the_pipelines_phase_registry():
 
     assert sweep.PHASES is phases.PHASES == tuple(ph.name for ph in phases.REGISTRY)
     assert sweep.PHASE_KEYS is phases.PHASE_KEYS == {ph.name: ph.keys for ph in phases.REGISTRY}
-    assert PHASES == ("dense", "decompose", "fullrank", "svd", "prune", "finetune")
+    assert PHASES == ("dense", "channels", "recover", "decompose", "fullrank", "svd", "prune", "finetune")
     for ph in phases.REGISTRY:  # each declared key starts the sweep's branching at its own phase
         assert all(first_phase(key) == ph.name for key in ph.keys)
 

@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, loaded with weights_only=True, rebuilt from data.
 
-A checkpoint holds ``arch`` (model name, num_classes, model kwargs, decomposition mode and
-per-layer ranks, input size), the state dict under ``model``, and whatever training state
+A checkpoint holds ``arch`` (model name, num_classes, model kwargs, the widths channel pruning left,
+decomposition mode and per-layer ranks, input size), the state dict under ``model``, and whatever training state
 the writer adds (phase, epoch, optimizer, scheduler, rng, metrics). Loading rebuilds the
 model from ``arch`` and then loads the weights; no modules are unpickled. A model that was
 passed in from Python (``run_recipe(..., model=m)``, ``arch["given"]``) has no name to rebuild
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LrexportError
+from ..channels import apply_structure
 from ..io import atomic_write_bytes
 from ..lowrank import decompose, layer_ranks, svd_layers
 from ..models import create_model
@@ -33,10 +34,11 @@ def class_path(module: nn.Module) -> str:
 
 
 def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_kwargs: dict | None = None,
-               given: bool = False) -> dict:
+               given: bool = False, channels: dict | None = None) -> dict:
     """The data needed to rebuild ``model``: what a checkpoint stores beside the weights.
 
-    ``given``: the model was passed in from Python; ``name`` is then its class path.
+    ``given``: the model was passed in from Python; ``name`` is then its class path. ``channels``:
+    what channel pruning narrowed (lrexport.channels.structure), applied before the decomposition.
     """
     layers = svd_layers(model)
     modes = {layer.mode for _, layer in layers} - {"linear"}
@@ -46,6 +48,7 @@ def model_arch(model: nn.Module, name: str, num_classes: int, input_size, model_
         "num_classes": int(num_classes),
         "model_kwargs": dict(model_kwargs or {}),
         "input_size": [int(v) for v in input_size],
+        "channels": channels or None,
         "decomposition": None
         if not layers
         else {"mode": modes.pop() if modes else "channel", "ranks": layer_ranks(model)},
@@ -78,6 +81,8 @@ def build_model(arch: dict, base: nn.Module | None = None) -> nn.Module:
             model = _given(arch, base)
         else:
             model = create_model(arch["model"], num_classes=arch["num_classes"], **arch.get("model_kwargs", {}))
+        if arch.get("channels"):
+            apply_structure(model, arch["channels"])
         dec = arch.get("decomposition")
         if dec:
             decompose(model, mode=dec["mode"], ranks=dec["ranks"])
@@ -85,7 +90,7 @@ def build_model(arch: dict, base: nn.Module | None = None) -> nn.Module:
         raise
     except LrexportError as e:
         raise type(e)(f"the model a checkpoint describes cannot be built: {e}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # an arch entry of the wrong shape
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # an arch entry of the wrong shape
         raise CheckpointError(f"a checkpoint's model description is damaged ({e.__class__.__name__}: {str(e)[:100]})") from None
     return model
 

@@ -1,8 +1,11 @@
-"""The method's phases, in order: the one registry the pipeline runs and the sweep plans from.
+"""The methods' phases, in order: the one registry the pipeline runs and the sweep plans from.
 
-Each phase is a function ``(pipeline, resume) -> result`` registered with its name and the
-recipe key prefixes it is the first phase to depend on (a key's later phases follow from
-it: the sweep shares every phase before the first one a grid key affects). ``resume`` is
+dense → channels → recover → decompose → fullrank → svd → prune → finetune. Each phase is a
+function ``(pipeline, resume) -> result`` registered with its name, the recipe key prefixes it
+is the first phase to depend on (a key's later phases follow from it: the sweep shares every
+phase before the first one a grid key affects) and the recipe methods it belongs to (the
+others record it as skipped: "lowrank" skips channels and recover, "channels" the four
+low-rank phases). ``resume`` is
 the last.pt state when a run stopped inside this phase, else None. The pipeline records
 each result, with the model's MACs after the phase, under ``summary.json["phases"][name]``.
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .. import rundir
+from ..recipe import METHODS
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -26,16 +30,21 @@ class Phase:
     name: str
     keys: tuple[str, ...]  # recipe keys (dotted prefixes) this phase is the first to depend on
     run: Callable[["Pipeline", "dict | None"], dict]
+    methods: tuple[str, ...] = METHODS  # the recipe methods that run this phase
 
 
 REGISTRY: list[Phase] = []
 
 
-def phase(name: str, keys: tuple[str, ...]):
-    """Register the decorated function as the next phase of the method."""
+WITH_CHANNELS = tuple(m for m in METHODS if "channels" in m)
+WITH_LOWRANK = tuple(m for m in METHODS if "lowrank" in m)
+
+
+def phase(name: str, keys: tuple[str, ...], methods: tuple[str, ...] = METHODS):
+    """Register the decorated function as the next phase of the methods."""
 
     def register(fn):
-        REGISTRY.append(Phase(name, tuple(keys), fn))
+        REGISTRY.append(Phase(name, tuple(keys), fn, tuple(methods)))
         return fn
 
     return register
@@ -51,7 +60,29 @@ def dense(p: Pipeline, resume: dict | None) -> dict:
     return result
 
 
-@phase("decompose", keys=("decompose",))
+@phase("channels", keys=("method", "channels"), methods=WITH_CHANNELS)
+def channels(p: Pipeline, resume: dict | None) -> dict:
+    from ..channels import prune_channels
+
+    c = p.recipe.channels
+    result = prune_channels(p.model, tuple(p.info.input_size), speedup=c.speedup, ratio=c.ratio, importance_name=c.importance,
+                            round_to=c.round_to, steps=c.steps, exclude=c.exclude, gradients=p.loss_gradients(c.taylor_batches))
+    p.channel_structure = result.structure
+    p.place(p.model)
+    p.summary["channels"] = result.to_dict()
+    p.save("channels", phase="channels")
+    return {"ratio": result.ratio, "speedup": result.speedup, **p.validate()}
+
+
+@phase("recover", keys=("phases.recover",), methods=WITH_CHANNELS)
+def recover(p: Pipeline, resume: dict | None) -> dict:
+    cfg = p.recipe.phases.recover
+    if not cfg.epochs:
+        return {"epochs": 0}
+    return p.train_phase("recover", cfg, _loss(), resume)
+
+
+@phase("decompose", keys=("decompose",), methods=WITH_LOWRANK)
 def decompose(p: Pipeline, resume: dict | None) -> dict:
     from ..lowrank import decompose as decompose_model, layer_status, svd_layers
 
@@ -66,7 +97,7 @@ def decompose(p: Pipeline, resume: dict | None) -> dict:
     return {"mode": d.mode, "layers": len(svd_layers(p.model)), **p.validate()}
 
 
-@phase("fullrank", keys=("reg.ortho", "phases.fullrank"))
+@phase("fullrank", keys=("reg.ortho", "phases.fullrank"), methods=WITH_LOWRANK)
 def fullrank(p: Pipeline, resume: dict | None) -> dict:
     cfg = p.recipe.phases.fullrank
     if not cfg.epochs:
@@ -74,7 +105,7 @@ def fullrank(p: Pipeline, resume: dict | None) -> dict:
     return p.train_phase("fullrank", cfg, _loss(ortho=p.recipe.reg.ortho), resume)
 
 
-@phase("svd", keys=("reg.type", "reg.decay", "phases.svd"))
+@phase("svd", keys=("reg.type", "reg.decay", "phases.svd"), methods=WITH_LOWRANK)
 def svd(p: Pipeline, resume: dict | None) -> dict:
     r = p.recipe
     if not resume and p.dist.is_main:
@@ -86,7 +117,7 @@ def svd(p: Pipeline, resume: dict | None) -> dict:
     return result
 
 
-@phase("prune", keys=("prune",))
+@phase("prune", keys=("prune",), methods=WITH_LOWRANK)
 def prune(p: Pipeline, resume: dict | None) -> dict:
     from ..lowrank import prune as prune_model
 
@@ -103,9 +134,10 @@ def prune(p: Pipeline, resume: dict | None) -> dict:
 @phase("finetune", keys=("phases.finetune",))
 def finetune(p: Pipeline, resume: dict | None) -> dict:
     r = p.recipe
-    ft = p.train_phase("finetune", r.phases.finetune, _loss(ortho=r.reg.ortho), resume, track_best=True)
+    ortho = r.reg.ortho if r.method in WITH_LOWRANK else 0.0  # no SVD layers: nothing to keep orthogonal
+    ft = p.train_phase("finetune", r.phases.finetune, _loss(ortho=ortho), resume, track_best=True)
     if r.phases.finetune.epochs == 0:  # nothing trained: the pruned model is the result
-        pruned = p.summary["phases"]["prune"]
+        pruned = p.summary["phases"][_last_compressing(p)]
         p.save(rundir.LOWRANK, phase="finetune", metrics={"top1": pruned["top1"], "top5": pruned["top5"]})
         ft.update(best_top1=pruned["top1"], best_top5=pruned["top5"], best_epoch=0)
     return ft
@@ -113,9 +145,16 @@ def finetune(p: Pipeline, resume: dict | None) -> dict:
 
 PHASES: tuple[str, ...] = tuple(ph.name for ph in REGISTRY)
 PHASE_KEYS: dict[str, tuple[str, ...]] = {ph.name: ph.keys for ph in REGISTRY}
+PHASE_METHODS: dict[str, tuple[str, ...]] = {ph.name: ph.methods for ph in REGISTRY}
 
 
 # -- what the phases share -----------------------------------------------------------------
+def _last_compressing(p: Pipeline) -> str:
+    """The phase whose model finetuning starts from, with its accuracy: prune, else recover or channels."""
+    done = p.summary["phases"]
+    return next(ph for ph in ("prune", "recover", "channels") if "top1" in done.get(ph, {}))
+
+
 def _loss(*args, **kwargs):
     from .loop import Loss
 

@@ -94,6 +94,7 @@ class Pipeline:
         self.summary: dict = {}
         self.completed: list[str] = []
         self.model: nn.Module | None = None
+        self.channel_structure: dict | None = None  # what the channels phase narrowed (lrexport.channels.structure)
         self.stop = _StopSignals()
 
     # -- setup -------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class Pipeline:
             "model": {"name": self.model_name, "num_classes": self.num_classes, "kwargs": r.model.kwargs, "weights": r.model.weights,
                       "given": self.given is not None},
             "data_config": dataclasses.asdict(self.data_config), "data_info": self.info.to_dict(),
+            "method": r.method, "channels_config": dataclasses.asdict(r.channels),
             "decomposition": dataclasses.asdict(r.decompose), "reg": dataclasses.asdict(r.reg),
             "prune": dataclasses.asdict(r.prune), "phases": {},
         }
@@ -145,7 +147,7 @@ class Pipeline:
 
     def _arch(self) -> dict:
         return model_arch(self.model, self.model_name, self.num_classes, self.info.input_size, self.recipe.model.kwargs,
-                          given=self.given is not None)
+                          given=self.given is not None, channels=self.channel_structure)
 
     def _new_model(self) -> nn.Module:
         """The model the run starts from: the recipe's by name, or a copy of the one passed in (the caller's stays as it is)."""
@@ -219,7 +221,36 @@ class Pipeline:
         return evaluate(self.model, self.val_loader, self.precision, reduce=self.dist.all_sum)
 
     def macs(self) -> dict:
-        return count_macs(self.model, tuple(self.info.input_size)).to_dict()
+        """The model's MACs as deployed; its dense MACs and speedups are those of the model before any channel was pruned."""
+        macs = count_macs(self.model, tuple(self.info.input_size)).to_dict()
+        original = self.summary.get("channels", {}).get("dense_macs")
+        if original:
+            macs.update(dense_macs=original, speedup=original / macs["macs"], paper_speedup=original / macs["paper_macs"])
+        return macs
+
+    def loss_gradients(self, batches: int):
+        """A function that sums the cross-entropy gradients of ``batches`` training batches into the model's
+        ``.grad`` (summed over processes): what channel importance by Taylor expansion scores."""
+        def accumulate(model: nn.Module) -> None:
+            model.eval()  # batch norm's running statistics must not move
+            for i, (x, y) in enumerate(self.train_loader):
+                if i == batches:
+                    break
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+            for param in model.parameters():
+                if param.grad is not None and self.dist.enabled:
+                    param.grad.copy_(self.dist.all_sum(param.grad.cpu()))
+
+        return accumulate
+
+    def _check_channels(self) -> None:
+        """A channel target or model that cannot be pruned fails before any training: pruned once on a copy."""
+        from ..channels import prune_channels
+
+        c = self.recipe.channels
+        prune_channels(copy.deepcopy(self.model), tuple(self.info.input_size), speedup=c.speedup, ratio=c.ratio,
+                       importance_name="l2", round_to=c.round_to, exclude=c.exclude)
 
     # -- a training phase ------------------------------------------------------------------
     def _should_stop(self) -> bool:
@@ -307,11 +338,18 @@ class Pipeline:
 
     def _finish(self) -> None:
         s, final = self.summary, layer_ranks(self.model)
-        for name, ranks in s["ranks"].items():
+        for name, ranks in s.get("ranks", {}).items():
             ranks["final"] = final[name]
-        base = s["phases"]["fullrank"] if s["phases"].get("fullrank", {}).get("epochs") else s["phases"]["decompose"]
-        ft = s["phases"]["finetune"]
-        s.update(
+        s["macs"] = self.macs()
+        # the accuracy gains are against the model before compression: the dense one where channels are pruned,
+        # else (the paper's) the full-rank decomposed one
+        phases = s["phases"]
+        if "channels" in self.recipe.method:
+            base = phases["dense"]
+        else:
+            base = phases["fullrank"] if phases.get("fullrank", {}).get("epochs") else phases["decompose"]
+        ft = phases["finetune"]
+        s.update(method=self.recipe.method,
             base_top1=base["top1"], base_top5=base["top5"], best_finetune_top1=ft["best_top1"], best_finetune_top5=ft["best_top5"],
             accuracy_gain=ft["best_top1"] - base["top1"], macs_speedup=s["macs"]["speedup"],
             finished=datetime.now().isoformat(timespec="seconds"),
@@ -335,6 +373,7 @@ class Pipeline:
             hint = "" if previous or not rundir.checkpoint_path(source, rundir.LAST_PREV).exists() else "; add --previous to use the one before it"
             raise CheckpointError(f"{e}{hint}") from None
         self.model = self.place(model)
+        self.channel_structure = state["arch"].get("channels")
         self.summary = json.loads(state["summary"])
         self.summary["run_dir"] = str(self.run_dir)
         self.completed = list(state["completed"])
@@ -367,7 +406,7 @@ class Pipeline:
                 state = dict(state, phase=None)  # a branch starts at a phase boundary
                 # the branch's own settings, not its source's (the phases it copied are the source's)
                 fresh = self._new_summary()
-                self.summary.update({k: fresh[k] for k in ("name", "started", "decomposition", "reg", "prune")})
+                self.summary.update({k: fresh[k] for k in ("name", "started", "method", "channels_config", "decomposition", "reg", "prune")})
                 if self.dist.is_main:
                     rundir.copy_branch(source, self.run_dir)
         else:
@@ -375,6 +414,8 @@ class Pipeline:
             random.seed(self.recipe.seed)
             self.model = self.place(self._new_model())
             self._check_model()
+            if "channels" in self.recipe.method:
+                self._check_channels()
             self.summary = self._new_summary()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -386,7 +427,10 @@ class Pipeline:
                 if phase in self.completed:
                     continue
                 inside = state if state and state.get("phase") == phase else None
-                self._complete(phase, ph.run(self, inside))
+                if self.recipe.method in ph.methods:
+                    self._complete(phase, ph.run(self, inside))
+                else:  # another method's phase: done, with nothing in the summary
+                    self.completed.append(phase)
                 if phase == stop_after:
                     break
                 if phase != PHASES[-1] and self._should_stop():  # a signal after the phase's last read; last.pt is its end
