@@ -86,8 +86,9 @@ def _override(key: str, value: Any) -> str:
 
 
 def _label(values: Mapping[str, Any]) -> str:
-    """A directory name for fixed grid values: ``reg.decay=0.01,prune.energy=0.001``."""
-    text = ",".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    """A directory name for fixed grid values: ``reg.decay=0.01,prune.energy=0.001``, ``method=channels``."""
+    text = ",".join(f"{k}={v if isinstance(v, str) and re.fullmatch(r'[A-Za-z0-9._+-]+', v) else _toml_value(v)}"
+                    for k, v in values.items())
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text) or "run"
 
 
