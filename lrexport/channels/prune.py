@@ -108,9 +108,10 @@ def ignored_layers(model: nn.Module, example: torch.Tensor, exclude: list[str]) 
 def _pruner(model: nn.Module, example: torch.Tensor, scorer, ratio: float, steps: int, round_to: int, exclude: list[str]):
     tp = _tp()
     try:
-        return tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio, iterative_steps=steps,
-                                    ignored_layers=ignored_layers(model, example, exclude),
-                                    round_to=round_to if round_to > 1 else None)
+        with torch.enable_grad():  # the dependency graph is traced through autograd, even where the caller disabled it
+            return tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio, iterative_steps=steps,
+                                        ignored_layers=ignored_layers(model, example, exclude),
+                                        round_to=round_to if round_to > 1 else None)
     except LrexportError:
         raise
     except Exception as e:  # the dependency graph could not trace the model
