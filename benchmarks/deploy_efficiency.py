@@ -29,6 +29,13 @@ in this one process, on its own settings, calls interleaved in alternating order
 (lrexport.deploy.timing); per round we take dense time / low-rank time, and report the
 median and p10–p90 of those ratios beside the medians of the latencies;
 "vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.
+"channels" (no mode): filter pruning instead of low rank, through Torch-Pruning as
+``method = "channels"`` does (lrexport.channels: L2 filter norm, every prunable group by one
+fraction, widths multiples of 16), to ``--target``× fewer MACs. "combined" (per mode): filter
+pruning to √target first, then the narrower network decomposed, given synthetic spectra and
+pruned to the rest of the target with ranks rounded to 16, as ``method = "channels+lowrank"``
+does. Random weights, so the channels pruned are arbitrary; their count, which sets the speed,
+is what a trained model with the same target would get.
 
     python benchmarks/deploy_efficiency.py [--runtime ort,openvino,executorch] [--modes channel] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency,fewest] [--tune] [--json out.json]
 """
@@ -46,6 +53,7 @@ import numpy as np
 import torch
 
 import lrexport
+from lrexport.channels import prune_channels
 from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, layer_tables, on_grid, prune_to
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
@@ -121,7 +129,7 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), modes=
     assert relative_error(plain_dense(x), dense(x)) < 1e-4
     dense_macs = count_macs(dense, INPUT).deployed
     models = {"dense": (plain_dense, to_onnx(plain_dense, INPUT), dense_macs, dense_macs)}
-    details, pruned = {}, {}
+    details, pruned = {}, {"dense": dense}
     for mode in modes:
         decomposed = decompose(copy.deepcopy(dense), mode, exclude=exclude)
         synthesize_spectra(decomposed, seed)
@@ -136,8 +144,31 @@ def build_models(seed: int, target: float, variants=VARIANTS, exclude=(), modes=
     return models, details, dense_macs, pruned
 
 
+CHANNEL_STEP = 16  # filter widths stay multiples of this, as the low-rank variants' ranks in pruned16
+
+
+@torch.no_grad()
+def add_channels(models, details, pruned, target: float, names, x) -> None:
+    """"channels": filters pruned to ``target``× fewer MACs; "<mode>/combined": filters to √target, then low rank to the rest."""
+    dense = pruned["dense"]
+    dense_macs = count_macs(dense, INPUT).dense
+    if "channels" in names:
+        narrow = copy.deepcopy(dense)
+        res = prune_channels(narrow, INPUT, speedup=target, round_to=CHANNEL_STEP)
+        add_model(models, details, "channels", narrow, *to_plain(narrow, INPUT, 1), None, {}, x, channel_ratio=res.ratio)
+    if "combined" in names:
+        for mode in modes_of(pruned):
+            narrow = copy.deepcopy(dense)
+            res = prune_channels(narrow, INPUT, speedup=math.sqrt(target), round_to=CHANNEL_STEP)
+            lowrank = decompose(narrow, mode)
+            synthesize_spectra(lowrank, 0)
+            energy, ranks = prune_to_target(lowrank, target * res.macs / dense_macs, 16)
+            add_model(models, details, f"{mode}/combined", lowrank.eval(), *to_plain(lowrank, INPUT, 1), energy, ranks, x,
+                      channel_ratio=res.ratio, channel_speedup=res.speedup)
+
+
 def modes_of(pruned) -> list[str]:
-    return list(dict.fromkeys(mode for mode, _ in pruned))
+    return list(dict.fromkeys(key[0] for key in pruned if key != "dense"))
 
 
 def fewest_macs(model, energy: float, cap: float, grid: int = 1):
@@ -242,7 +273,7 @@ def time_runtime(runtime: str, options: RuntimeOptions, models, dense_macs: int,
         times = interleave(active, warmup, rounds, cuda=runners["dense"].clock == CUDA_EVENTS).times_ms
         for name in active:
             if name not in ("dense", "dense_fp32"):
-                rule = dense_macs / rule_macs[name.split(":")[-1].split("/")[0]]
+                rule = dense_macs / rule_macs.get(name.split(":")[-1].split("/")[0], models[name][2])  # "channels": its own
                 rows.append(speedup_row(runtime, name, batch, times, dense_macs / models[name][2], dense_macs / models[name][3], rule))
         if "dense_fp32" in times:
             rows.append(speedup_row(runtime, "dense", batch, times, 1.0, 1.0, 1.0))
@@ -305,7 +336,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                     help="subset of " + ", ".join(v[0] for v in VARIANTS) + ", latency (ranks allocated by latency on each runtime), "
-                         "fewest (the fewest-MACs ranks within latency's budget)")
+                         "fewest (the fewest-MACs ranks within latency's budget), channels (filter pruning), "
+                         "combined (filter pruning, then low rank)")
     ap.add_argument("--modes", default=",".join(MODES), help="decomposition modes, e.g. channel")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
     ap.add_argument("--tune", action="store_true", help="add tuned@B per runtime, mode and batch: export's measured plan at batch B")
@@ -327,6 +359,8 @@ def main() -> None:
                 for mode in modes_of(pruned)} if names & {"latency", "fewest"} else {}
     if "fewest" in names:
         add_fewest(models, details, pruned)
+    if names & {"channels", "combined"}:
+        add_channels(models, details, pruned, args.target, names, torch.randn(2, *INPUT))
     for runtime in runtimes:
         if "latency" in names:
             add_latency(models, details, pruned, runtime, options, batches, args.tune_cache)
@@ -334,9 +368,11 @@ def main() -> None:
             add_tuned(models, details, pruned, variants, runtime, options, batches, args.tune_cache)
     for name, d in details.items():
         ranks = list(d["ranks"].values())
-        print(f"{name:26s} e = {d['energy']:.4g}, MACs {d['macs'] / 1e9:.3f} G ({dense_macs / d['macs']:.2f}x), "
-              f"deployed {d['deployed_macs'] / 1e9:.3f} G, ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, "
-              f"dense layers {len(d['dense_layers'])}" + (f", plan: {d['plan']['deployed']}" if "plan" in d else "")
+        print(f"{name:26s} " + (f"e = {d['energy']:.4g}, " if d["energy"] is not None else "")
+              + (f"channels pruned {d['channel_ratio']:.1%} per group, " if "channel_ratio" in d else "")
+              + f"MACs {d['macs'] / 1e9:.3f} G ({dense_macs / d['macs']:.2f}x), deployed {d['deployed_macs'] / 1e9:.3f} G, "
+              + (f"ranks min/median/max {min(ranks)}/{int(statistics.median(ranks))}/{max(ranks)}, " if ranks else "")
+              + f"dense layers {len(d['dense_layers'])}" + (f", plan: {d['plan']['deployed']}" if "plan" in d else "")
               + (allocation_line(d["allocation"]) if "allocation" in d else ""))
     if ceilings:
         print("the fewest MACs any choice of ranks within the energy rule's budget reaches: "
