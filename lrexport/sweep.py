@@ -105,6 +105,11 @@ class SweepRun:
     leaf: bool
 
     @property
+    def ran_phases(self) -> tuple[str, ...]:
+        """Its phases that its recipe's method runs (the others pass without a trace)."""
+        return tuple(p for p in self.phases if self.recipe.method in PHASE_METHODS[p])
+
+    @property
     def stop_after(self) -> str | None:
         return None if self.leaf else self.phases[-1]
 
@@ -124,7 +129,7 @@ class SweepPlan:
 
     def phase_runs(self) -> dict[str, int]:
         """How many times each phase runs in the whole sweep."""
-        counts = {p: sum(p in r.phases and r.recipe.method in PHASE_METHODS[p] for r in self.runs) for p in PHASES}
+        counts = {p: sum(p in r.ran_phases for r in self.runs) for p in PHASES}
         return {p: n for p, n in counts.items() if n}
 
 
@@ -203,8 +208,7 @@ def _state(run_dir: Path, run: SweepRun) -> str:
         raise LrexportError(f"{run_dir} holds a run of a different recipe; sweep into a new --output")
     if rundir.has_summary(run_dir):
         summary = rundir.read_summary(run_dir)
-        ran = [p for p in run.phases if run.recipe.method in PHASE_METHODS[p]]  # another method's phases leave no record
-        done = rundir.finished(summary) if run.leaf else all(p in summary.get("phases", {}) for p in ran)
+        done = rundir.finished(summary) if run.leaf else all(p in summary.get("phases", {}) for p in run.ran_phases)
         if done:
             return "done"
     return "partial" if rundir.checkpoint_path(run_dir, rundir.LAST).is_file() else "new"
@@ -273,7 +277,7 @@ def run_sweep(
     for i, run in enumerate(plan.runs):
         run_dir = output / run.name
         state = _state(run_dir, run)
-        progress(RunStart(i + 1, len(plan.runs), run.name, str(run_dir), run.phases, run.values, state == "done"))
+        progress(RunStart(i + 1, len(plan.runs), run.name, str(run_dir), run.ran_phases, run.values, state == "done"))
         if state == "partial":
             run_recipe(run.recipe, run_dir, progress, resume=run_dir, stop_after=run.stop_after)
         elif state == "new":

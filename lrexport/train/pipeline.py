@@ -426,11 +426,12 @@ class Pipeline:
                 phase = ph.name
                 if phase in self.completed:
                     continue
+                if self.recipe.method not in ph.methods:  # another method's phase: passed without a trace
+                    if phase == stop_after:
+                        break
+                    continue
                 inside = state if state and state.get("phase") == phase else None
-                if self.recipe.method in ph.methods:
-                    self._complete(phase, ph.run(self, inside))
-                else:  # another method's phase: done, with nothing in the summary
-                    self.completed.append(phase)
+                self._complete(phase, ph.run(self, inside))
                 if phase == stop_after:
                     break
                 if phase != PHASES[-1] and self._should_stop():  # a signal after the phase's last read; last.pt is its end
