@@ -1,11 +1,11 @@
 """Checkpoints: written atomically, loaded with weights_only=True, rebuilt from data.
 
-A checkpoint holds ``arch`` (model name, num_classes, model kwargs, the widths channel pruning left,
-decomposition mode and per-layer ranks, input size), the state dict under ``model``, and whatever training state
-the writer adds (phase, epoch, optimizer, scheduler, rng, metrics). Loading rebuilds the
-model from ``arch`` and then loads the weights; no modules are unpickled. A model that was
-passed in from Python (``run_recipe(..., model=m)``, ``arch["given"]``) has no name to rebuild
-it by: loading takes that module again as ``base``.
+A checkpoint holds ``arch`` (model name, num_classes, model kwargs, the widths channel pruning
+left, decomposition mode and per-layer ranks, input size), the state dict under ``model``, and
+whatever training state the writer adds (phase, epoch, optimizer, scheduler, rng, metrics).
+Loading rebuilds the model from ``arch`` and then loads the weights; no modules are unpickled.
+A model that was passed in from Python (``run_recipe(..., model=m)``, ``arch["given"]``) has no
+name to rebuild it by: loading takes that module again as ``base``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, LrexportError
 from ..channels import apply_structure
+from ..errors import CheckpointError, LrexportError
 from ..io import atomic_write_bytes
 from ..lowrank import decompose, layer_ranks, svd_layers
 from ..models import create_model

@@ -3,11 +3,10 @@
 dense → channels → recover → decompose → fullrank → svd → prune → finetune. Each phase is a
 function ``(pipeline, resume) -> result`` registered with its name, the recipe key prefixes it
 is the first phase to depend on (a key's later phases follow from it: the sweep shares every
-phase before the first one a grid key affects) and the recipe methods it belongs to (the
-others record it as skipped: "lowrank" skips channels and recover, "channels" the four
-low-rank phases). ``resume`` is
-the last.pt state when a run stopped inside this phase, else None. The pipeline records
-each result, with the model's MACs after the phase, under ``summary.json["phases"][name]``.
+phase before the first one a grid key affects) and the recipe methods that run it ("lowrank"
+passes over channels and recover, "channels" over the four low-rank phases, without a trace).
+``resume`` is the last.pt state when a run stopped inside this phase, else None. The pipeline
+records each result, with the model's MACs after the phase, under ``summary.json["phases"][name]``.
 
 Importing this module imports no torch (the sweep plans, and ``lrexport report`` reads
 sweeps, without it); the phase bodies import what they use.
@@ -62,11 +61,7 @@ def dense(p: Pipeline, resume: dict | None) -> dict:
 
 @phase("channels", keys=("method", "channels"), methods=WITH_CHANNELS)
 def channels(p: Pipeline, resume: dict | None) -> dict:
-    from ..channels import prune_channels
-
-    c = p.recipe.channels
-    result = prune_channels(p.model, tuple(p.info.input_size), speedup=c.speedup, ratio=c.ratio, importance_name=c.importance,
-                            round_to=c.round_to, steps=c.steps, exclude=c.exclude, gradients=p.loss_gradients(c.taylor_batches))
+    result = prune_channels(p, p.model)
     p.channel_structure = result.structure
     p.place(p.model)
     p.summary["channels"] = result.to_dict()
@@ -149,6 +144,17 @@ PHASE_METHODS: dict[str, tuple[str, ...]] = {ph.name: ph.methods for ph in REGIS
 
 
 # -- what the phases share -----------------------------------------------------------------
+def prune_channels(p: Pipeline, model, trial: bool = False):
+    """``model`` pruned in place as the recipe's [channels] says; ``trial``: one round by filter norm, no gradients
+    (the check, on a copy, that the target is in reach and the model can be pruned, before any training)."""
+    from ..channels import prune_channels as prune
+
+    c = p.recipe.channels
+    return prune(model, tuple(p.info.input_size), speedup=c.speedup, ratio=c.ratio, importance_name="l2" if trial else c.importance,
+                 round_to=c.round_to, steps=1 if trial else c.steps, exclude=c.exclude,
+                 gradients=None if trial else p.loss_gradients(c.taylor_batches))
+
+
 def _last_compressing(p: Pipeline) -> str:
     """The phase whose model finetuning starts from, with its accuracy: prune, else recover or channels."""
     done = p.summary["phases"]

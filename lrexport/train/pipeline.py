@@ -34,7 +34,7 @@ from ..models import create_model, load_state_dict_file, model_input
 from ..recipe import PhaseConfig, Recipe
 from .checkpoint import build_model, class_path, load_checkpoint, load_weights, model_arch, save_checkpoint
 from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchnorm
-from .phases import PHASES, REGISTRY
+from .phases import PHASES, REGISTRY, prune_channels
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
 
@@ -244,14 +244,6 @@ class Pipeline:
 
         return accumulate
 
-    def _check_channels(self) -> None:
-        """A channel target or model that cannot be pruned fails before any training: pruned once on a copy."""
-        from ..channels import prune_channels
-
-        c = self.recipe.channels
-        prune_channels(copy.deepcopy(self.model), tuple(self.info.input_size), speedup=c.speedup, ratio=c.ratio,
-                       importance_name="l2", round_to=c.round_to, exclude=c.exclude)
-
     # -- a training phase ------------------------------------------------------------------
     def _should_stop(self) -> bool:
         """SIGINT/SIGTERM seen (on any rank: all ranks stop at the same step)."""
@@ -414,8 +406,8 @@ class Pipeline:
             random.seed(self.recipe.seed)
             self.model = self.place(self._new_model())
             self._check_model()
-            if "channels" in self.recipe.method:
-                self._check_channels()
+            if "channels" in self.recipe.method:  # a target or model that cannot be pruned fails before any training
+                prune_channels(self, copy.deepcopy(self.model), trial=True)
             self.summary = self._new_summary()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
