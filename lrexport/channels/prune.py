@@ -163,7 +163,8 @@ def _ratio_for(model, example, input_size, target: float, dense: int, round_to: 
         lo, most = ratio, max(most, reached)
     if hi is None:
         raise ChannelsError(f"channels.speedup = {target:g} cannot be reached: removing up to {SCAN[-1]:.0%} of every prunable "
-                            f"layer's channels gives at most {most:.2f}x fewer MACs (channels.exclude and the classifier stay whole)")
+                            f"layer's channels gives at most {most:.2f}x fewer MACs (channels.exclude and the classifier stay whole; "
+                            f"Torch-Pruning keeps at least round_to = {round_to} channels in a layer)")
     for _ in range(SEARCH_STEPS):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if dense / _macs_at(model, example, input_size, mid, round_to, exclude) >= target else (mid, hi)
