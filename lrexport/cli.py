@@ -224,12 +224,6 @@ def models():
 
 
 # -- deployment: export, verify, infer -------------------------------------------------------
-class OptionError(LrexportError):
-    """An option the chosen runtime or precision does not take: refused in one line, not ignored."""
-
-    exit_code = 2
-
-
 class GroupedCommand(click.Command):
     """A command whose --help lists its options in sections: ``groups`` maps a title to parameter names."""
 
@@ -304,7 +298,8 @@ def runtime_options(fn):
     for option in reversed([
         click.option("--runtime", default=None, metavar="|".join(RUNTIMES),
                      help=f"Runtime to deploy on / measure with (default: export: {next(iter(RUNTIMES))}; verify: the one exported for)."),
-        click.option("--device", type=click.Choice(all_devices()), default=None, help="Device (default: the runtime's first, as --precision lists them)."),
+        click.option("--device", type=click.Choice(all_devices()), default=None,
+                     help="Device (default: the runtime's first, as --precision lists them)."),
         click.option("--precision", type=click.Choice(all_precisions()), default=None,
                      help=f"Precision (default: the runtime's first here). {_runtime_help()}."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of the runtime (default: all CPUs)."),
@@ -320,9 +315,8 @@ def _runtime_options(threads, device, precision, channels_last):
     return RuntimeOptions(threads=threads, device=device, precision=precision, channels_last=channels_last)
 
 
-TARGET = ("runtime", "device", "precision", "batch", "batches", "output")
 EXPORT_GROUPS = {
-    "Target": TARGET,
+    "Target": ("runtime", "device", "precision", "batch", "batches", "output"),
     "Planning": ("no_tune", "tune_cache", "tune_below", "tune_images", "multiple_of"),
     "Checks": ("check_images", "parity_tolerance", "opset"),
     "int8": ("calibration_images", "calibration_split", "max_layer_error"),
@@ -333,10 +327,6 @@ TUNING, INT8 = EXPORT_GROUPS["Planning"][1:4], EXPORT_GROUPS["int8"]  # --no-tun
 
 def _format_alias(ctx, param, value):
     """``--format onnx|<runtime>``: the old spelling of the target ("onnx": the default runtime)."""
-    if value is not None and value != "onnx":
-        from .deploy.backends import entry
-
-        entry(value)
     return None if value == "onnx" else value
 
 
@@ -376,7 +366,7 @@ def export(run, runtime, device, precision, threads, channels_last, batch, batch
     the fastest; the whole model is then timed against every layer dense, so the artifact
     is not slower than the dense model on that runtime at the batches tuned for.
     """
-    from .deploy.backends import entry
+    from .deploy.backends import UnsupportedOptionError, entry
     from .deploy.backends.base import QuantConfig
     from .deploy.export import DEFAULT_RUNTIME, ExportConfig, export_run
     from .deploy.planning.plan import TuneConfig
@@ -384,13 +374,13 @@ def export(run, runtime, device, precision, threads, channels_last, batch, batch
     target = entry(runtime or DEFAULT_RUNTIME)
     options = target.resolve(_runtime_options(threads, device, precision, channels_last))
     if not target.tunable(options.device) and (given := _given(*TUNING)):
-        raise OptionError(f"{given[0]} does not apply: {target.name} times no layer alone on {options.device} "
+        raise UnsupportedOptionError(f"{given[0]} does not apply: {target.name} times no layer alone on {options.device} "
                           "(its plan is the MACs rule's)")
     if options.precision != "int8" and (given := _given(*INT8)):
-        raise OptionError(f"{given[0]} applies to --precision int8 only")
+        raise UnsupportedOptionError(f"{given[0]} applies to --precision int8 only")
     config = ExportConfig(
         runtime=target.name, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
-        tolerance=1e-4 if parity_tolerance is None else parity_tolerance, options=options,
+        tolerance=ExportConfig.tolerance if parity_tolerance is None else parity_tolerance, options=options,
         tune=TuneConfig(enabled=not no_tune, batches=batches, cache=tune_cache and Path(tune_cache), below=tune_below,
                         below_images=tune_images),
         quant=QuantConfig(images=calibration_images, split=calibration_split, max_layer_error=max_layer_error),

@@ -45,8 +45,7 @@ class BackendEntry:
     name: str
     module: str  # under lrexport.deploy.backends, imported on first use
     title: str  # as users know it
-    precisions: dict[str, tuple[str, ...]]  # device → the precisions it runs there (the first device is the default)
-    default_precision: str = "fp32"
+    precisions: dict[str, tuple[str, ...]]  # device → the precisions it runs there; the first of each is the default
     options: tuple[str, ...] = ("threads",)  # the OPTIONS it reads
     tunes_on: tuple[str, ...] = ("cpu",)  # devices where one layer can be timed alone (tuning, prune.latency)
     reads_onnx: bool = True  # it runs the exported ONNX graphs (the others: the module, or files of their own)
@@ -83,7 +82,7 @@ class BackendEntry:
                 readers = ", ".join(n for n, e in RUNTIMES.items() if name in e.options)
                 raise UnsupportedOptionError(f"{self.name} does not take --{name.replace('_', '-')} (it applies to {readers})")
         device = options.device or self.devices[0]
-        precision = options.precision or self.default_precision
+        precision = options.precision or self.precisions.get(device, ("fp32",))[0]
         self.check(device, precision)
         return replace(options, device=device, precision=precision)
 
@@ -94,6 +93,7 @@ class BackendEntry:
                                       f"{DEVICE_NAMES.get(device, device)}")
 
 
+# the first entry is export's default target
 RUNTIMES: dict[str, BackendEntry] = {
     # onnxruntime's CPU provider; CUDA with onnxruntime-gpu (timed through host copies: no layer timing there)
     "ort": BackendEntry("ort", ".ort", "onnxruntime", {"cpu": ("fp32", "int8"), "cuda": ("fp32", "int8")}, int8_format="onnx"),
@@ -102,12 +102,11 @@ RUNTIMES: dict[str, BackendEntry] = {
                           options=("threads", "channels_last", "cuda_graph"), tunes_on=("cpu", "cuda"), reads_onnx=False),
     "executorch": BackendEntry("executorch", ".executorch", "ExecuTorch", {"cpu": ("fp32", "int8")}, reads_onnx=False,
                                int8_format="executorch"),
-    "trt": BackendEntry("trt", ".trt", "TensorRT", {"cuda": ("fp16", "fp32", "int8")}, default_precision="fp16", options=(),
-                        tunes_on=()),
+    "trt": BackendEntry("trt", ".trt", "TensorRT", {"cuda": ("fp16", "fp32", "int8")}, options=(), tunes_on=()),
 }
 
 
-ONNX_REFERENCE = next(iter(RUNTIMES))  # the exported graphs are checked on it, whatever the target
+ONNX_REFERENCE = "ort"  # the exported graphs are checked on it, whatever the target
 
 
 def entry(name: str) -> BackendEntry:
