@@ -9,6 +9,9 @@ percentile ranges cost none). A layer whose own
 output error under int8 (its input and weights quantized with the calibrated ranges,
 against the float layer, on calibration images) exceeds ``max_layer_error`` stays in float:
 the graph is quantized again without it, and the evidence goes into plan.json.
+
+``onnx`` is imported where used: the torch-free runtime (``lrexport infer``) imports this module
+through its backend and needs onnxruntime, numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from . import reference_runner
 from .base import Backend, BuildContext, ModelSource, QuantizationError, compare, random_batches, run_batched
@@ -58,6 +59,7 @@ def quantize(proto: onnx.ModelProto, batches: list[np.ndarray], exclude=(), rang
 
     ``ranges``: "percentile" (for accuracy) or "minmax" (fast; enough where only speed is measured).
     """
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not batches:
@@ -100,6 +102,8 @@ def _fake_quantize(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
 
 def _conv_inputs(qdq: onnx.ModelProto) -> dict[str, tuple]:
     """Conv name → (float input tensor, its scale and zero point, dequantized int8 weight) for every quantized conv."""
+    from onnx import numpy_helper
+
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     made_by = _producers(qdq.graph)
     convs = {}
@@ -118,7 +122,9 @@ def _conv_inputs(qdq: onnx.ModelProto) -> dict[str, tuple]:
 
 def layer_errors(fp32: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[np.ndarray]) -> dict[str, float]:
     """Per quantized conv: ‖int8 layer − float layer‖ / ‖float layer‖ on ``batches``, each layer on its float input."""
+    import onnx
     import torch
+    from onnx import numpy_helper
 
     from ..onnx_graph import conv_from_node
 
