@@ -49,7 +49,7 @@ import lrexport
 from lrexport.deploy.planning.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, layer_tables, on_grid, prune_to
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
 from lrexport.deploy.planning.plan import TuneConfig, default_cache, plan_export
-from lrexport.deploy.backends import RUNTIMES, RuntimeOptions, open_runner, timing_source
+from lrexport.deploy.backends import RUNTIMES, RuntimeOptions, get_runtime, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
 from lrexport.deploy.planning.tune import tune_layers_of
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
@@ -222,7 +222,7 @@ def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
     runners = {}
     for name, (plain, proto, *_) in own.items():
         run_as = RuntimeOptions(threads=options.threads) if name == "dense_fp32" else options
-        source = timing_source(runtime, run_as.precision, lambda p=proto: p, lambda p=plain: p, (2, *INPUT), name)
+        source = get_runtime(runtime).timing_source(run_as.precision, lambda p=proto: p, lambda p=plain: p, (2, *INPUT), name)
         runners[name] = open_runner(runtime, source, run_as)
     return runners
 
