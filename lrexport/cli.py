@@ -378,6 +378,8 @@ def export(run, runtime, device, precision, threads, channels_last, batch, batch
                           "(its plan is the MACs rule's)")
     if options.precision != "int8" and (given := _given(*INT8)):
         raise UnsupportedOptionError(f"{given[0]} applies to --precision int8 only")
+    if not target.int8_fallback and (given := _given("max_layer_error")):
+        raise UnsupportedOptionError(f"{given[0]} does not apply: {target.name} keeps no conv in float by its int8 error")
     config = ExportConfig(
         runtime=target.name, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
         tolerance=ExportConfig.tolerance if parity_tolerance is None else parity_tolerance, options=options,

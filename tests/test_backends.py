@@ -48,3 +48,12 @@ def test_export_help_is_grouped_and_lists_the_registry():
         assert section in res.output
     assert "|".join(RUNTIMES) in res.output and "--format" not in res.output and "--trt-batch-sizes" not in res.output
     assert "--parity-tolerance" in res.output and "--batches" in res.output
+
+
+def test_an_option_the_runtime_does_not_take_is_refused_in_one_line_before_any_work(tmp_path):
+    for args in (["--runtime", "trt", "--precision", "int8", "--max-layer-error", "0.2"], ["--runtime", "trt", "--tune-cache", "c"],
+                 ["--runtime", "trt", "--threads", "2"], ["--channels-last"], ["--calibration-images", "8"]):
+        res = CliRunner().invoke(main, ["export", str(tmp_path), *args])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, res.output)
+    assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
