@@ -206,4 +206,3 @@ def conv_chain_module(proto: onnx.ModelProto) -> nn.Module:
         if node.op_type != "Conv":
             raise GraphError(f"conv_chain_module takes Conv nodes only; got {node.op_type}")
     return nn.Sequential(*(conv_from_node(node, weights) for node in proto.graph.node)).eval()
-
