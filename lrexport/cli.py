@@ -293,11 +293,11 @@ def _given(*names: str) -> list[str]:
 
 def runtime_options(fn):
     """The options every command that runs a model shares: which runtime, and how it runs."""
-    from .deploy.backends import RUNTIMES, all_devices, all_precisions
+    from .deploy.backends import DEFAULT_RUNTIME, RUNTIMES, all_devices, all_precisions
 
     for option in reversed([
         click.option("--runtime", default=None, metavar="|".join(RUNTIMES),
-                     help=f"Runtime to deploy on / measure with (default: export: {next(iter(RUNTIMES))}; verify: the one exported for)."),
+                     help=f"Runtime to deploy on / measure with (default: export: {DEFAULT_RUNTIME}; verify: the one exported for)."),
         click.option("--device", type=click.Choice(all_devices()), default=None,
                      help="Device (default: the runtime's first, as --precision lists them)."),
         click.option("--precision", type=click.Choice(all_precisions()), default=None,
@@ -366,9 +366,9 @@ def export(run, runtime, device, precision, threads, channels_last, batch, batch
     the fastest; the whole model is then timed against every layer dense, so the artifact
     is not slower than the dense model on that runtime at the batches tuned for.
     """
-    from .deploy.backends import UnsupportedOptionError, entry
+    from .deploy.backends import DEFAULT_RUNTIME, UnsupportedOptionError, entry
     from .deploy.backends.base import QuantConfig
-    from .deploy.export import DEFAULT_RUNTIME, ExportConfig, export_run
+    from .deploy.export import ExportConfig, export_run
     from .deploy.planning.plan import TuneConfig
 
     target = entry(runtime or DEFAULT_RUNTIME)

@@ -37,19 +37,17 @@ from ..io import atomic_write_bytes, atomic_write_text
 from ..progress import Progress, quiet
 from ..rundir import Run, artifacts_dir, newest_run, open_run
 from .artifacts import FILES, META_FILE, META_VERSION, MODELS, PLAN_FILE, PROGRAMS, REFERENCE_FILE
-from .backends import RUNTIMES, RuntimeOptions, backend_of, entry, reference_versions, run_onnx
+from .backends import DEFAULT_RUNTIME, RuntimeOptions, backend_of, entry, reference_versions, run_onnx
 from .backends.base import BuildContext, Check, QuantConfig, QuantizationError, compare, fail_beyond
 from .backends.base import ExportCheckError  # noqa: F401 (what the check raises: callers catch it from here)
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, check_graph, to_onnx
 from .planning.latency_ranks import allocated_plan
 from .planning.plan import Plan, TuneConfig, plan_export
 
-DEFAULT_RUNTIME = next(iter(RUNTIMES))
-
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What ``export_run`` makes. ``runtime=None``: the first runtime of the registry."""
+    """What ``export_run`` makes. ``runtime=None``: DEFAULT_RUNTIME (the registry's first)."""
 
     runtime: str | None = None
     batch: int | None = None  # None: a dynamic batch dimension

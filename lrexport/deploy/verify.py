@@ -19,7 +19,7 @@ from .. import rundir
 from ..errors import LrexportError
 from ..io import atomic_write_text
 from .artifacts import MODELS, PLAN_FILE, REFERENCE_FILE
-from .backends import RUNTIMES, Backend, RuntimeOptions, get_runtime
+from .backends import DEFAULT_RUNTIME, RUNTIMES, Backend, RuntimeOptions, get_runtime
 from .runtime import load_meta, run_batched
 from .timing import CUDA_EVENTS, interleave, machine
 
@@ -201,7 +201,7 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
     """
     config, options = config or VerifyConfig(), options or RuntimeOptions()
     art = load_artifacts(artifacts_dir if artifacts_dir is not None else rundir.artifacts_dir(rundir.newest_run(runs_root)))
-    runtime = runtime or art.meta.get("runtime", next(iter(RUNTIMES)))
+    runtime = runtime or art.meta.get("runtime", DEFAULT_RUNTIME)
     backend = get_runtime(runtime)  # an unknown or missing runtime: one line
     art.check_runtime(backend)
     if options.precision in (None, "fp32") and art.precision != "fp32":

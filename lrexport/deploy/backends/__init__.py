@@ -19,7 +19,7 @@ from importlib import import_module
 from ...errors import LrexportError, RuntimeMissingError
 from .base import Backend, ModelSource, Runner, RuntimeOptions, run_batched
 
-__all__ = ["RUNTIMES", "BackendEntry", "Backend", "ModelSource", "Runner", "RuntimeOptions", "UnknownRuntimeError",
+__all__ = ["RUNTIMES", "DEFAULT_RUNTIME", "BackendEntry", "Backend", "ModelSource", "Runner", "RuntimeOptions", "UnknownRuntimeError",
            "UnsupportedOptionError", "all_devices", "all_precisions", "backend_of", "entry", "get_runtime", "open_runner", "reference_runner", "reference_versions", "run_onnx",
            "tunable_runtimes"]
 
@@ -108,6 +108,7 @@ RUNTIMES: dict[str, BackendEntry] = {
 }
 
 
+DEFAULT_RUNTIME = next(iter(RUNTIMES))
 ONNX_REFERENCE = "ort"  # the exported graphs are checked on it, whatever the target
 
 
