@@ -20,7 +20,7 @@ way. "latency" (per runtime and mode): the ranks ``prune.latency = R`` allocates
 runtime, at the same energy budget as the energy-rule model (the mean over layers of the
 discarded energy fraction at the bisected e, no layer discarding more than 10·e), each
 decomposed conv timed dense and as thin pairs on the rank grid at batches 1 and 8,
-deployed exactly at those ranks (lrexport.deploy.latency_ranks); the script also prints
+deployed exactly at those ranks (lrexport.deploy.planning.latency_ranks); the script also prints
 the fewest MACs any allocation within that budget reaches (its MACs ceiling). "fewest"
 (per mode): the ranks on the same grid with the fewest MACs within that budget, i.e. what
 the allocation would choose if time followed MACs. The dense model is exported the same
@@ -54,12 +54,12 @@ import torch
 
 import lrexport
 from lrexport.channels import prune_channels
-from lrexport.deploy.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, layer_tables, on_grid, prune_to
+from lrexport.deploy.planning.latency_ranks import LatencyConfig, allocated_plan, cap_of, latency_prune, layer_tables, on_grid, prune_to
 from lrexport.deploy.onnx_graph import check_graph, to_onnx
-from lrexport.deploy.plan import TuneConfig, default_cache, plan_export
-from lrexport.deploy.runners import RUNTIMES, RuntimeOptions, open_runner, timing_source
+from lrexport.deploy.planning.plan import TuneConfig, default_cache, plan_export
+from lrexport.deploy.backends import RUNTIMES, RuntimeOptions, get_runtime, open_runner
 from lrexport.deploy.timing import CUDA_EVENTS, interleave, machine, quantile
-from lrexport.deploy.tune import tune_layers_of
+from lrexport.deploy.planning.tune import tune_layers_of
 from lrexport.lowrank import count_macs, decompose, energy_rank, prune, round_rank, svd_layers
 from lrexport.lowrank.allocate import DENSE, allocate, energy_budget
 from lrexport.lowrank.prune import rule_rank
@@ -253,7 +253,7 @@ def open_models(runtime: str, options: RuntimeOptions, models) -> dict:
     runners = {}
     for name, (plain, proto, *_) in own.items():
         run_as = RuntimeOptions(threads=options.threads) if name == "dense_fp32" else options
-        source = timing_source(runtime, run_as.precision, lambda p=proto: p, lambda p=plain: p, (2, *INPUT), name)
+        source = get_runtime(runtime).timing_source(run_as.precision, lambda p=proto: p, lambda p=plain: p, (2, *INPUT), name)
         runners[name] = open_runner(runtime, source, run_as)
     return runners
 
@@ -301,7 +301,7 @@ def speedup_row(runtime: str, name: str, batch: int, times: dict, macs_speedup: 
 def print_table(runtime: str, settings: dict, rows: list[dict]) -> None:
     int8 = any("vs_fp32" in r for r in rows)
     print(f"\n{runtime} {settings['version']}, {settings['threads']} threads, {settings['precision']}; interleaved rounds after warm-up"
-          + (f"; every model int8 ({'QDQ' if RUNTIMES[runtime].onnx else 'XNNPACK quantizer'}) but dense fp32: wall x over dense int8, "
+          + (f"; every model int8 ({'QDQ' if RUNTIMES[runtime].reads_onnx else 'XNNPACK quantizer'}) but dense fp32: wall x over dense int8, "
              "vs fp32 over dense fp32" if int8 else ""))
     header = (f"{'model':<18}{'batch':>6}{'rounds':>7}{'dense ms':>18}{'low-rank ms':>18}{'wall x (p10–p90)':>22}"
               f"{'min x':>7}{'MACs x':>8}{'deployed':>9}{'ratio':>7}{'vs rule':>8}" + (f"{'vs fp32':>9}" if int8 else ""))

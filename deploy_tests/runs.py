@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lrexport.deploy.export import ExportConfig
-from lrexport.deploy.plan import TuneConfig
+from lrexport.deploy.planning.plan import TuneConfig
 from lrexport.rundir import open_run
 from lrexport.train.checkpoint import load_model
 

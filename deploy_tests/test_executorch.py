@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrexport.deploy import executorch as et
-from lrexport.deploy import latency_ranks as LR
+from lrexport.deploy.backends import executorch as et
+from lrexport.deploy.planning import latency_ranks as LR
 from lrexport.deploy.export import ExportConfig, export_run
-from lrexport.deploy.plan import TuneConfig, plan_export
-from lrexport.deploy.quantize import QuantConfig
-from lrexport.deploy.runners import RuntimeOptions
-from lrexport.deploy.tune import DENSE, TuneCache, layer_times, make_target, tune_layers_of
+from lrexport.deploy.planning.plan import TuneConfig, plan_export
+from lrexport.deploy.backends.qdq import QuantConfig
+from lrexport.deploy.backends import RuntimeOptions
+from lrexport.deploy.planning.tune import DENSE, TuneCache, layer_times, make_target, tune_layers_of
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
 from lrexport.errors import LrexportError
 from lrexport.lowrank import decompose, svd_layers
@@ -63,7 +63,7 @@ def test_programs_reproduce_pytorch_and_verify_through_executorch(exported):
 def test_stored_programs_run_any_batch_and_name_the_ones_they_lack(exported, run):
     from lrexport.deploy.verify import load_artifacts
 
-    runner = et.ExecutorchRunner(ONE_THREAD, programs=load_artifacts(exported.out_dir).source("lowrank").pte)
+    runner = et.ExecutorchRunner(ONE_THREAD, programs=et.BACKEND.own_files(exported.out_dir, load_artifacts(exported.out_dir).meta, "lowrank"))
     x = torch.randn(5, *SIZE)
     model, _ = load_model(run / "checkpoints/finetune_best.pt")
     with torch.no_grad():

@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from lrexport.cli import main
-from lrexport.deploy import latency_ranks as LR
+from lrexport.deploy.planning import latency_ranks as LR
 from lrexport.deploy.export import ExportConfig, export_run
-from lrexport.deploy.plan import TuneConfig, plan_export
-from lrexport.deploy.runners import RuntimeOptions
+from lrexport.deploy.planning.plan import TuneConfig, plan_export
+from lrexport.deploy.backends import RuntimeOptions
 from lrexport.lowrank import svd_layers
 from lrexport.recipe import load_recipe
 from lrexport.report import build_report

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from lrexport.cli import main
 from lrexport.deploy.export import ExportConfig, export_run
-from lrexport.deploy.quantize import QuantConfig, layer_errors, quantize, random_batches
-from lrexport.deploy.runners import RuntimeOptions
+from lrexport.deploy.backends.qdq import QuantConfig, layer_errors, quantize, random_batches
+from lrexport.deploy.backends import RuntimeOptions
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
 from runs import NO_TUNE, one_line
 
@@ -65,7 +65,7 @@ def test_a_layer_beyond_the_error_bound_stays_in_float(channel_export, tmp_path)
     assert set(errors) == {n.name for n in fp32.graph.node if n.op_type == "Conv"} and all(e > 0 for e in errors.values())
     worst = max(errors, key=errors.get)
     # a bound just below the worst layer's error leaves exactly that layer in float
-    from lrexport.deploy.quantize import quantize_checked
+    from lrexport.deploy.backends.qdq import quantize_checked
 
     mixed, evidence = quantize_checked(fp32, batches, errors[worst] * 0.999)
     assert evidence["float_layers"] == [worst]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lrexport.deploy.onnx_graph import to_onnx
-from lrexport.deploy.runners import RUNTIMES, ModelSource, RuntimeOptions, UnknownRuntimeError, get_runtime, open_runner
+from lrexport.deploy.backends import RUNTIMES, ModelSource, RuntimeOptions, UnknownRuntimeError, get_runtime, open_runner
 from lrexport.deploy.timing import interleave
 from lrexport.errors import RuntimeMissingError
 
@@ -87,7 +87,7 @@ def test_a_signal_after_openvino_models_are_gone_is_handled_not_a_segfault(tmp_p
         import numpy as np
         import torch
         from lrexport.deploy.onnx_graph import to_onnx
-        from lrexport.deploy.runners import OpenVinoRunner, RuntimeOptions
+        from lrexport.deploy.backends.openvino import OpenVinoRunner, RuntimeOptions
 
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)).eval()
         onnx = to_onnx(net, (3, 16, 16)).SerializeToString()

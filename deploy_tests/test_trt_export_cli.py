@@ -17,9 +17,10 @@ def tiny_run(trained_run):
     return trained_run("channel")  # the exports below write under --out, not into the shared run
 
 
-def test_export_trt_without_tensorrt_from_the_shell(tiny_run, tmp_path, cli):
+@pytest.mark.parametrize("target", [["--format", "trt"], ["--runtime", "trt"]])  # --format trt: the old spelling
+def test_export_trt_without_tensorrt_from_the_shell(tiny_run, tmp_path, cli, target):
     out = tmp_path / "art"
-    res = cli("export", tiny_run, "--format", "trt", "--output", out, "--check-images", "8", "--no-tune")
+    res = cli("export", tiny_run, *target, "--output", out, "--check-images", "8", "--no-tune")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 
-from lrexport.deploy import tune as T
-from lrexport.deploy.below import confirm_below, top1
+from lrexport.deploy.planning import tune as T
+from lrexport.deploy.planning.below import confirm_below, top1
 from lrexport.deploy.export import ExportConfig, export_run
-from lrexport.deploy.plan import TuneConfig
-from lrexport.deploy.runners import RuntimeOptions
+from lrexport.deploy.planning.plan import TuneConfig
+from lrexport.deploy.backends import RuntimeOptions
 from lrexport.rundir import open_run
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
 from lrexport.lowrank import count_macs, layer_ranks, truncated

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from lrexport.cli import main
 from lrexport.deploy.export import ExportConfig, export_run
-from lrexport.deploy.plan import TuneConfig
-from lrexport.deploy.runners import RuntimeOptions
+from lrexport.deploy.planning.plan import TuneConfig
+from lrexport.deploy.backends import RuntimeOptions
 from lrexport.deploy.timing import Timed
 from lrexport.deploy.onnx_graph import conv_weight_shapes
 from lrexport.deploy.verify import VerifyConfig, verify_artifacts
@@ -82,8 +82,8 @@ def test_second_export_reuses_the_cache(tuned, tmp_path):
     ({"tuned": 3.0, "untuned": 2.5, "dense": 2.0}, "dense"),
 ])
 def test_whole_model_guard_deploys_the_fastest_and_never_slower_than_dense(tuned, tmp_path, monkeypatch, times, deployed):
-    from lrexport.deploy import plan as P
-    from lrexport.deploy import tune as T
+    from lrexport.deploy.planning import plan as P
+    from lrexport.deploy.planning import tune as T
 
     run, first = tuned
     real_choose = T.choose
@@ -154,13 +154,17 @@ def test_cli_export_errors(tuned, tmp_path):
     assert bad.exit_code == 1 and "differ from the fixed export batch" in bad.output
     unknown = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "x"), "--runtime", "tflite"])
     assert unknown.exit_code == 2 and "unknown runtime 'tflite'" in unknown.output and not (tmp_path / "x").exists()
-    trt = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "trt"), "--runtime", "trt"])
-    assert trt.exit_code == 1 and "--format trt" in trt.output and not (tmp_path / "trt").exists()
+    # --runtime names the target once (issue 31): an option the runtime does not take is refused, not ignored
+    for args in (["--channels-last"], ["--precision", "int8", "--runtime", "torch"], ["--tune-images", "5", "--runtime", "trt"],
+                 ["--max-layer-error", "0.2"]):
+        refused = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "refused"), *args])
+        assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, (args, refused.output)
+        assert not (tmp_path / "refused").exists()
 
 
 def test_a_plan_of_dense_layers_is_deployed_dense_without_timing_it_twice(tuned, tmp_path, monkeypatch):
-    from lrexport.deploy import plan as P
-    from lrexport.deploy import tune as T
+    from lrexport.deploy.planning import plan as P
+    from lrexport.deploy.planning import tune as T
 
     run, first = tuned
     real_choose = T.choose

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from lrexport.cli import main
 from lrexport.deploy.onnx_graph import to_onnx
 from lrexport.rundir import open_run
-from lrexport.deploy.runners import RuntimeOptions
+from lrexport.deploy.backends import RuntimeOptions
 from lrexport.deploy.verify import VerifyConfig, VerifyError, verify_artifacts
 from lrexport.train.checkpoint import load_model
 from runs import NO_TUNE, one_line
@@ -170,7 +170,7 @@ def test_torch_on_cuda_without_a_gpu_is_one_line(channel_export):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_torch_runner_on_cuda(precision):
-    from lrexport.deploy.runners import TorchRunner
+    from lrexport.deploy.backends.pytorch import TorchRunner
     from lrexport.deploy.timing import interleave
 
     torch.manual_seed(0)

@@ -240,7 +240,49 @@ def models():
 
 
 # -- deployment: export, verify, infer -------------------------------------------------------
-def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options in sections: ``groups`` maps a title to parameter names."""
+
+    def __init__(self, *args, groups: dict[str, tuple[str, ...]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups = groups or {}
+
+    def format_options(self, ctx, formatter):
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        sections = {title: [records[n] for n in names if records.get(n)] for title, names in self.groups.items()}
+        placed = {n for names in self.groups.values() for n in names}
+        sections["Other options"] = [r for n, r in records.items() if r and n not in placed]
+        for title, rows in sections.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def aliases(param: str, *old_names: str, callback=None):
+    """Old spellings of option ``param`` (declared below this decorator): still accepted, not listed in --help."""
+    hidden = {name: f"{name.lstrip('-').replace('-', '_')}_alias" for name in old_names}
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def merged(*args, **kwargs):
+            given = {name: v for name, p in hidden.items() if (v := kwargs.pop(p)) is not None}
+            if kwargs[param] is not None:
+                given[f"--{param.replace('_', '-')}"] = kwargs[param]
+            if len(set(map(str, given.values()))) > 1:
+                raise click.UsageError(f"{' and '.join(given)} are one option; give it once")
+            kwargs[param] = next(iter(given.values()), None)
+            return fn(*args, **kwargs)
+
+        for name, p in hidden.items():
+            merged = click.option(name, p, default=None, hidden=True, callback=callback)(merged)
+        return merged
+
+    return decorate
+
+
+def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
     try:
         sizes = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
@@ -250,39 +292,70 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
-def _runtime_options(threads, device, precision, channels_last):
-    from .deploy.runners import RuntimeOptions
+def _runtime_help() -> str:
+    from .deploy.backends import RUNTIMES
 
-    return RuntimeOptions(threads=threads, device=device, precision=precision or "fp32", channels_last=channels_last)
+    return "; ".join(f"{name}: {e.describe()}" for name, e in RUNTIMES.items())
+
+
+def _given(*names: str) -> list[str]:
+    """The options among ``names`` (parameter names) the user gave, as they are spelled."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+    return [params[n].opts[0] for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
 
 
 def runtime_options(fn):
     """The options every command that runs a model shares: which runtime, and how it runs."""
-    from .deploy.runners import RUNTIMES
+    from .deploy.backends import DEFAULT_RUNTIME, RUNTIMES, all_devices, all_precisions
 
     for option in reversed([
         click.option("--runtime", default=None, metavar="|".join(RUNTIMES),
-                     help="Runtime to deploy on / measure with (default: export: ort, or trt with --format trt; verify: the one exported for)."),
+                     help=f"Runtime to deploy on / measure with (default: export: {DEFAULT_RUNTIME}; verify: the one exported for)."),
+        click.option("--device", type=click.Choice(all_devices()), default=None,
+                     help="Device (default: the runtime's first, as --precision lists them)."),
+        click.option("--precision", type=click.Choice(all_precisions()), default=None,
+                     help=f"Precision (default: the runtime's first here). {_runtime_help()}."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of the runtime (default: all CPUs)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch, or ort with onnxruntime-gpu."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
-                     help="fp32 (default); int8: quantized ONNX for ort/openvino; fp16: openvino, torch on CUDA; "
-                          "bf16: torch on CUDA; TensorRT engines: fp32/fp16/int8 (default fp16)."),
-        click.option("--channels-last", is_flag=True, help="torch runtime: channels_last memory format."),
+        click.option("--channels-last", is_flag=True, help="channels_last memory format (runtimes that run the module)."),
     ]):
         fn = option(fn)
     return fn
 
 
-@main.command()
+def _runtime_options(threads, device, precision, channels_last):
+    from .deploy.backends import RuntimeOptions
+
+    return RuntimeOptions(threads=threads, device=device, precision=precision, channels_last=channels_last)
+
+
+EXPORT_GROUPS = {
+    "Target": ("runtime", "device", "precision", "batch", "batches", "output"),
+    "Planning": ("no_tune", "tune_cache", "tune_below", "tune_images", "multiple_of"),
+    "Checks": ("check_images", "parity_tolerance", "opset"),
+    "int8": ("calibration_images", "calibration_split", "max_layer_error"),
+    "Runtime-specific": ("threads", "channels_last"),
+}
+TUNING, INT8 = EXPORT_GROUPS["Planning"][1:4], EXPORT_GROUPS["int8"]  # --no-tune asks for what such a runtime does anyway
+
+
+def _format_alias(ctx, param, value):
+    """``--format onnx|<runtime>``: the old spelling of the target ("onnx": the default runtime)."""
+    return None if value == "onnx" else value
+
+
+@main.command(cls=GroupedCommand, groups=EXPORT_GROUPS)
 @click.argument("run", required=False, type=click.Path(file_okay=False, exists=True))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
-@output_option("Artifact directory (default: RUN/artifacts).", "--out")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size, and tune at it (default: dynamic batch).")
+@aliases("runtime", "--format", callback=_format_alias)
 @runtime_options
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the input's batch size, and plan and build at it (default: dynamic).")
+@aliases("batches", "--tune-batches", callback=_int_list)
+@click.option("--batches", default=None, callback=_int_list,
+              help="A dynamic batch's batches to plan (time) and build for (programs, engines); default 1,8.")
+@output_option("Artifact directory (default: RUN/artifacts).", "--out")
 @click.option("--no-tune", is_flag=True, help="Deploy the ranks of the MACs rule, timing nothing.")
-@click.option("--tune-batches", default=None, callback=lambda c, p, v: _int_list(c, p, v) if v else None,
-              help="Batches to tune a dynamic-batch export at (default: 1,8).")
 @click.option("--tune-cache", type=click.Path(dir_okay=False), default=None, help="Layer timing cache (default: ~/.cache/lrexport/tune_cache.json).")
 @click.option("--tune-below/--no-tune-below", default=None,
               help="Let tuning go below a layer's energy rank where faster and validation accuracy confirms it "
@@ -292,35 +365,43 @@ def runtime_options(fn):
 @click.option("--multiple-of", type=click.IntRange(min=1), default=8, show_default=True, help="The MACs rule aligns ranks upward to this multiple (1: exact).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--check-images", type=click.IntRange(min=1), default=64, show_default=True, help="Validation images to compare runtimes on.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative error of the logits.")
-@click.option("--trt-batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="TensorRT only, with a dynamic batch.")
+@aliases("parity_tolerance", "--tolerance", callback=lambda c, p, v: None if v is None else float(v))
+@click.option("--parity-tolerance", type=float, default=None,
+              help="Largest relative error of the logits against PyTorch, in fp32 (default 1e-4).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=1024, show_default=True, help="int8: images to calibrate on.")
 @click.option("--calibration-split", type=click.Choice(["train", "val"]), default="train", show_default=True,
               help="int8: calibrate on the run's training images (validation transform) or validation images.")
 @click.option("--max-layer-error", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="int8: a conv whose own relative output error in int8 exceeds this stays in float.")
 @reports_errors
-def export(run, fmt, output, batch, runtime, threads, device, precision, channels_last, no_tune, tune_batches, tune_cache,
-           tune_below, tune_images, multiple_of, opset, check_images, tolerance, trt_batch_sizes, calibration_images,
-           calibration_split, max_layer_error):
+def export(run, runtime, device, precision, threads, channels_last, batch, batches, output, no_tune, tune_cache, tune_below,
+           tune_images, multiple_of, opset, check_images, parity_tolerance, calibration_images, calibration_split, max_layer_error):
     """Export RUN (default: newest under ./runs) for a runtime: model.onnx, dense.onnx, plan.json, meta.json.
 
     Each decomposed layer is timed on the runtime, dense and as thin pairs, and deployed as
     the fastest; the whole model is then timed against every layer dense, so the artifact
     is not slower than the dense model on that runtime at the batches tuned for.
     """
-    from .deploy.export import ExportConfig, TrtConfig, export_run
-    from .deploy.plan import TuneConfig
-    from .deploy.quantize import QuantConfig
+    from .deploy.backends import DEFAULT_RUNTIME, UnsupportedOptionError, entry
+    from .deploy.backends.base import QuantConfig
+    from .deploy.export import ExportConfig, export_run
+    from .deploy.planning.plan import TuneConfig
 
-    trt_precision = precision or "fp16"
+    target = entry(runtime or DEFAULT_RUNTIME)
+    options = target.resolve(_runtime_options(threads, device, precision, channels_last))
+    if not target.tunable(options.device) and (given := _given(*TUNING)):
+        raise UnsupportedOptionError(f"{given[0]} does not apply: {target.name} times no layer alone on {options.device} "
+                          "(its plan is the MACs rule's)")
+    if options.precision != "int8" and (given := _given(*INT8)):
+        raise UnsupportedOptionError(f"{given[0]} applies to --precision int8 only")
+    if not target.int8_fallback and (given := _given("max_layer_error")):
+        raise UnsupportedOptionError(f"{given[0]} does not apply: {target.name} keeps no conv in float by its int8 error")
     config = ExportConfig(
-        format=fmt, runtime=runtime, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
-        tolerance=tolerance, options=_runtime_options(threads, device, None if fmt == "trt" else precision, channels_last),
-        tune=TuneConfig(enabled=not no_tune, batches=tune_batches, cache=tune_cache and Path(tune_cache), below=tune_below,
+        runtime=target.name, batch=batch, multiple_of=multiple_of, opset=opset, check_images=check_images,
+        tolerance=ExportConfig.tolerance if parity_tolerance is None else parity_tolerance, options=options,
+        tune=TuneConfig(enabled=not no_tune, batches=batches, cache=tune_cache and Path(tune_cache), below=tune_below,
                         below_images=tune_images),
         quant=QuantConfig(images=calibration_images, split=calibration_split, max_layer_error=max_layer_error),
-        trt=TrtConfig(trt_precision, trt_batch_sizes),
     )
 
     result = export_run(run, output, config, progress=_export_progress)
@@ -330,7 +411,7 @@ def export(run, fmt, output, batch, runtime, threads, device, precision, channel
         out.print(f"  {c.what}: rel. error {c.rel_err:.1e}, max |diff| {c.max_abs:.1e}", highlight=False)
     engines = result.meta.get("engines")
     if engines:
-        out.print(f"  TensorRT {engines['precision']} engines for batches {engines['batch_sizes']}: "
+        out.print(f"  {target.title} {engines['precision']} engines for batches {engines['batch_sizes']}: "
                   f"{engines['lowrank']}, {engines['dense']}", highlight=False)
     out.print(f"artifacts: {result.out_dir}", highlight=False, soft_wrap=True)
 
@@ -386,22 +467,28 @@ def _export_table(meta: dict):
     return table
 
 
-@main.command()
+@main.command(cls=GroupedCommand, groups={"Target": ("runtime", "device", "precision", "batches"),
+                                          "Timing": ("warmup", "repeats"), "Checks": ("limit", "accuracy_tolerance"),
+                                          "Runtime-specific": ("threads", "channels_last")})
 @click.argument("artifacts", required=False, type=click.Path(file_okay=False, exists=True))
 @runtime_options
-@click.option("--batch-sizes", default="1,8", show_default=True, callback=_int_list, help="Batch sizes to time (dynamic-batch artifacts).")
+@aliases("batches", "--batch-sizes", callback=_int_list)
+@click.option("--batches", default=None, callback=_int_list, help="Batch sizes to time (dynamic-batch artifacts); default 1,8.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N validation images.")
-@click.option("--tolerance", type=float, default=None, help="Accuracy points the runtime may differ from PyTorch (default 0.1; int8/fp16: 0.5).")
+@aliases("accuracy_tolerance", "--tolerance", callback=lambda c, p, v: None if v is None else float(v))
+@click.option("--accuracy-tolerance", type=float, default=None,
+              help="Accuracy points the runtime may differ from PyTorch (default 0.1; int8/fp16: 0.5).")
 @reports_errors
-def verify(artifacts, runtime, threads, device, precision, channels_last, batch_sizes, warmup, repeats, limit, tolerance):
+def verify(artifacts, runtime, device, precision, threads, channels_last, batches, warmup, repeats, limit, accuracy_tolerance):
     """Accuracy and latency of ARTIFACTS (default: newest run's) through a runtime; writes verify.json."""
     from .deploy.verify import VerifyConfig, verify_artifacts
 
     result = verify_artifacts(
         artifacts, runtime, _runtime_options(threads, device, precision, channels_last),
-        VerifyConfig(batch_sizes=batch_sizes, warmup=warmup, repeats=repeats, limit=limit, tolerance=tolerance),
+        VerifyConfig(batch_sizes=batches or VerifyConfig.batch_sizes, warmup=warmup, repeats=repeats, limit=limit,
+                     tolerance=accuracy_tolerance),
     )
     for table in _verify_tables(result.report):
         out.print(table)
@@ -463,7 +550,7 @@ def _verify_tables(r: dict):
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @reports_errors
 def infer(artifacts, images, top_k, threads):
-    """Classify IMAGES with the exported low-rank model (onnxruntime; no torch needed)."""
+    """Classify IMAGES with the exported low-rank model (its ONNX graph; no torch needed)."""
     from .deploy.runtime import infer as run_infer
 
     for pred in run_infer(artifacts, list(images), top_k, threads):

@@ -87,7 +87,7 @@ class LayerTimed(Event):
 
 @dataclass(frozen=True)
 class LayerTuned(Event):
-    """Export tuning: one layer's deployment chosen (``choice`` is a deploy.tune.Choice)."""
+    """Export tuning: one layer's deployment chosen (``choice`` is a deploy.planning.tune.Choice)."""
 
     layer: str
     choice: Any

@@ -22,7 +22,7 @@ from typing import Any
 import tomli_w
 
 from .data import CHANNELS, DATASETS, DataConfig
-from .deploy.runners import RUNTIMES
+from .deploy.backends import RUNTIMES, all_devices, all_precisions, tunable_runtimes
 from .errors import RecipeError
 
 
@@ -75,16 +75,16 @@ class PruneConfig:
     ladder: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3])
     tolerance: float = field(default=1.0, metadata=_check(ge=0))  # accuracy points, for energy = "auto" and tune_below
     # export --tune may deploy a layer below its energy rank where that is faster and the
-    # validation top-1 stays within ``tolerance`` points (lrexport.deploy.below)
+    # validation top-1 stays within ``tolerance`` points (lrexport.deploy.planning.below)
     tune_below: bool = False
     # choose each decomposed conv's rank from its measured latency on this runtime, within the
-    # energy rule's budget (lrexport.deploy.latency_ranks); "none": the energy rule alone
-    latency: str = field(default="none", metadata=_check("none", *(name for name, r in RUNTIMES.items() if r.tunable)))
+    # energy rule's budget (lrexport.deploy.planning.latency_ranks); "none": the energy rule alone
+    latency: str = field(default="none", metadata=_check("none", *tunable_runtimes()))
     latency_batches: list[int] = field(default_factory=lambda: [1, 8], metadata=_check(ge=1, nonempty=True))
     latency_threads: int = field(default=0, metadata=_check(ge=0))  # 0: all CPUs
-    latency_device: str = field(default="cpu", metadata=_check("cpu", "cuda"))  # cuda: torch only
-    # the deployment's precision: int8 (ort, openvino: QDQ graphs), fp16/bf16 (torch on cuda)
-    latency_precision: str = field(default="fp32", metadata=_check("fp32", "int8", "fp16", "bf16"))
+    latency_device: str = field(default="cpu", metadata=_check(*all_devices()))
+    # the deployment's device and precision: which runtime measures layers at which, its registry entry says
+    latency_precision: str = field(default="fp32", metadata=_check(*all_precisions()))
     latency_grid: int = field(default=8, metadata=_check(ge=1))  # candidate ranks: multiples of this, powers of two below it
     # largest fraction of one layer's energy the allocation may discard; "auto": 10·e
     max_layer_energy: float | str = field(default="auto", metadata=_check(gt=0, words=("auto",)))
@@ -323,17 +323,13 @@ def _check_channels(r: Recipe, where: str) -> None:
 
 
 def _check_latency(p: PruneConfig, where: str) -> None:
-    """Settings a runtime cannot measure at (the runners allow fp16/bf16 and CUDA for torch only)."""
-    if p.latency == "none":
+    """Settings the runtime cannot measure layers at (its entry in the backend registry says which)."""
+    if p.latency == "none" or RUNTIMES[p.latency].measures(p.latency_device, p.latency_precision):
         return
-    if p.latency_device == "cuda" and p.latency != "torch":
-        raise RecipeError(f"{where}: prune.latency_device = \"cuda\" needs prune.latency = \"torch\"; {p.latency} runs on the CPU")
-    if p.latency_precision == "int8" and not RUNTIMES[p.latency].int8:
-        int8 = " or ".join(f'"{name}"' for name, r in RUNTIMES.items() if r.int8 and r.tunable)
-        raise RecipeError(f"{where}: prune.latency_precision = \"int8\" needs prune.latency = {int8}")
-    if p.latency_precision in ("fp16", "bf16") and p.latency_device != "cuda":
-        raise RecipeError(f"{where}: prune.latency_precision = \"{p.latency_precision}\" needs prune.latency = \"torch\" "
-                          "with latency_device = \"cuda\"; CPU runtimes measure fp32 or int8")
+    able = " or ".join(f'"{name}"' for name, r in RUNTIMES.items() if r.measures(p.latency_device, p.latency_precision))
+    raise RecipeError(f'{where}: prune.latency_device = "{p.latency_device}" with latency_precision = "{p.latency_precision}" '
+                      f"needs prune.latency = {able or 'a runtime that measures there (none does)'}; {p.latency} measures layers "
+                      f"in {RUNTIMES[p.latency].describe(RUNTIMES[p.latency].tunes_on)}")
 
 
 BASE_KEY = "base"  # the one key a recipe file has that a Recipe does not: resolved away on reading

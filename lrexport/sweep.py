@@ -257,7 +257,7 @@ def run_sweep(
     from .train import run_recipe
 
     if runtime is not None:
-        from .deploy.runners import get_runtime
+        from .deploy.backends import get_runtime
 
         get_runtime(runtime)  # unknown or not installed: one line before any training
 

@@ -219,7 +219,7 @@ def test_disk_full_during_training_is_one_line_and_last_checkpoint_survives(reci
 def garbage_artifacts(recovered, tmp_path_factory):
     """A real export of the recovered run whose model.onnx is then overwritten with garbage."""
     from lrexport.deploy.export import ExportConfig, export_run
-    from lrexport.deploy.plan import TuneConfig
+    from lrexport.deploy.planning.plan import TuneConfig
 
     run = recovered[0]
     config = ExportConfig(check_images=4, tune=TuneConfig(enabled=False))

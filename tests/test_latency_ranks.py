@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import lrexport
-from lrexport.deploy import latency_ranks as LR
-from lrexport.deploy.tune import TuneLayer, LayerShape, Target
-from lrexport.deploy.runners import RuntimeOptions
+from lrexport.deploy.planning import latency_ranks as LR
+from lrexport.deploy.planning.tune import TuneLayer, LayerShape, Target
+from lrexport.deploy.backends import RuntimeOptions
 from lrexport.lowrank import decompose, energy_rank, svd_layers
 from lrexport.lowrank.allocate import DENSE, LayerTable, allocate, discarded_curve
 from lrexport.recipe import recipe_from_dict

@@ -14,10 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrexport.deploy import providers
+from lrexport.deploy.backends import ort as providers
 from lrexport.deploy.calibration import CalibrationError, CalibrationReader
 from lrexport.deploy.timing import Stats, interleave, interleave_within, quantile
-from lrexport.deploy.trt import (
+from lrexport.deploy.backends.trt import (
     CALIBRATION_CACHE_FILE, TIMING_CACHE_FILE, TrtRunner, build_engine, onnx_input, plan_build, profile_shapes,
 )
 from lrexport.errors import LrexportError, RuntimeMissingError

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lrexport
-from lrexport.deploy import tune as T
+from lrexport.deploy.planning import tune as T
 from lrexport.lowrank import SVDConv2d, decompose, prune
 from lrexport.lowrank.rewrite import plan_layers, relative_error, to_plain
 
@@ -109,7 +109,7 @@ def fake_timer(table: dict, calls: list):
 
 
 def fake_target(batches):
-    from lrexport.deploy.runners import RuntimeOptions
+    from lrexport.deploy.backends import RuntimeOptions
 
     settings = {"runtime": "ort", "version": "x", "provider": "CPU", "device": "cpu", "threads": 2, "precision": "fp32"}
     return T.Target("ort", RuntimeOptions(threads=2), settings, batches)
@@ -233,7 +233,7 @@ def test_one_layer_model_has_the_exported_geometry(mode, candidate):
 @pytest.mark.parametrize("runtime", ["ort", "openvino", "torch"])
 def test_real_timing_of_a_tiny_layer_returns_stats(runtime):
     """Each CPU runtime end to end on a tiny layer: stats per candidate (values not asserted)."""
-    from lrexport.deploy.runners import RuntimeOptions
+    from lrexport.deploy.backends import RuntimeOptions
 
     target = T.make_target(runtime, RuntimeOptions(threads=1), (2,))
     assert target.settings["runtime"] == runtime and target.settings["threads"] == 1
@@ -244,7 +244,7 @@ def test_real_timing_of_a_tiny_layer_returns_stats(runtime):
 
 
 def test_tuning_on_a_runtime_without_layer_timing_is_one_line():
-    from lrexport.deploy.runners import RuntimeOptions
+    from lrexport.deploy.backends import RuntimeOptions
     from lrexport.errors import RuntimeMissingError
 
     with pytest.raises(RuntimeMissingError, match="TensorRT"):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import lrexport
-from lrexport.deploy.runners import RuntimeOptions, TorchRunner
+from lrexport.deploy.backends.pytorch import RuntimeOptions, TorchRunner
 from lrexport.deploy.timing import Stats, interleave
 from lrexport.deploy.onnx_graph import to_onnx
 from lrexport.errors import LrexportError, RuntimeMissingError
@@ -239,7 +239,7 @@ def export_onnx(model: nn.Module, path: Path, input_size) -> Path:
 
 
 def trt_latency(onnx_path: Path, batches, s: Settings) -> dict[int, Stats]:
-    from lrexport.deploy.trt import TrtRunner, build_engine
+    from lrexport.deploy.backends.trt import TrtRunner, build_engine
 
     # one folder for all engines: the builds share its timing cache
     engine = build_engine(onnx_path, s.workdir / "trt", precision="fp16", batch_sizes=batches,
@@ -253,7 +253,7 @@ def ort_latency(onnx_path: Path, batches, s: Settings) -> tuple[str, dict[int, S
     """onnxruntime with the provider ort_providers() picks; on CUDA, I/O bound on the device."""
     import onnxruntime as ort
 
-    from lrexport.deploy.providers import CUDA, ort_providers, session_provider
+    from lrexport.deploy.backends.ort import CUDA, ort_providers, session_provider
 
     providers = ort_providers(prefer_gpu=s.cuda)
     if s.cuda and CUDA not in providers:

@@ -39,8 +39,8 @@ run="$work/quickstart"
   timeout 90 $py -m lrexport export "$run" && \
   timeout 90 $py -m lrexport verify "$run/artifacts" --runtime ort && \
   timeout 120 $py -m lrexport export "$run" --runtime torch --device cuda --precision fp16 --channels-last \
-    --tune-batches 1,32 --output "$run/artifacts-cuda" && \
-  timeout 90 $py -m lrexport verify "$run/artifacts-cuda" --device cuda --precision fp16 --channels-last --batch-sizes 1,32
+    --batches 1,32 --output "$run/artifacts-cuda" && \
+  timeout 90 $py -m lrexport verify "$run/artifacts-cuda" --device cuda --precision fp16 --channels-last --batches 1,32
 } >"$out/quickstart.log" 2>&1
 echo "rc $?"; tail -n 40 "$out/quickstart.log"
 cp "$run/summary.json" "$out/summary.json" 2>/dev/null

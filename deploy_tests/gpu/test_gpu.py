@@ -89,7 +89,7 @@ def test_svd_training_step_on_cuda_bf16(mode):
 
 @needs_trt
 def test_trt_fp32_engine_matches_torch_and_reuses_timing_cache(tmp_path):
-    from lrexport.deploy.trt import TrtRunner, build_engine
+    from lrexport.deploy.backends.trt import TrtRunner, build_engine
 
     model = small_net()
     onnx_path = export(model, tmp_path / "m.onnx")
@@ -116,7 +116,7 @@ def test_trt_fp32_engine_matches_torch_and_reuses_timing_cache(tmp_path):
 
 @needs_trt
 def test_trt_rejects_batches_outside_the_profile(tmp_path):
-    from lrexport.deploy.trt import TrtRunner, build_engine
+    from lrexport.deploy.backends.trt import TrtRunner, build_engine
     from lrexport.errors import LrexportError
 
     engine = build_engine(export(small_net(), tmp_path / "m.onnx"), tmp_path / "art", "fp32", (2, 4), workspace_gb=1)
@@ -127,7 +127,7 @@ def test_trt_rejects_batches_outside_the_profile(tmp_path):
 @needs_trt
 def test_trt_int8_calibration_writes_its_cache(tmp_path):
     from lrexport.deploy.calibration import CalibrationReader
-    from lrexport.deploy.trt import TrtRunner, build_engine
+    from lrexport.deploy.backends.trt import TrtRunner, build_engine
 
     rng = np.random.default_rng(0)
     reader = CalibrationReader([rng.standard_normal((3, 32, 32), dtype=np.float32) for _ in range(16)], batch_size=8)
@@ -139,7 +139,7 @@ def test_trt_int8_calibration_writes_its_cache(tmp_path):
 @needs_gpu
 def test_ort_cuda_provider_runs_on_the_gpu(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from lrexport.deploy.providers import CUDA, ort_providers, session_provider
+    from lrexport.deploy.backends.ort import CUDA, ort_providers, session_provider
 
     if CUDA not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed (no CUDAExecutionProvider)")

@@ -1,4 +1,4 @@
-"""Deployment: runtimes, measured export plans, ONNX/TensorRT export, torch-free inference, verify.
+"""Deployment: runtimes (backends/), measured export plans (planning/), export, torch-free inference, verify.
 
 Names load on first use so that ``lrexport.deploy.runtime`` stays importable without torch.
 """
@@ -8,8 +8,8 @@ from importlib import import_module
 # public name -> module that defines it
 _LAZY = {
     "export_run": ".export", "verify_artifacts": ".verify", "infer": ".runtime", "Classifier": ".runtime",
-    "OrtRunner": ".runtime", "load_meta": ".runtime", "open_runner": ".runners", "RUNTIMES": ".runners",
-    "RuntimeOptions": ".runners", "ExportConfig": ".export", "TuneConfig": ".plan", "VerifyConfig": ".verify",
+    "OrtRunner": ".backends.ort", "load_meta": ".runtime", "open_runner": ".backends", "RUNTIMES": ".backends",
+    "RuntimeOptions": ".backends", "ExportConfig": ".export", "TuneConfig": ".planning.plan", "VerifyConfig": ".verify",
 }
 
 __all__ = list(_LAZY)

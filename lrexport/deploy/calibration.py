@@ -1,8 +1,7 @@
-"""INT8 calibration data: batches of validation images for TensorRT's entropy calibrator.
+"""int8 calibration data: fixed-size batches of preprocessed images, and a calibration cache file.
 
-``CalibrationReader`` needs neither TensorRT nor a GPU: it cuts images into fixed-size,
-contiguous float32 NCHW batches and reads/writes the calibration cache file. Only
-``trt_calibrator`` touches TensorRT (and CUDA, through torch), and only when called.
+``CalibrationReader`` needs no runtime and no GPU: it cuts images into fixed-size, contiguous
+float32 NCHW batches and reads/writes the cache file a runtime's own calibrator may keep.
 """
 
 from __future__ import annotations
@@ -148,41 +147,3 @@ class CalibrationReader:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def trt_calibrator(reader: CalibrationReader, trt_module):
-    """A ``trt.IInt8EntropyCalibrator2`` that feeds ``reader``'s batches through one device buffer.
-
-    ``trt_module`` is the imported ``tensorrt``; the class is built here because its base
-    class exists only when TensorRT is installed. Device memory comes from torch.cuda, as in
-    ``lrexport.deploy.trt``.
-    """
-    import torch
-
-    class _EntropyCalibrator(trt_module.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self._batches = iter(reader.materialize())
-            self._device = None  # allocated on the first batch, reused for all
-
-        def get_batch_size(self) -> int:
-            return reader.batch_size
-
-        def get_batch(self, names):
-            batch = next(self._batches, None)
-            if batch is None:
-                return None  # tells TensorRT that calibration data is exhausted
-            host = torch.from_numpy(batch)
-            if self._device is None:
-                self._device = torch.empty_like(host, device="cuda")
-            self._device.copy_(host)
-            torch.cuda.synchronize()  # TensorRT reads the buffer on its own stream
-            return [int(self._device.data_ptr())]
-
-        def read_calibration_cache(self):
-            return reader.read_cache()
-
-        def write_calibration_cache(self, cache) -> None:
-            reader.write_cache(bytes(cache))
-
-    return _EntropyCalibrator()

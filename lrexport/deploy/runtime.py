@@ -9,15 +9,15 @@ Nothing here may import torch: it is what runs on the edge device.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LrexportError
-
-META_FILE = "meta.json"
+from .artifacts import META_FILE
+from .backends.base import run_batched
+from .backends.ort import OrtRunner
 
 
 class ImageError(LrexportError):
@@ -32,69 +32,6 @@ def load_meta(artifacts_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LrexportError(f"{path} is not valid JSON: {e}") from None
-
-
-class OrtRunner:
-    """One onnxruntime session (CPU provider unless told otherwise); ``run(x) -> logits`` for a float32 NCHW batch."""
-
-    clock = "wall"
-    spinning = "during runs only"  # as recorded in verify.json and the benchmarks
-
-    def __init__(self, model: str | Path | bytes, threads: int | None = None, precision: str = "fp32",
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.threads = threads or os.cpu_count() or 1
-        self.precision = precision  # of the model it runs: an int8 model is a QDQ graph
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        # Worker threads busy-wait between the ops of a run (onnxruntime's default, and what a
-        # deployed session does: a model of many small convs loses 5-10 % without it) but stop
-        # when the run returns, so that sessions timed in turn do not steal each other's cores.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        source = model if isinstance(model, bytes) else str(model)
-        try:
-            self.session = ort.InferenceSession(source, opts, providers=list(providers))
-        except Exception as e:  # onnxruntime raises its own non-exported exception types
-            raise LrexportError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model}: {e}") from None
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        # a fixed batch dimension is an int; a dynamic one is a name
-        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-    def bind(self, x: np.ndarray):
-        """The call that runs ``x``, for timing (the Runner protocol of lrexport.deploy.runners)."""
-        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
-        return lambda: self.session.run(None, feed)
-
-    def settings(self) -> dict:
-        import onnxruntime
-
-        from .timing import cpu_name
-
-        return {"runtime": "ort", "version": onnxruntime.__version__, "device": cpu_name(),
-                "provider": self.session.get_providers()[0], "threads": self.threads, "precision": self.precision,
-                "spinning": self.spinning}
-
-
-def run_batched(run, x: np.ndarray, batch: int | None, chunk: int = 64) -> np.ndarray:
-    """Run ``x`` through ``run`` in chunks; a fixed-batch model gets its last chunk zero-padded."""
-    size = batch or chunk
-    outs = []
-    for start in range(0, len(x), size):
-        part = x[start:start + size]
-        n = len(part)
-        if batch and n < batch:
-            part = np.concatenate([part, np.zeros((batch - n, *part.shape[1:]), part.dtype)])
-        outs.append(run(part)[:n])
-    return np.concatenate(outs)
 
 
 # -- preprocessing -------------------------------------------------------------------------

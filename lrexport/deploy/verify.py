@@ -15,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import rundir
 from ..errors import LrexportError
 from ..io import atomic_write_text
-from .export import EXECUTORCH, MODELS, REFERENCE_FILE
-from .plan import PLAN_FILE
-from .. import rundir
-from .runners import RUNTIMES, ModelSource, RuntimeOptions, get_runtime, open_runner
+from .artifacts import MODELS, PLAN_FILE, REFERENCE_FILE
+from .backends import DEFAULT_RUNTIME, RUNTIMES, Backend, RuntimeOptions, get_runtime
 from .runtime import load_meta, run_batched
 from .timing import CUDA_EVENTS, interleave, machine
-
 
 
 class VerifyError(LrexportError):
@@ -51,35 +49,18 @@ class Artifacts:
     def precision(self) -> str:
         return self.meta.get("precision", "fp32")
 
-    def source(self, m: str) -> ModelSource:
-        """Model ``m`` ("lowrank", "dense", or the int8 artifacts' "dense_fp32") in every form the artifacts hold."""
-        pte = {int(b): self.path / f for b, f in (self.meta.get("pte") or {}).get(m, {}).items()} or None
-        if m == "dense_fp32":
-            return ModelSource(onnx=self.path / self.meta["quantization"]["reference"]["dense_fp32"], pte=pte,
-                               label=f"the fp32 dense model of {self.path}")
-        program = (self.meta.get("programs") or {}).get(m)
-        engine = (self.meta.get("engines") or {}).get(m)
-
-        def load_program():
-            import torch
-
-            return torch.export.load(str(self.path / program)).module()
-
-        return ModelSource(
-            onnx=self.path / self.meta["models"][m]["file"], torch=load_program if program else None,
-            engine=self.path / engine if engine else None, pte=pte, label=f"the {m} model of {self.path}",
-        )
-
-    def check_runtime(self, runtime: str) -> None:
-        """int8 artifacts run where they were quantized for: QDQ graphs on ONNX runtimes, ExecuTorch's programs on it."""
+    def check_runtime(self, backend: Backend) -> None:
+        """int8 artifacts run where they were quantized for: QDQ graphs on the runtimes that read ONNX, a backend's
+        own int8 files on it."""
         if self.precision != "int8":
             return
-        quantized_for = self.meta["quantization"].get("runtime", "onnx")
-        fits = runtime == EXECUTORCH if quantized_for == EXECUTORCH else RUNTIMES[runtime].onnx
-        if not fits:
-            where = "ExecuTorch programs (--runtime executorch)" if quantized_for == EXECUTORCH else "QDQ ONNX graphs (ort, openvino)"
-            raise LrexportError(f"{self.path} holds int8 models as {where}; {runtime} cannot run them: verify with that runtime, "
-                                f"or export again with --runtime {runtime}")
+        stored_as = self.meta["quantization"].get("runtime", "onnx")
+        if not backend.runs_int8(stored_as):
+            runs = [name for name, e in RUNTIMES.items() if e.int8 and (e.int8_format == stored_as or stored_as == "onnx" and e.reads_onnx)]
+            where = "QDQ ONNX graphs" if stored_as == "onnx" else f"{RUNTIMES[stored_as].title} programs"
+            raise LrexportError(f"{self.path} holds int8 models as {where} ({', '.join(runs)}); {backend.name} cannot run them: "
+                                f"verify with {'that runtime' if len(runs) == 1 else 'one of them'}, or export again with "
+                                f"--runtime {backend.name}")
 
     def validation_set(self):
         """The validation set named in meta.json, rebuilt with its validation transform."""
@@ -220,14 +201,18 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
     """
     config, options = config or VerifyConfig(), options or RuntimeOptions()
     art = load_artifacts(artifacts_dir if artifacts_dir is not None else rundir.artifacts_dir(rundir.newest_run(runs_root)))
-    runtime = runtime or art.meta.get("runtime", "ort")
-    get_runtime(runtime)  # an unknown or missing runtime: one line
-    art.check_runtime(runtime)
-    if options.precision == "fp32" and art.precision != "fp32":
+    runtime = runtime or art.meta.get("runtime", DEFAULT_RUNTIME)
+    backend = get_runtime(runtime)  # an unknown or missing runtime: one line
+    art.check_runtime(backend)
+    if options.precision in (None, "fp32") and art.precision != "fp32":
         options = replace(options, precision=art.precision)  # quantized graphs run as what they are
-    runners = {m: open_runner(runtime, art.source(m), options) for m in MODELS}
+
+    def runner(m: str, options: RuntimeOptions):
+        return backend.open(backend.artifact_source(art.path, art.meta, m), backend.entry.resolve(options))
+
+    runners = {m: runner(m, options) for m in MODELS}
     if art.precision == "int8":
-        runners["dense_fp32"] = open_runner(runtime, art.source("dense_fp32"), replace(options, precision="fp32"))
+        runners["dense_fp32"] = runner("dense_fp32", replace(options, precision="fp32"))
     tolerance = config.tolerance if config.tolerance is not None else (0.1 if art.precision == "fp32" else 0.5)
     val = art.validation_set()
     accuracy = measure_accuracy(runners, art, val, config)

@@ -86,7 +86,7 @@ def prune(model: nn.Module, energy: float, multiple_of: int = 1, ranks: dict[str
     """Cut every SVD layer to its energy rank (optionally rounded); returns per-layer ranks.
 
     ``ranks`` (name → rank) overrides the rule for the layers it names (a rank chosen by
-    measured latency, lrexport.deploy.latency_ranks). Parameters are replaced, so an
+    measured latency, lrexport.deploy.planning.latency_ranks). Parameters are replaced, so an
     optimizer built before pruning must be rebuilt.
     """
     check_energy(energy)

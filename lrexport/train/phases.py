@@ -195,7 +195,7 @@ def _latency_prune(p: Pipeline, energy: float):
 
     Rank 0 times and allocates; under torchrun the other processes take its ranks.
     """
-    from ..deploy.latency_ranks import cap_of, latency_config, latency_prune
+    from ..deploy.planning.latency_ranks import cap_of, latency_config, latency_prune
     from ..lowrank import prune as prune_model
 
     cfg, ranks, results = p.recipe.prune, None, None

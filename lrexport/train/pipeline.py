@@ -384,7 +384,7 @@ class Pipeline:
             raise LrexportError(f"stop_after must be one of {', '.join(PHASES)}; got {stop_after!r}")
         self._setup_data()
         if self.recipe.prune.latency != "none":
-            from ..deploy.runners import get_runtime
+            from ..deploy.backends import get_runtime
 
             get_runtime(self.recipe.prune.latency)  # a runtime that is not installed fails now, not after training
         state = None

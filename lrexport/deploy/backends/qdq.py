@@ -1,4 +1,4 @@
-"""Static int8 quantization of exported ONNX graphs (onnxruntime's quantization tools).
+"""Static int8 of the exported ONNX graphs, shared by the runtimes that run them (onnxruntime's quantization tools).
 
 QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantized op, which
 onnxruntime and OpenVINO both turn into int8 kernels), weights int8 per output channel,
@@ -9,6 +9,9 @@ percentile ranges cost none). A layer whose own
 output error under int8 (its input and weights quantized with the calibrated ranges,
 against the float layer, on calibration images) exceeds ``max_layer_error`` stays in float:
 the graph is quantized again without it, and the evidence goes into plan.json.
+
+``onnx`` is imported where used: the torch-free runtime (``lrexport infer``) imports this module
+through its backend and needs onnxruntime, numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -16,30 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from ..errors import LrexportError
-
-
-class QuantizationError(LrexportError):
-    """A model onnxruntime's quantizer cannot quantize, or calibration images that are missing."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How export quantizes: calibration images (count, split) and the per-layer error bound."""
-
-    images: int = 1024  # 256 left a trained digits model 0.56 top-1 points short in int8 on ort, 1024 none
-    split: str = "train"  # "train" (with the validation transform) or "val"
-    batch: int = 32
-    max_layer_error: float | None = 0.1  # relative output error of one layer in int8; None: quantize every layer
+from . import reference_runner
+from .base import Backend, BuildContext, ModelSource, QuantizationError, compare, random_batches, run_batched
+from .base import QuantConfig  # noqa: F401 (read from here too)
 
 
 @contextlib.contextmanager
@@ -73,6 +59,7 @@ def quantize(proto: onnx.ModelProto, batches: list[np.ndarray], exclude=(), rang
 
     ``ranges``: "percentile" (for accuracy) or "minmax" (fast; enough where only speed is measured).
     """
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not batches:
@@ -88,12 +75,6 @@ def quantize(proto: onnx.ModelProto, batches: list[np.ndarray], exclude=(), rang
         except Exception as e:  # the quantizer raises bare Exceptions and ValueErrors of its own
             raise QuantizationError(f"onnxruntime cannot quantize the model: {str(e).splitlines()[0][:200]}") from None
         return onnx.load(str(dst))
-
-
-def random_batches(input_shape, count: int = 2, seed: int = 0) -> list[np.ndarray]:
-    """Random inputs: calibration where only speed is measured (ranges do not change an int8 kernel's speed)."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(tuple(input_shape), dtype=np.float32) for _ in range(count)]
 
 
 def quantize_for_timing(proto: onnx.ModelProto, input_shape) -> onnx.ModelProto:
@@ -121,6 +102,8 @@ def _fake_quantize(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
 
 def _conv_inputs(qdq: onnx.ModelProto) -> dict[str, tuple]:
     """Conv name → (float input tensor, its scale and zero point, dequantized int8 weight) for every quantized conv."""
+    from onnx import numpy_helper
+
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     made_by = _producers(qdq.graph)
     convs = {}
@@ -139,10 +122,11 @@ def _conv_inputs(qdq: onnx.ModelProto) -> dict[str, tuple]:
 
 def layer_errors(fp32: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[np.ndarray]) -> dict[str, float]:
     """Per quantized conv: ‖int8 layer − float layer‖ / ‖float layer‖ on ``batches``, each layer on its float input."""
+    import onnx
     import torch
+    from onnx import numpy_helper
 
-    from .onnx_graph import conv_from_node
-    from .runtime import OrtRunner
+    from ..onnx_graph import conv_from_node
 
     convs = _conv_inputs(qdq)
     nodes = {n.name: n for n in fp32.graph.node if n.name in convs}
@@ -151,7 +135,7 @@ def layer_errors(fp32: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[np.n
     probe.CopyFrom(fp32)
     wanted = sorted({convs[n][0] for n in nodes} - {o.name for o in probe.graph.output})
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
-    runner = OrtRunner(probe.SerializeToString())
+    runner = reference_runner(probe.SerializeToString())  # a session of onnxruntime, whose quantizer this is
     names = [o.name for o in runner.session.get_outputs()]
     diff, ref = {n: 0.0 for n in nodes}, {n: 0.0 for n in nodes}
     with torch.no_grad():
@@ -182,3 +166,35 @@ def quantize_checked(proto: onnx.ModelProto, batches: list[np.ndarray], max_laye
         qdq = quantize(proto, batches, exclude=keep_float)
     return qdq, {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
                  "float_layers": keep_float}
+
+
+def quantize_built(ctx: BuildContext) -> None:
+    """Both graphs of ``ctx`` in int8 (the fp32 dense one kept as "dense_fp32"); their agreement with PyTorch
+    and per-layer evidence into ``ctx.quantization``."""
+    import torch
+
+    ctx.protos["dense_fp32"] = ctx.protos["dense"]
+    evidence = {"calibration": {"split": ctx.quant.split, "images": sum(len(b) for b in ctx.calibration)},
+                "format": "QDQ, weights int8 per channel, activations uint8 per tensor, percentile ranges"}
+    with torch.no_grad():
+        for m in ("lowrank", "dense"):
+            ctx.protos[m], evidence[m] = quantize_checked(ctx.protos[m], ctx.calibration, ctx.quant.max_layer_error)
+            out = run_batched(reference_runner(ctx.protos[m].SerializeToString(), "int8").run, ctx.x.numpy(), ctx.batch)
+            evidence[m]["check"] = compare(f"{m}: onnxruntime int8 vs original fp32", out, ctx.originals[m](ctx.x).numpy()).to_dict()
+    ctx.quantization = evidence
+
+
+class OnnxBackend(Backend):
+    """A runtime of the exported ONNX graphs: timed on a layer's one-layer graph (in int8 quantized as here, on
+    random inputs: ranges do not change a kernel's speed); its int8 artifacts are these QDQ graphs."""
+
+    def timing_source(self, precision, graph, module, input_shape, label: str) -> ModelSource:
+        proto = graph()
+        if precision == "int8":
+            proto = quantize_for_timing(proto, input_shape)
+        return ModelSource(onnx=proto.SerializeToString(), torch=module, label=label)
+
+    def build(self, ctx: BuildContext) -> None:
+        ctx.precision = ctx.options.precision
+        if ctx.options.precision == "int8":
+            quantize_built(ctx)

@@ -5,8 +5,8 @@ energy rule's rank r_e and at r_e rounded up to multiples of 8, 16 and 32 (below
 break-even). Each candidate is built as a one-layer ONNX model with the geometry the
 export gives it (conv1 → conv2 of the pair, or one conv, bias as after BN folding), set
 between cheap depthwise stand-ins for its neighbours (so that layout reorders land where
-they would in the network), and timed on the target runtime (any tunable runtime of
-``lrexport.deploy.runners``) at each deployment batch and input shape: warm-up, then rounds
+they would in the network), and timed on the target runtime (any backend of
+``lrexport.deploy.backends`` that times layers alone) at each deployment batch and input shape: warm-up, then rounds
 interleaved across the layer's candidates, median per candidate, less the stand-ins' own
 time. A layer's candidates are compared by the sum of their times over the batches.
 
@@ -14,7 +14,7 @@ time. A layer's candidates are compared by the sum of their times over the batch
 pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Where the recipe allows
 it (``prune.tune_below``), r_e rounded *down* to each multiple is a candidate too; such a
 choice changes the model, so the export keeps it only where validation accuracy confirms it
-(``lrexport.deploy.below``) and otherwise falls back to the fastest choice at ranks ≥ r_e.
+(``lrexport.deploy.planning.below``) and otherwise falls back to the fastest choice at ranks ≥ r_e.
 
 Times are cached in a JSON file keyed by layer geometry, candidate, runtime, provider,
 runtime version, device (the CPU or GPU), threads, precision, layout and batch, so a second export (or another model with the
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LrexportError, RuntimeMissingError
-from ..io import atomic_write_text
-from ..progress import LayerTuned, Progress, quiet
-from .runners import ModelSource, RuntimeOptions, get_runtime, open_runner, timing_source
-from .timing import CUDA_EVENTS, Stats, interleave_within
+from ...errors import LrexportError, RuntimeMissingError
+from ...io import atomic_write_text
+from ...progress import LayerTuned, Progress, quiet
+from ..backends import ModelSource, RuntimeOptions, get_runtime, open_runner
+from ..timing import CUDA_EVENTS, Stats, interleave_within
 
 CACHE_FILE = "tune_cache.json"
 CACHE_VERSION = 5  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime; 5: the CPU named with its vector extensions
@@ -64,14 +64,14 @@ class LayerShape:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        from ..lowrank.macs import conv_out
+        from ...lowrank.macs import conv_out
 
         return tuple(conv_out(self.in_hw[i], (self.kh, self.kw)[i], self.stride[i], self.padding[i], self.dilation[i])
                      for i in (0, 1))
 
     def macs(self, rank: int | None) -> int:
         """MACs per image of the dense conv (``rank=None``) or the pair at ``rank``."""
-        from ..lowrank.svd_layers import conv_macs
+        from ...lowrank.svd_layers import conv_macs
 
         dense, pair = conv_macs(self.c, self.n, (self.kh, self.kw), self.stride, self.padding, self.dilation, self.mode,
                                 self.in_hw, rank or 1)
@@ -107,8 +107,8 @@ class TuneLayer:
 
 def tune_layers_of(model, input_size, multiple_of: int = 8) -> list[TuneLayer]:
     """The decomposed convs of ``model`` (SVD linears are left to the default rule)."""
-    from ..lowrank.rewrite import plan_layers
-    from ..lowrank.svd_layers import SVDConv2d
+    from ...lowrank.rewrite import plan_layers
+    from ...lowrank.svd_layers import SVDConv2d
 
     modules = dict(model.named_modules())
     layers = []
@@ -286,8 +286,8 @@ def layer_onnx(shape: LayerShape, candidate: str | int, batch: int, opset: int =
 
     The last conv carries a bias, as every conv has after BatchNorm folding. With ``context``
     the layer sits between two depthwise 1×1 convs (on its input and its output, where they
-    have ≥ 16 channels), which stand in for its neighbours: onnxruntime's CPU provider runs
-    convs in a channel-blocked layout (NCHWc) and inserts layout reorders around ops that
+    have ≥ 16 channels), which stand in for its neighbours: CPU runtimes run convs in a
+    channel-blocked layout (NCHWc) and insert layout reorders around ops that
     cannot use it (e.g. a conv whose input channels are not a multiple of 4). In a network
     those reorders sit between the layer and its neighbours; alone, a layer would be charged
     the reorders at the graph's edges instead, which favours the misaligned ranks.
@@ -332,13 +332,14 @@ class Target:
 
 
 def layer_source(shape: LayerShape, candidate, batch: int, runtime: str, precision: str = "fp32") -> ModelSource:
-    """One candidate as ``runtime`` takes it (``runners.timing_source``): its one-layer ONNX graph, and the same
+    """One candidate as ``runtime`` takes it (``Backend.timing_source``): its one-layer ONNX graph, and the same
     convs as PyTorch modules."""
-    from .onnx_graph import conv_chain_module
+    from ..onnx_graph import conv_chain_module
 
     proto = layer_onnx(shape, candidate, batch)
     input_shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    return timing_source(runtime, precision, lambda: proto, lambda: conv_chain_module(proto), input_shape, f"candidate {candidate}")
+    return get_runtime(runtime).timing_source(precision, lambda: proto, lambda: conv_chain_module(proto), input_shape,
+                                              f"candidate {candidate}")
 
 
 def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
@@ -346,7 +347,7 @@ def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
     batches = tuple(int(b) for b in batches)
     if not batches or min(batches) < 1:
         raise LrexportError(f"tune batches must be ≥ 1; got {list(batches)}")
-    if not get_runtime(runtime).tunable:
+    if not get_runtime(runtime).entry.tunable(options.device):
         raise RuntimeMissingError(f"per-layer tuning on {runtime} is not implemented; export with --no-tune")
     probe = LayerShape("channel", 8, 8, 1, 1, (1, 1), (0, 0), (1, 1), (4, 4))
     settings = open_runner(runtime, layer_source(probe, DENSE, 1, runtime, options.precision), options).settings()

@@ -13,6 +13,7 @@ and it needs no second CUDA binding whose version must match the driver.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import LrexportError, RuntimeMissingError
-from .calibration import CalibrationReader
+from ...errors import LrexportError, RuntimeMissingError
+from ..artifacts import FILES, MODELS
+from ..calibration import CalibrationReader
+from . import RUNTIMES
+from .base import Backend, BuildContext, ModelSource, RuntimeOptions
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_FILE = "model.engine"
@@ -231,8 +235,6 @@ def _config(trt, builder, plan: BuildPlan):
     profile.set_shape(plan.input_name, *plan.profile)
     config.add_optimization_profile(profile)
     if plan.precision == "int8":
-        from .calibration import trt_calibrator
-
         config.set_flag(trt.BuilderFlag.INT8)
         # calibration runs at the calibration profile's opt shape: one fixed batch size
         calib_shape = (plan.calibration.batch_size, *plan.profile[0][1:])
@@ -252,7 +254,7 @@ def _config(trt, builder, plan: BuildPlan):
 def _build(trt, plan: BuildPlan) -> Path:
     import torch
 
-    from ..io import atomic_write_bytes, atomic_write_text
+    from ...io import atomic_write_bytes, atomic_write_text
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -272,6 +274,44 @@ def _build(trt, plan: BuildPlan) -> Path:
     }
     atomic_write_text(plan.info_path, json.dumps(info, indent=2))
     return plan.engine_path
+
+
+def trt_calibrator(reader: CalibrationReader, trt_module):
+    """A ``trt.IInt8EntropyCalibrator2`` that feeds ``reader``'s batches through one device buffer.
+
+    ``trt_module`` is the imported ``tensorrt``; the class is built here because its base
+    class exists only when TensorRT is installed. Device memory comes from torch.cuda, as in
+    this module.
+    """
+    import torch
+
+    class _EntropyCalibrator(trt_module.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self._batches = iter(reader.materialize())
+            self._device = None  # allocated on the first batch, reused for all
+
+        def get_batch_size(self) -> int:
+            return reader.batch_size
+
+        def get_batch(self, names):
+            batch = next(self._batches, None)
+            if batch is None:
+                return None  # tells TensorRT that calibration data is exhausted
+            host = torch.from_numpy(batch)
+            if self._device is None:
+                self._device = torch.empty_like(host, device="cuda")
+            self._device.copy_(host)
+            torch.cuda.synchronize()  # TensorRT reads the buffer on its own stream
+            return [int(self._device.data_ptr())]
+
+        def read_calibration_cache(self):
+            return reader.read_cache()
+
+        def write_calibration_cache(self, cache) -> None:
+            reader.write_cache(bytes(cache))
+
+    return _EntropyCalibrator()
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -374,3 +414,60 @@ class TrtRunner:
         return {"runtime": "trt", "version": trt.__version__, "device": self._torch.cuda.get_device_name(),
                 "provider": "cuda", "threads": None, "precision": str(self.engine.get_tensor_dtype(self.input_name)),
                 "engine": str(self.path), "note": getattr(self, "note", "")}
+
+
+# -- the backend ---------------------------------------------------------------------------------------
+class TrtBackend(Backend):
+    required_before_export = False  # engines are built from the written ONNX files: without TensorRT those stay
+
+    def require(self) -> str:
+        trt = import_tensorrt()
+        require_gpu()
+        return trt.__version__
+
+    def open(self, source: ModelSource, options: RuntimeOptions) -> "TrtRunner":
+        if source.files is None:
+            raise RuntimeMissingError(f"{source.label} has no TensorRT engine; export with `lrexport export --runtime trt`")
+        return TrtRunner(source.files)
+
+    def own_files(self, path: Path, meta: dict, model: str):
+        engine = (meta.get("engines") or {}).get(model)
+        return path / engine if engine else None
+
+    def build(self, ctx: BuildContext) -> None:
+        ctx.precision = "fp32"  # the ONNX files stay fp32; the engines carry their precision (meta's "engines")
+
+    def finish(self, out_dir: Path, meta: dict, ctx: BuildContext) -> dict:
+        from ...io import atomic_write_text
+        from ..artifacts import META_FILE
+
+        try:
+            meta["engines"] = build_engines(out_dir, ctx.options.precision, ctx.batches, ctx.calibration)
+        except RuntimeMissingError as e:
+            raise RuntimeMissingError(f"{e} (the ONNX artifacts are written: {out_dir})") from None
+        meta["versions"]["tensorrt"] = meta["engines"].pop("tensorrt_version", None)
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2))
+        return meta
+
+
+def build_engines(out_dir: Path, precision: str, batch_sizes: tuple[int, ...], calibration: list[np.ndarray] | None) -> dict:
+    """An engine from each exported ONNX file; int8 calibrates on the ``calibration`` batches (the run's images,
+    as export's --calibration-* options chose them), with one calibration cache per model."""
+    engines = {}
+    for name in MODELS:
+        file = FILES[name]
+        reader = None
+        if precision == "int8":
+            reader = CalibrationReader((image for batch in calibration for image in batch),
+                                       batch_size=batch_sizes[0] if len(batch_sizes) == 1 else 32,
+                                       cache_path=out_dir / f"{Path(file).stem}.calibration.cache")
+        path = build_engine(out_dir / file, out_dir, precision=precision, batch_sizes=batch_sizes, calibration=reader,
+                            engine_name=f"{Path(file).stem}.engine")
+        engines[name] = Path(path).name
+    engines["precision"] = precision
+    engines["batch_sizes"] = list(batch_sizes)
+    engines["tensorrt_version"] = getattr(sys.modules.get("tensorrt"), "__version__", None)
+    return engines
+
+
+BACKEND = TrtBackend(RUNTIMES["trt"])

@@ -3,7 +3,7 @@
 For every decomposed conv, the dense conv and the thin pair at the grid ranks (multiples of
 ``grid`` and powers of two below it, from the lowest rank the per-layer cap admits up to
 break-even; the energy rule's rank rounded up to the grid always among them) are timed on the target runtime at the
-layer's real input shape, with the tuning machinery and its cache (lrexport.deploy.tune).
+layer's real input shape, with the tuning machinery and its cache (lrexport.deploy.planning.tune).
 A layer's time is its per-image time (its fastest timed call, robust to other load) summed
 over the batches. lrexport.lowrank.allocate then
 picks the ranks that minimise the summed time within the energy rule's budget, and the model
@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LrexportError
-from ..progress import LayerTimed, Message, Progress, quiet
-from ..lowrank.allocate import DENSE, Allocation, LayerTable, allocate, discarded_curve, energy_budget
-from ..lowrank.prune import PruneResult, check_energy, energy_rank, prune, rule_rank
-from .runners import RuntimeOptions
+from ...errors import LrexportError
+from ...progress import LayerTimed, Message, Progress, quiet
+from ...lowrank.allocate import DENSE, Allocation, LayerTable, allocate, discarded_curve, energy_budget
+from ...lowrank.prune import PruneResult, check_energy, energy_rank, prune, rule_rank
+from ..backends import RuntimeOptions
 from .tune import TuneCache, TuneLayer, layer_times, make_target, tune_layers_of
 
 MAX_CANDIDATES = 12  # pair ranks timed per layer: wide layers get a coarser multiple of the grid

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..lowrank.prune import energy_dropped, truncated
-from ..progress import Message, Progress, quiet
+from ...lowrank.prune import energy_dropped, truncated
+from ...progress import Message, Progress, quiet
 
 
 @dataclass

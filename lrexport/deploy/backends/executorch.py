@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import LrexportError, RuntimeMissingError, first_line
-from ..io import muted
-from ..lowrank.rewrite import node_values
-from .runners import RuntimeOptions
-from .timing import WALL, cpu_name
+from ...errors import LrexportError, RuntimeMissingError, first_line
+from ...io import muted
+from ...lowrank.rewrite import node_values
+from ..artifacts import FILES, MODELS
+from ..timing import WALL, cpu_name
+from . import RUNTIMES
+from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
 
 MAX_BATCH = 4096  # the batch dimension's bound while quantizing (programs are lowered per batch)
 
@@ -155,7 +157,7 @@ def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], m
     """``quantize``, then again with the convs whose own int8 error exceeds ``max_layer_error`` in float.
 
     Returns the int8 module and its evidence: each conv's error, the bound, the convs left in float
-    (as lrexport.deploy.quantize does for ONNX).
+    (as lrexport.deploy.backends.qdq does for ONNX).
     """
     prepared = calibrate(prepare(module, input_size), batches)
     if max_layer_error is None:
@@ -178,8 +180,7 @@ class ExecutorchRunner:
     def __init__(self, options: RuntimeOptions, programs: dict[int, bytes | Path] | None = None,
                  module: nn.Module | None = None, label: str = "the model"):
         self.et = require()
-        if options.device != "cpu" or options.precision not in ("fp32", "int8"):
-            raise RuntimeMissingError(f"lrexport runs ExecuTorch (XNNPACK) on the CPU in fp32 or int8; got {options.device} {options.precision}")
+        options = RUNTIMES["executorch"].resolve(options)
         self.options, self.label = options, label
         self.threads = set_threads(options.cpu_threads)
         self.programs = {int(b): p for b, p in (programs or {}).items()}
@@ -189,8 +190,6 @@ class ExecutorchRunner:
 
     def _deployable(self, sample_shape) -> nn.Module:
         if not self.quantized:
-            from .quantize import random_batches
-
             self.module, self.quantized = quantize(self.module, sample_shape, random_batches((2, *sample_shape))), True
         return self.module
 
@@ -202,7 +201,7 @@ class ExecutorchRunner:
                 program = lower(self._deployable(sample_shape), torch.zeros(batch, *sample_shape), self.label)
             else:
                 raise LrexportError(f"{self.label} has ExecuTorch programs for batch {', '.join(map(str, sorted(self.programs)))}, "
-                                    f"not {batch}: export with --batch {batch} or --tune-batches including it")
+                                    f"not {batch}: export with --batch {batch} or --batches including it")
             try:
                 loaded = self.et.runtime.load_program(program)
                 # the method reads its program's memory: the program (and its bytes) must outlive it
@@ -217,8 +216,6 @@ class ExecutorchRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if self.module is None and len(x) not in self.programs:  # stored programs: the largest batch, the last part padded
-            from .runtime import run_batched
-
             return run_batched(self.run, x, max(self.programs))
         return self._method(len(x), x.shape[1:]).execute([self._tensor(x)])[0].numpy()
 
@@ -231,3 +228,58 @@ class ExecutorchRunner:
     def settings(self) -> dict:
         return {"runtime": "executorch", "version": self.et.version, "device": cpu_name(), "provider": "XNNPACK",
                 "threads": self.threads, "precision": self.options.precision}
+
+
+# -- the backend ---------------------------------------------------------------------------------------
+def pte_file(model: str, batch: int) -> str:
+    return f"{Path(FILES[model]).stem}_b{batch}.pte"
+
+
+class ExecutorchBackend(Backend):
+    def require(self) -> str:
+        return require().version
+
+    def open(self, source: ModelSource, options: RuntimeOptions) -> ExecutorchRunner:
+        if source.files:
+            return ExecutorchRunner(options, programs=source.files, label=source.label)
+        if source.torch is None:
+            raise LrexportError(f"{source.label} has no ExecuTorch program; export it with --runtime executorch")
+        return ExecutorchRunner(options, module=source.torch(), label=source.label)
+
+    def own_files(self, path: Path, meta: dict, model: str):
+        return {int(b): path / f for b, f in (meta.get("pte") or {}).get(model, {}).items()} or None
+
+    @torch.no_grad()
+    def build(self, ctx: BuildContext) -> None:
+        """Programs of both models at each deployment batch; in int8 quantized by XNNPACK's quantizer (per-layer
+        error fallback), the fp32 dense model's beside them. The fp32 programs must reproduce PyTorch on ``ctx.x``."""
+        modules = dict(ctx.plain)
+        evidence = None
+        if ctx.calibration is not None:
+            evidence = {"calibration": {"split": ctx.quant.split, "images": sum(len(b) for b in ctx.calibration)},
+                        "format": "XNNPACK int8 (PT2E): activations int8 per tensor, weights int8 per channel, symmetric",
+                        "runtime": self.name}
+            for m in MODELS:
+                modules[m], evidence[m] = quantize_checked(ctx.plain[m], ctx.input_size, ctx.calibration, ctx.quant.max_layer_error)
+            modules["dense_fp32"] = ctx.plain["dense"]
+        programs, checks = {}, []
+        for m, module in modules.items():
+            programs[m] = {b: lower(module, torch.zeros(b, *ctx.input_size), f"the {m} model") for b in ctx.batches}
+            out = ExecutorchRunner(ctx.options, programs=programs[m], label=f"the {m} model").run(ctx.x.numpy())
+            quantized = evidence is not None and m in MODELS
+            result = compare(f"{m}: executorch{' int8' if quantized else ''} vs original{' fp32' if quantized else ''}", out,
+                             ctx.originals[m if m in MODELS else "dense"](ctx.x).numpy())
+            if quantized:
+                evidence[m]["check"] = result.to_dict()
+            else:
+                checks.append(result)
+        fail_beyond(checks, ctx.tolerance, "the ExecuTorch programs do")
+        ctx.files = {pte_file(m, b): blob for m, by_batch in programs.items() for b, blob in by_batch.items()}
+        ctx.meta["pte"] = {m: {str(b): pte_file(m, b) for b in by_batch} for m, by_batch in programs.items()}
+        ctx.versions["executorch"] = require().version
+        ctx.checks, ctx.quantization = checks, evidence
+        # its int8 lives in the programs: the ONNX graphs stay float, dense.onnx the fp32 reference
+        ctx.precision = ctx.options.precision
+
+
+BACKEND = ExecutorchBackend(RUNTIMES["executorch"])

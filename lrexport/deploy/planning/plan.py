@@ -1,10 +1,10 @@
 """The export's first stage: which rank each layer is deployed at, measured on the target runtime.
 
 1. Tune: every decomposed conv is timed on the runtime at the deployment's batches, dense
-   and as thin pairs at the candidate ranks (lrexport.deploy.tune); where the recipe allows,
+   and as thin pairs at the candidate ranks (lrexport.deploy.planning.tune); where the recipe allows,
    ranks below the energy rule's are kept only where validation accuracy confirms them
-   (lrexport.deploy.below). A run whose prune step allocated its ranks by latency on this
-   runtime (``prune.latency``, lrexport.deploy.latency_ranks) is deployed at exactly those
+   (lrexport.deploy.planning.below). A run whose prune step allocated its ranks by latency on this
+   runtime (``prune.latency``, lrexport.deploy.planning.latency_ranks) is deployed at exactly those
    ranks: nothing is tuned, the guard only confirms them ("allocated").
 2. Guard: one-layer times miss what happens between layers, so the whole models are timed
    too, interleaved, at each batch: the tuned plan, the untuned (MACs-only) plan and every
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..lowrank import truncated
-from ..progress import Progress, quiet
-from ..lowrank.rewrite import plan_layers, to_plain
-from .onnx_graph import to_onnx
-from .runners import RUNTIMES, RuntimeOptions, open_runner, timing_source
-from .timing import CUDA_EVENTS, interleave_within
+from ...lowrank import truncated
+from ...progress import Progress, quiet
+from ...lowrank.rewrite import plan_layers, to_plain
+from ..onnx_graph import to_onnx
+from ..backends import RuntimeOptions, entry, get_runtime, open_runner
+from ..timing import CUDA_EVENTS, interleave_within
 from .tune import CACHE_FILE, DENSE, make_target, tune_model
 
 PLAN_FILE = "plan.json"
@@ -49,7 +49,7 @@ class TuneConfig:
     guard_budget_ms: float = 6000.0
 
     def deployment_batches(self, batch: int | None) -> tuple[int, ...]:
-        """The batches the deployment is planned (and ExecuTorch programs lowered) for: the fixed export batch, else these."""
+        """The batches the deployment is planned and built for (a backend's own files too): the fixed export batch, else these."""
         return (batch,) if batch else tuple(self.batches or DEFAULT_BATCHES)
 
 
@@ -94,7 +94,7 @@ def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, conf
     """
     if not config.enabled:
         return Plan(runtime, "untuned", None, note="not tuned (--no-tune): ranks by the MACs rule")
-    if not RUNTIMES[runtime].tunable:
+    if not entry(runtime).tunable(options.device):
         return Plan(runtime, "untuned", None, note=f"per-layer tuning on {runtime} is not implemented: ranks by the MACs rule")
     target = make_target(runtime, options, config.deployment_batches(batch))
     if allocated is not None:
@@ -145,11 +145,11 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
                else f"every decomposed layer measured fastest dense on {plan.runtime}")
         plan.note = f"{why}: every layer is deployed dense"
         return
-    runners = {}
+    runners, backend = {}, get_runtime(plan.runtime)
     for name, (model, layers) in variants.items():
         plain, _ = to_plain(model, input_size, multiple_of, layers)
-        source = timing_source(plan.runtime, options.precision, lambda p=plain: to_onnx(p, input_size, batch), lambda p=plain: p,
-                               (batch or 2, *input_size), f"the {name} plan")
+        source = backend.timing_source(options.precision, lambda p=plain: to_onnx(p, input_size, batch), lambda p=plain: p,
+                                       (batch or 2, *input_size), f"the {name} plan")
         runners[name] = open_runner(plan.runtime, source, options)
     worst = {name: float("inf") for name in runners}
     gen = torch.Generator().manual_seed(2)
