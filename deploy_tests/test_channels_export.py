@@ -40,8 +40,10 @@ def test_each_leaf_is_exported_and_verified_on_the_runtime(swept, method):
     assert verify["runtime"] == "ort" and verify["passed"]
     assert verify["accuracy"]["lowrank"]["top1_disagree"] == 0
     assert {row["batch"] for row in verify["latency"]} == {1, 8}
-    # the deployed graph reproduces the run's checkpoint, run here independently of export's own check
-    model, _ = load_model(run / "checkpoints" / "finetune_best.pt")
+    # the deployed graph reproduces the run's checkpoint, run here independently of export's own check: the trained
+    # model, or the dense one where the guard measured the pruned network slower than it
+    original = json.loads((run / "artifacts" / "plan.json").read_text())["deployed"] == "original"
+    model, _ = load_model(run / "checkpoints" / ("dense.pt" if original else "finetune_best.pt"))
     x = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         ref = model.eval()(x).numpy()
@@ -49,7 +51,8 @@ def test_each_leaf_is_exported_and_verified_on_the_runtime(swept, method):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
     summary = json.loads((run / "summary.json").read_text())
-    assert verify["macs"]["speedup"] == pytest.approx(summary["macs_speedup"], rel=1e-6)  # both against the unpruned model
+    # both against the unpruned model
+    assert verify["macs"]["speedup"] == pytest.approx(1.0 if original else summary["macs_speedup"], rel=1e-6)
 
 
 def test_sweep_table_and_report_put_measured_speedups_beside_accuracy(swept, tmp_path):
@@ -71,3 +74,31 @@ def test_a_rerun_sweep_keeps_verified_leaves(swept, tiny_recipe):
     result = CliRunner().invoke(main, ["sweep", recipe, "--grid", f"method={','.join(METHODS)}", "--runtime", "ort", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "exporting" not in result.output and verify.stat().st_mtime_ns == stamp
+
+
+
+def test_the_guard_holds_a_narrower_model_against_the_one_before_pruning(tiny_recipe, tmp_path):
+    """Every layer dense is still the narrower network: the guard times the model before pruning too, and what
+    goes out is whichever it measured fastest, the pruned model or (never slower than dense) the dense one."""
+    from lrexport.deploy.export import ExportConfig, export_run
+    from lrexport.recipe import load_recipe
+    from lrexport.train import run_recipe
+
+    recipe = load_recipe(tiny_recipe(f"data.image_size={IMAGE_SIZE}", "device=cpu", "method=channels", "channels.ratio=0.5",
+                                     "phases.finetune.epochs=0"))
+    run = run_recipe(recipe, tmp_path / "run").run_dir
+    exported = export_run(run, config=ExportConfig())
+    plan = exported.plan
+    assert plan.guard and all(row["baseline"] == "original" and "original" in row and "dense" in row for row in plan.guard)
+    assert exported.meta["channels_pruned"] is True
+    x = np.random.default_rng(0).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    outputs = {}
+    for m in ("model", "dense"):
+        session = ort.InferenceSession(str(exported.out_dir / f"{m}.onnx"), providers=["CPUExecutionProvider"])
+        outputs[m] = session.run(None, {session.get_inputs()[0].name: x})[0]
+    lowrank_macs, dense_macs = (exported.meta["models"][m]["macs"] for m in ("lowrank", "dense"))
+    if plan.deployed == "original":  # nothing of the pruned model was faster: the dense model went out as model.onnx
+        assert np.array_equal(outputs["model"], outputs["dense"]) and lowrank_macs == dense_macs
+    else:
+        worst = min(row[plan.deployed]["speedup_over_dense"] for row in plan.guard)
+        assert worst >= 1.0 and lowrank_macs < dense_macs

@@ -438,7 +438,7 @@ def _print_plan(plan) -> None:
                 f"images {b['top1']:.2f}% vs {b['reference_top1']:.2f}% as trained (tolerance {b['tolerance']:g} points)")
     for row in plan.guard:
         times = ", ".join(f"{n} {row[n]['median_ms']:.3f} ms ({row[n]['speedup_over_dense']:.2f}x)"
-                          for n in ("allocated", "tuned", "untuned", "dense") if n in row)
+                          for n in ("allocated", "tuned", "untuned", "dense", "original") if n in row)
         say(f"  whole model at batch {row['batch']} ({row['rounds']} rounds): {times}")
     say(f"  deployed: {plan.deployed} plan for {plan.runtime}" + (f" · {plan.note}" if plan.note else ""))
     q = plan.quantization

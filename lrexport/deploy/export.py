@@ -247,6 +247,7 @@ def describe(run: Run, built: Built, ctx: BuildContext, plan: Plan, config: Expo
         "class_names": list(run.data_info["class_names"]),
         "models": models,
         "macs_speedup": macs["dense"] / macs["lowrank"],
+        "channels_pruned": bool(run.summary.get("channels")),  # the low-rank model is narrower than the dense one
         "runtime": plan.runtime,
         "precision": ctx.precision,
         "quantization": None if plan.quantization is None else {
@@ -299,10 +300,11 @@ def export_run(run_dir: str | Path | None = None, out_dir: str | Path | None = N
     # first: a model the rewrite or ONNX cannot carry fails here, naming the layer, before any tuning
     dense_rewrite = rewrite(dense, run.input_size, config)
     allocated = allocated_plan(run.summary, config.target)
+    original = dense if run.summary.get("channels") else None  # a narrower network: the guard times the model before pruning
     plan = plan_export(trained, run.input_size, config.target, config.options, config.tune, config.batch,
                        config.multiple_of, _below_checker(run, trained, config.tune, progress) if allocated is None else None,
-                       progress, allocated)
-    built = build(plan.model(trained), dense, dense_rewrite, plan, run.input_size, config)
+                       progress, allocated, original)
+    built = build(plan.model(trained, dense), dense, dense_rewrite, plan, run.input_size, config)
     x = validation_sample(run, config.check_images)
     checks = check(built, x, config)  # the fp32 graphs reproduce PyTorch; int8 is judged by verify's accuracy
     val = run.validation_set()

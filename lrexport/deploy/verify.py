@@ -162,14 +162,18 @@ def measure_latency(runners: dict, val, sizes, macs_speedup: float, config: Veri
 NOISE = 0.97  # a speedup this close to 1 is equal within the noise of interleaved timing on a shared machine
 
 
-def slower_than_dense(latency: list[dict], runtime: str, deployed: str) -> list[str]:
-    """A note where the low-rank model measured slower than the dense one beyond noise: fewer MACs did not pay here."""
+def slower_than_dense(latency: list[dict], runtime: str, deployed: str, narrower: bool = False) -> list[str]:
+    """A note where the low-rank model measured slower than the dense one beyond noise: fewer MACs did not pay here.
+    ``narrower``: channels were pruned, so even with every layer dense the deployed model is not the dense one."""
     slow = [row for row in latency if row["wall_speedup"] < NOISE]
     if not slow:
         return []
     at = ", ".join(f"{row['wall_speedup']:.2f}x at batch {row['batch']}" for row in slow)
+    alike = "the models are alike: the machine was busy"
     hint = {"untuned": "export without --no-tune to deploy each layer dense or factored by measured latency",
-            "dense": "every layer is already deployed dense, so the models are alike: the machine was busy"}.get(
+            "dense": "export measured it faster than the model before channel pruning; the machine may have been busy: "
+                     "verify again" if narrower else f"every layer is already deployed dense, so {alike}",
+            "original": f"the model before channel pruning is what was deployed, so {alike}"}.get(
         deployed, f"export for this runtime and batch (lrexport export --runtime {runtime} --batch B) to tune for it")
     return [f"the low-rank model ran slower than the dense one on {runtime} ({at}); {hint}"]
 
@@ -183,6 +187,8 @@ def predicted_latency(plan: dict, latency: list[dict]) -> list[dict]:
     rows = []
     measured = {row["batch"]: row for row in latency}
     for p in (plan.get("tune") or {}).get("predicted", []):
+        if plan["deployed"] not in PREDICTED_FOR:  # the model before channel pruning: the tuning timed none of its layers
+            break
         row = {"batch": p["batch"], "lowrank_ms": p[PREDICTED_FOR[plan["deployed"]]], "dense_ms": p["dense_ms"]}
         if p["batch"] in measured:
             row["measured_lowrank_ms"] = measured[p["batch"]]["lowrank"]["median_ms"]
@@ -233,7 +239,7 @@ def verify_artifacts(artifacts_dir: str | Path | None = None, runtime: str | Non
         "plan": {"runtime": art.plan["runtime"], "deployed": art.plan["deployed"], "target": art.plan.get("target")},
         "predicted": predicted_latency(art.plan, latency) if runtime == art.plan["runtime"] else [],
         "precision": art.precision, "tolerance": tolerance, "failures": failures, "passed": not failures,
-        "notes": slower_than_dense(latency, runtime, art.plan["deployed"]),
+        "notes": slower_than_dense(latency, runtime, art.plan["deployed"], narrower=art.meta.get("channels_pruned", False)),
     }
     if runtime != art.plan["runtime"] and art.plan["deployed"] != "untuned":
         report["notes"].append(f"the plan was measured on {art.plan['runtime']}, not {runtime}: "

@@ -10,7 +10,10 @@
    too, interleaved, at each batch: the tuned plan, the untuned (MACs-only) plan and every
    layer dense. The plan with the best worst-batch speedup over all-dense is deployed, if
    that speedup is at least 1; otherwise every layer goes out dense, so the artifact is
-   never slower than the dense model on the runtime it was exported for.
+   never slower than the dense model on the runtime it was exported for. Where channels
+   were pruned, every layer dense is still the narrower network: the model before pruning
+   is timed too ("original"), it is what the others must beat, and it is deployed where
+   none does.
 
 The plan is data (``Plan.to_dict`` is plan.json): verify and a user read it without the run.
 """
@@ -32,6 +35,7 @@ from ..timing import CUDA_EVENTS, interleave_within
 from .tune import CACHE_FILE, DENSE, make_target, tune_model
 
 PLAN_FILE = "plan.json"
+ORIGINAL = "original"  # the guard's name for the model before channel pruning (export's dense baseline)
 DEFAULT_BATCHES = (1, 8)  # what verify times by default
 
 
@@ -67,8 +71,11 @@ class Plan:
     note: str = ""
     quantization: dict | None = None  # int8: per-layer errors on calibration images and the layers left in float
 
-    def model(self, trained: torch.nn.Module) -> torch.nn.Module:
-        """The low-rank model this plan deploys: the trained one, truncated where it went below."""
+    def model(self, trained: torch.nn.Module, original: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The model this plan deploys: the trained one, truncated where it went below; ``original`` where the
+        guard deployed the model before channel pruning."""
+        if self.deployed == ORIGINAL:
+            return original
         return truncated(trained, self.truncated) if self.truncated else trained
 
     def to_dict(self) -> dict:
@@ -84,13 +91,16 @@ def default_cache() -> Path:
 
 
 def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, config: TuneConfig, batch: int | None,
-                multiple_of: int, below_check=None, progress: Progress = quiet, allocated: dict | None = None) -> Plan:
+                multiple_of: int, below_check=None, progress: Progress = quiet, allocated: dict | None = None,
+                original: torch.nn.Module | None = None) -> Plan:
     """The deployment plan of ``trained`` on ``runtime`` (see the module docstring).
 
     ``below_check(proposed) -> (kept, check dict)`` confirms ranks below the energy rule's
     on validation images; without it they are not candidates. ``allocated`` (name → DENSE
     or rank): the ranks the run's prune step allocated by latency on this runtime; they are
-    deployed as they are, and nothing is tuned: the guard only confirms them.
+    deployed as they are, and nothing is tuned: the guard only confirms them. ``original``: the
+    model before channel pruning, where the trained model is narrower; the guard times it too and
+    deploys it (``deployed = "original"``) where no plan of the trained model beats it.
     """
     if not config.enabled:
         return Plan(runtime, "untuned", None, note="not tuned (--no-tune): ranks by the MACs rule")
@@ -101,7 +111,7 @@ def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, conf
         plan = Plan(runtime, "allocated", dict(allocated), target=target.to_dict(),
                     note=f"ranks allocated by measured latency on {runtime} before finetuning (summary.json latency_ranks)")
         if config.guard:
-            guard(plan, trained, input_size, target.options, batch, multiple_of, config.guard_budget_ms)
+            guard(plan, trained, input_size, target.options, batch, multiple_of, config.guard_budget_ms, original)
         return plan
     tuned = tune_model(trained, input_size, target, config.cache or default_cache(), multiple_of, config.margin,
                        progress, below=below_check is not None)
@@ -111,7 +121,7 @@ def plan_export(trained, input_size, runtime: str, options: RuntimeOptions, conf
         tuned.revert(set(tuned.below_ranks()) - set(kept))
     plan = Plan(runtime, "tuned", tuned.plan, kept, target.to_dict(), tuned.to_dict())
     if config.guard:
-        guard(plan, trained, input_size, target.options, batch, multiple_of, config.guard_budget_ms)
+        guard(plan, trained, input_size, target.options, batch, multiple_of, config.guard_budget_ms, original)
     return plan
 
 
@@ -135,10 +145,14 @@ def _variants(plan: Plan, trained, input_size, multiple_of: int) -> dict[str, tu
 
 
 def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int | None, multiple_of: int,
-          budget_ms: float) -> None:
-    """Time the whole variants on the plan's runtime and deploy the fastest that beats all-dense (in place)."""
+          budget_ms: float, original: torch.nn.Module | None = None) -> None:
+    """Time the whole variants on the plan's runtime and deploy the fastest that beats the baseline (in place):
+    all-dense, or ``original`` (the model before channel pruning) where given."""
     planned = plan.deployed  # "tuned", or "allocated" by the run's prune step
     variants = _variants(plan, trained, input_size, multiple_of)
+    if original is not None:
+        variants[ORIGINAL] = (original, None)
+    baseline = ORIGINAL if original is not None else "dense"
     if len(variants) == 1:
         plan.deployed, plan.layers = "dense", variants["dense"][1]
         why = ("the latency allocation allocated every layer dense, as the MACs rule does" if planned == "allocated"
@@ -158,14 +172,18 @@ def guard(plan: Plan, trained, input_size, options: RuntimeOptions, batch: int |
         calls = {name: r.bind(x) for name, r in runners.items()}
         cuda = next(iter(runners.values())).clock == CUDA_EVENTS
         timed = interleave_within(calls, budget_ms, min_repeats=21, max_repeats=80, warmup=5, cuda=cuda)
-        row = {"batch": b, "rounds": len(timed.times_ms["dense"])}
+        row = {"batch": b, "rounds": len(timed.times_ms["dense"]), "baseline": baseline}
         for name in runners:
-            row[name] = {"median_ms": timed.stats(name, b).median_ms, "speedup_over_dense": timed.ratio("dense", name)}
+            row[name] = {"median_ms": timed.stats(name, b).median_ms, "speedup_over_dense": timed.ratio(baseline, name)}
             worst[name] = min(worst[name], row[name]["speedup_over_dense"])
         plan.guard.append(row)
-    best = max((n for n in runners if n != "dense"), key=lambda n: worst[n])
+    best = max((n for n in runners if n != baseline), key=lambda n: worst[n])
     if worst[best] >= 1.0:
         deployed = best
+    elif original is not None:
+        deployed = ORIGINAL
+        plan.note = (f"no plan of the channel-pruned model ran faster than the model before pruning at every batch (best: {best}, "
+                     f"{worst[best]:.2f}x at its worst batch): the model before pruning is deployed")
     else:
         deployed = "dense"
         plan.note = (f"no low-rank plan ran faster than every layer dense at every batch (best: {best}, "
