@@ -1,0 +1,159 @@
+"""SVD training holds where dense training holds: the factor step is scaled to the dense step's size,
+a diverged step is named and stops the epoch, and a phase recovers from it by rolling back.
+
+Why the scale (docs/training.md): a step on U, s, V moves W = U·diag(s)·V up to 2·s²+1 times as far
+as the same step on W; on a model without BatchNorm after its convs that diverged at the
+learning rate that trained it dense.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrexport.lowrank import decompose, svd_layers
+from lrexport.lowrank.svd_layers import SVDConv2d
+from lrexport.recipe import PhaseConfig, load_recipe
+from lrexport.train import run_recipe
+from lrexport.train.loop import Loss, NonFiniteLoss, Precision, build_optimizer, train_one_epoch
+from lrexport.train.stability import Limits, scale_factor_grads
+
+CPU = Precision(torch.device("cpu"))
+
+
+class OwnNet(nn.Module):
+    """A user's net with no BatchNorm after any conv: a stem, 1×7 then 7×1, a dilated conv, their
+    concat fused by a 1×1 conv with bias and added to a residual, a strided conv, a linear head."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.stem = nn.Conv2d(3, w, 3, padding=1)
+        self.a17 = nn.Conv2d(w, w, (1, 7), padding=(0, 3))
+        self.a71 = nn.Conv2d(w, w, (7, 1), padding=(3, 0))
+        self.dil = nn.Conv2d(w, w, 3, padding=2, dilation=2)
+        self.fuse = nn.Conv2d(2 * w, w, 1, bias=True)
+        self.down = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
+        self.head = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = torch.relu(self.a71(torch.relu(self.a17(x))))
+        b = torch.relu(self.dil(x))
+        x = torch.relu(x + self.fuse(torch.cat([a, b], 1)))
+        return self.head(torch.relu(self.down(x)).mean((2, 3)))
+
+
+class NaNOnce(nn.Module):
+    """``inner``, except that its ``at``-th forward in training mode returns NaN logits (once)."""
+
+    def __init__(self, inner: nn.Module, at: int):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                out = out * torch.nan
+        return out
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_scaled_factor_step_moves_w_as_far_as_the_dense_step():
+    """With singular values above 1 the unscaled SVD step moves W several times as far as SGD on W would;
+    scaled, at most about 3× (the U, s and V steps each at most the dense one)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(4 / torch.linalg.matrix_norm(conv.weight.reshape(16, -1), ord=2))  # s_max = 4
+    layer = SVDConv2d.from_dense(conv)
+    x = torch.randn(4, 16, 8, 8)
+    target = torch.randn(4, 16, 8, 8)
+    weight = conv.weight.detach().clone().requires_grad_()
+    F.mse_loss(F.conv2d(x, weight, conv.bias, padding=1), target).backward()
+    dense_step = weight.grad.norm()
+
+    def w_step(scaled: bool) -> float:
+        layer.zero_grad()
+        F.mse_loss(layer(x), target).backward()
+        if scaled:
+            scale_factor_grads([layer])
+        lr = 1e-4  # small: the step's first-order part
+        with torch.no_grad():
+            w0 = layer.dense_weight()
+            w1 = ((layer.U - lr * layer.U.grad) * (layer.s - lr * layer.s.grad)) @ (layer.V - lr * layer.V.grad)
+            return ((w1.reshape(w0.shape) - w0).norm() / lr / dense_step).item()
+
+    plain, scaled = w_step(False), w_step(True)
+    assert plain > 8  # 2·s²+1 = 33 along the top direction
+    assert scaled < 3.1
+
+
+def test_an_orthogonality_runaway_stops_the_epoch_naming_the_layer_and_changes_no_weight():
+    torch.manual_seed(0)
+    model = decompose(OwnNet(), "channel")
+    with torch.no_grad():
+        dict(svd_layers(model))["dil"].U.mul_(5)  # UᵀU = 25·I: this layer's term alone is 36, past 1 per layer for all 6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(10, (8,))) for _ in range(3)]
+    opt = build_optimizer(model.parameters(), PhaseConfig(lr=0.01))
+    with pytest.raises(NonFiniteLoss, match=r"orthogonality term ran away to .* at step 1 of the epoch .*farthest from orthonormal: dil") as e:
+        train_one_epoch(model, data, opt, Loss(ortho=1.0), CPU, limits=Limits(ortho=1.0))
+    assert (e.value.reason, e.value.layer, e.value.step) == ("ortho", "dil", 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # without the limit, the penalty's cubic gradient throws the factors further out: NaN one step later
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 2 of the epoch"):
+        train_one_epoch(model, data, opt, Loss(ortho=1.0), CPU)
+
+
+def test_a_net_without_batchnorm_trains_through_the_svd_phase_at_the_quickstart_lr(tiny_recipe, tmp_path):
+    """The quickstart's SVD learning rate, on the net above: no non-finite step, no divergence, no recovery."""
+    quickstart = load_recipe("recipes/quickstart.toml")
+    r = load_recipe(tiny_recipe(f"phases.dense.lr={quickstart.phases.dense.lr}", f"phases.svd.lr={quickstart.phases.svd.lr}",
+                                "phases.dense.epochs=2", "phases.svd.epochs=2", "phases.finetune.epochs=0", "data.image_size=16",
+                                "reg.compile=false"))
+    torch.manual_seed(0)
+    result = run_recipe(r, tmp_path / "r", model=OwnNet())
+    svd = [m for m in metrics(tmp_path / "r") if m["phase"] == "svd"]
+    assert len(svd) == 2 and not any("recovery" in m for m in svd)
+    assert all(math.isfinite(m[k]) for m in svd for k in ("loss", "ce", "ortho", "val_loss"))
+    assert max(m["ortho"] for m in svd) < 0.05 * len(svd_layers(decompose(OwnNet(), "channel")))  # far below the limit
+    assert "recoveries" not in result.summary["phases"]["svd"]
+
+
+def test_a_nonfinite_step_rolls_the_epoch_back_lowers_the_lr_and_is_recorded(tiny_recipe, tmp_path):
+    r = load_recipe(tiny_recipe("phases.dense.epochs=0", "phases.svd.epochs=2", "phases.finetune.epochs=1", "reg.compile=false"))
+    steps = math.ceil(r.data.train_size / r.data.batch_size)
+    torch.manual_seed(0)
+    # the SVD phase is the first that trains: its epoch 2, step 3 is the (steps + 3)-th training forward
+    result = run_recipe(r, tmp_path / "r", model=NaNOnce(OwnNet(), at=steps + 3))
+    lines = metrics(tmp_path / "r")
+    recovery = [m for m in lines if "recovery" in m]
+    lr = r.phases.svd.lr
+    assert recovery == [{"phase": "svd", "epoch": 2, "recovery": 1, "step": 3, "reason": "nonfinite", "layer": recovery[0]["layer"],
+                         "lr_before": lr, "lr": lr * r.train.recovery_lr_factor}]
+    assert recovery[0]["layer"] in dict(svd_layers(decompose(NaNOnce(OwnNet(), 0), "channel")))  # the one farthest from orthonormal
+    svd = {m["epoch"]: m for m in lines if m["phase"] == "svd" and "recovery" not in m}
+    assert svd[1]["lr"] == lr and svd[2]["lr"] == lr * r.train.recovery_lr_factor  # epoch 2 trained again, at the lower rate
+    assert all(math.isfinite(svd[e][k]) for e in (1, 2) for k in ("loss", "val_loss"))
+    assert result.summary["phases"]["svd"]["recoveries"] == recovery
+    assert "finetune" in result.summary["phases"]  # the run went on to the end
+
+
+def test_recoveries_are_bounded_then_the_error_says_so(tiny_recipe, tmp_path):
+    r = load_recipe(tiny_recipe("phases.dense.epochs=0", "phases.svd.lr=1e30", "train.recoveries=2", "reg.compile=false"))
+    with pytest.raises(NonFiniteLoss, match=r"svd phase, epoch 1: loss became nan at step \d+ .*2 recoveries at a lower learning rate did not help"):
+        run_recipe(r, tmp_path / "r")
+    recovery = [m for m in metrics(tmp_path / "r") if "recovery" in m]
+    assert [m["recovery"] for m in recovery] == [1, 2]
+    assert [m["lr"] for m in recovery] == [1e30 * 0.5, 1e30 * 0.25]
