@@ -16,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rich.console import Console
+
+from lrexport.cli import summary_table
 from lrexport.lowrank import decompose, svd_layers
 from lrexport.lowrank.svd_layers import SVDConv2d
 from lrexport.recipe import PhaseConfig, load_recipe
 from lrexport.train import run_recipe
-from lrexport.train.loop import Loss, NonFiniteLoss, Precision, build_optimizer, train_one_epoch
-from lrexport.train.stability import Limits, scale_factor_grads
+from lrexport.train.loop import (EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, load_optimizer_state,
+                                 train_one_epoch)
+from lrexport.train.stability import Limits, Rollback, scale_factor_grads
 
 CPU = Precision(torch.device("cpu"))
 
@@ -148,6 +152,11 @@ def test_a_nonfinite_step_rolls_the_epoch_back_lowers_the_lr_and_is_recorded(tin
     assert all(math.isfinite(svd[e][k]) for e in (1, 2) for k in ("loss", "val_loss"))
     assert result.summary["phases"]["svd"]["recoveries"] == recovery
     assert "finetune" in result.summary["phases"]  # the run went on to the end
+    # the train table the CLI prints: the svd row says so
+    console = Console(width=200, record=True)
+    console.print(summary_table(result.summary))
+    svd_row = next(line for line in console.export_text().splitlines() if line.strip(" │|").startswith("svd"))
+    assert f"1 (lr → {lr * r.train.recovery_lr_factor:.3g})" in svd_row
 
 
 def test_recoveries_are_bounded_then_the_error_says_so(tiny_recipe, tmp_path):
@@ -157,3 +166,35 @@ def test_recoveries_are_bounded_then_the_error_says_so(tiny_recipe, tmp_path):
     recovery = [m for m in metrics(tmp_path / "r") if "recovery" in m]
     assert [m["recovery"] for m in recovery] == [1, 2]
     assert [m["lr"] for m in recovery] == [1e30 * 0.5, 1e30 * 0.25]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the schedule is stepped without training
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "multistep"])
+def test_a_lowered_lr_survives_the_schedule_and_a_resume(schedule):
+    cfg = PhaseConfig(lr=0.1, schedule=schedule, epochs=4, milestones=[2])
+    model = nn.Linear(3, 2)
+
+    def phase():
+        opt = build_optimizer(model.parameters(), cfg)
+        sched = build_scheduler(opt, cfg)
+        return opt, sched, Rollback(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), 0.5, 3)
+
+    opt, sched, rollback = phase()
+    reference, ref_sched, _ = phase()
+    rollback.save(EpochState())
+    old, new, _ = rollback.restore()
+    assert (old, new, rollback.used) == (0.1, 0.05, 1)
+    for _ in range(3):
+        sched.step()
+        ref_sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"] * 0.5)
+    # a resume rebuilds optimizer and schedule, replays the schedule, loads the saved state (pipeline._resume_training)
+    resumed, res_sched, res_rollback = phase()
+    for _ in range(3):
+        res_sched.step()
+    load_optimizer_state(resumed, opt.state_dict())
+    res_rollback.resumed()
+    sched.step(), res_sched.step(), ref_sched.step()
+    assert resumed.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    assert resumed.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"] * 0.5)
+    assert res_rollback.used == 1
