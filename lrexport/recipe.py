@@ -130,8 +130,10 @@ class TrainConfig:
     # and eager steps
     cuda_graph: bool | str = field(default="auto", metadata=_check("auto", True, False))
     # divide each SVD layer's U-column and V-row gradients by max(1, s_i²): a factor step then
-    # moves W no farther than the dense step would (unscaled, up to 2·s²+1 times as far)
-    scale_factor_grads: bool = True
+    # moves W no farther than the dense step would (unscaled, up to 2·s²+1 times as far);
+    # "auto": in the layers whose output no normalization layer (BatchNorm, GroupNorm,
+    # LayerNorm) takes, which the normalization's scale invariance does not protect
+    scale_factor_grads: bool | str = field(default="auto", metadata=_check("auto", True, False))
     # a step has diverged when its cross-entropy passes diverge_ce × ln(classes) or its
     # orthogonality term (unweighted) passes diverge_ortho per SVD layer; 0: no limit
     diverge_ce: float = field(default=10.0, metadata=_check(ge=0))

@@ -25,7 +25,8 @@ from lrexport.recipe import PhaseConfig, load_recipe
 from lrexport.train import run_recipe
 from lrexport.train.loop import (EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, load_optimizer_state,
                                  train_one_epoch)
-from lrexport.train.stability import Limits, Rollback, scale_factor_grads
+from lrexport.models import create_model
+from lrexport.train.stability import Limits, Rollback, factor_layers, scale_factor_grads
 
 CPU = Precision(torch.device("cpu"))
 
@@ -101,6 +102,35 @@ def test_scaled_factor_step_moves_w_as_far_as_the_dense_step():
     plain, scaled = w_step(False), w_step(True)
     assert plain > 8  # 2·s²+1 = 33 along the top direction
     assert scaled < 3.1
+
+
+class Mixed(OwnNet):
+    """OwnNet with a BatchNorm after the 1×7, the 7×1 and the dilated conv (none after the stem and the fuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n17, self.n71, self.ndil = nn.BatchNorm2d(16), nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = torch.relu(self.n71(self.a71(torch.relu(self.n17(self.a17(x))))))
+        b = torch.relu(self.ndil(self.dil(x)))
+        x = torch.relu(x + self.fuse(torch.cat([a, b], 1)))
+        return self.head(torch.relu(self.down(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model,auto", [
+    (OwnNet, ["stem", "a17", "a71", "dil", "fuse", "down"]),
+    (Mixed, ["stem", "fuse", "down"]),
+    (lambda: create_model("cifar_resnet20", num_classes=10), []),  # a BatchNorm after every conv: the paper's nets train as before
+])
+def test_auto_scales_the_layers_no_normalization_follows(model, auto):
+    net = decompose(model(), "channel")
+    names = {id(layer): name for name, layer in svd_layers(net)}
+    x = torch.zeros(2, 3, 8, 8)
+    assert [names[id(layer)] for layer in factor_layers(net, "auto", x)] == auto
+    assert len(factor_layers(net, True, x)) == len(names) and factor_layers(net, False, x) == []
+    assert net.training  # the forward that looked ran in eval mode and left the mode as it was
 
 
 def test_an_orthogonality_runaway_stops_the_epoch_naming_the_layer_and_changes_no_weight():

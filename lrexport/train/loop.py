@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import LrexportError
 from ..lowrank.regularizers import orthogonality, sparsity
-from ..lowrank.svd_layers import SVDConv2d, SVDLinear
+from ..lowrank.svd_layers import svd_layers
 from ..recipe import PhaseConfig, Recipe
 from .stability import CE_RUNAWAY, NONFINITE, ORTHO_RUNAWAY, Limits, scale_factor_grads, worst_layer
 
@@ -279,12 +279,12 @@ class _Step:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Loss, precision: Precision,
                  scaler: torch.amp.GradScaler, stats: torch.Tensor, graphed: bool = False, limits: Limits = Limits(),
-                 scale_factors: bool = False):
+                 scaled: list[nn.Module] = ()):
         self.model, self.optimizer, self.loss, self.precision, self.scaler, self.stats = model, optimizer, loss, precision, scaler, stats
         self.limits = limits
-        layers = [m for m in _regularized_module(model).modules() if isinstance(m, (SVDConv2d, SVDLinear))]
-        self.factored = layers if scale_factors else []
-        self.ortho_limit = limits.ortho * len(layers)  # the limit is per layer; the term sums over them
+        self.scaled = list(scaled)
+        # the limit is per layer; the term sums over them
+        self.ortho_limit = limits.ortho * len(svd_layers(_regularized_module(model)))
         self.autocast_cache = not graphed
         # a caller's own optimizer may lack the found_inf protocol: then the host decides, one read per step
         self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in optimizer.param_groups)
@@ -320,12 +320,12 @@ class _Step:
             s[5] += n
         if self.scaler.is_enabled():
             self.scaler.scale(total * torch.where(skip, torch.nan, 1.0)).backward()
-            scale_factor_grads(self.factored)  # a scale commutes with the scaler's
+            scale_factor_grads(self.scaled)  # a scale commutes with the scaler's
             self.scaler.step(self.optimizer)
             self.scaler.update()
             return
         total.backward()
-        scale_factor_grads(self.factored)
+        scale_factor_grads(self.scaled)
         if self.on_device:
             self.optimizer.found_inf = skip.float()  # 0-dim, as GradScaler makes it (Adam subtracts it from its 0-dim step counts)
             try:
@@ -432,7 +432,7 @@ def train_one_epoch(
     log_every: int = 50,
     cuda_graphs: CudaGraphs | None = None,
     limits: Limits = Limits(),
-    scale_factors: bool = False,
+    scaled: list[nn.Module] = (),
 ) -> dict[str, float] | None:
     """Train over ``loader`` (from ``state.step`` on); mean loss terms, accuracy and images/s.
 
@@ -442,8 +442,8 @@ def train_one_epoch(
     the previous read and ``advance``, the steps since it. Returns None when ``should_stop()``
     asked to stop early; ``state`` then says where. Raises NonFiniteLoss at the first read
     after a NaN/inf loss, or one past ``limits``, naming its step (and the SVD layer farthest
-    from orthonormal); neither that step nor any later one changed a weight. ``scale_factors``:
-    each step scales the SVD factors' gradients (stability.scale_factor_grads).
+    from orthonormal); neither that step nor any later one changed a weight. ``scaled``:
+    the SVD layers whose factor gradients each step scales (stability.scale_factor_grads).
     """
     model.train()
     scaler = scaler or precision.scaler()
@@ -453,7 +453,7 @@ def train_one_epoch(
     stats[_SUMS] = torch.tensor(state.sums, dtype=torch.float64)
     stats[_STEP] = state.step
     graphed = cuda_graphs is not None and cuda_graphs.enabled
-    step = _Step(model, optimizer, loss, precision, scaler, stats, graphed, limits, scale_factors)
+    step = _Step(model, optimizer, loss, precision, scaler, stats, graphed, limits, scaled)
     run = _GraphedStep(step, cuda_graphs) if graphed else step
     start = time.perf_counter() - state.elapsed
     shown_step, shown = state.step, list(state.sums)  # at the previous read

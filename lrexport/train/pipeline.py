@@ -37,7 +37,7 @@ from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchn
 from .phases import PHASES, REGISTRY
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
-from .stability import Limits, Rollback
+from .stability import Limits, Rollback, factor_layers
 
 class Interrupted(LrexportError):
     """SIGINT/SIGTERM: the state was saved; ``--resume`` continues from it."""
@@ -268,6 +268,7 @@ class Pipeline:
         if resume:
             rollback.resumed()
         limits, recoveries = Limits.from_config(t), []
+        scaled = factor_layers(self.model, t.scale_factor_grads, torch.zeros(2, *self.info.input_size, device=self.device))
         metrics: dict = {}
         self.progress(PhaseStart(phase, cfg.epochs, len(self.train_loader), start_epoch, epoch_state.step if epoch_state else 0))
         started = time.perf_counter()
@@ -281,7 +282,7 @@ class Pipeline:
                 try:
                     stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
                                             on_step, self._should_stop, self.dist.all_sum, t.log_every, self.cuda_graphs,
-                                            limits, t.scale_factor_grads)
+                                            limits, scaled)
                     if stats is not None:
                         metrics = self._after_epoch(epoch, cfg, stats, scheduler)
                     break

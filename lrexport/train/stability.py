@@ -5,8 +5,10 @@ step on the dense W (the U and V steps carry s² each): a model whose dense trai
 the largest stable learning rate, with no BatchNorm after a conv to absorb the scale, then
 diverges at that rate in SVD form. ``scale_factor_grads`` divides each rank-one component's
 U-column and V-row gradients by max(1, s_i²), which brings the step on W back to the dense
-one's size (docs/training.md has the measurements). ``Limits`` says when a step has
-diverged; ``Rollback`` returns a phase to its last good state with a lower learning rate.
+one's size (docs/training.md has the measurements); by default only where no normalization
+layer takes the SVD layer's output (a BatchNorm after it absorbs W's scale, and the paper's
+recipes were tuned with those layers unscaled). ``Limits`` says when a step has diverged;
+``Rollback`` returns a phase to its last good state with a lower learning rate.
 """
 
 from __future__ import annotations
@@ -21,6 +23,39 @@ from torch import nn
 
 from ..lowrank import svd_layers
 from ..recipe import TrainConfig
+
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@torch.no_grad()
+def unnormalized_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The SVD layers whose output no normalization layer takes as its input, seen on one forward of ``example``."""
+    outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # the tensors are kept: an id must not be reused meanwhile
+    normalized: set[int] = set()
+    layers = [layer for _, layer in svd_layers(model)]
+    hooks = [layer.register_forward_hook(lambda m, args, out: outputs.__setitem__(id(out), (m, out))) for layer in layers]
+    hooks += [m.register_forward_pre_hook(lambda m, args: normalized.add(id(outputs[id(args[0])][0])) if id(args[0]) in outputs else None)
+              for m in model.modules() if isinstance(m, NORMS)]
+    training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    return [layer for layer in layers if id(layer) not in normalized]
+
+
+def factor_layers(model: nn.Module, setting: bool | str, example: torch.Tensor) -> list[nn.Module]:
+    """The SVD layers whose factor gradients ``train.scale_factor_grads`` scales: all (true), none (false),
+    those without a normalization after them ("auto")."""
+    if setting is False or not svd_layers(model):
+        return []
+    if setting is True:
+        return [layer for _, layer in svd_layers(model)]
+    return unnormalized_layers(model, example)
 
 
 @torch.no_grad()
