@@ -8,6 +8,7 @@ learning rate that trained it dense.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -134,20 +135,21 @@ def test_auto_scales_the_layers_no_normalization_follows(model, auto):
 
 
 def test_an_orthogonality_runaway_stops_the_epoch_naming_the_layer_and_changes_no_weight():
+    """λ_o = −1 pushes the factors apart: the term grows step by step until it passes the limit."""
     torch.manual_seed(0)
     model = decompose(OwnNet(), "channel")
     with torch.no_grad():
-        dict(svd_layers(model))["dil"].U.mul_(5)  # UᵀU = 25·I: this layer's term alone is 36, past 1 per layer for all 6
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = [(torch.randn(8, 3, 8, 8), torch.randint(10, (8,))) for _ in range(3)]
-    opt = build_optimizer(model.parameters(), PhaseConfig(lr=0.01))
-    with pytest.raises(NonFiniteLoss, match=r"orthogonality term ran away to .* at step 1 of the epoch .*farthest from orthonormal: dil") as e:
-        train_one_epoch(model, data, opt, Loss(ortho=1.0), CPU, limits=Limits(ortho=1.0))
-    assert (e.value.reason, e.value.layer, e.value.step) == ("ortho", "dil", 1)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # without the limit, the penalty's cubic gradient throws the factors further out: NaN one step later
-    with pytest.raises(NonFiniteLoss, match="loss became nan at step 2 of the epoch"):
-        train_one_epoch(model, data, opt, Loss(ortho=1.0), CPU)
+        dict(svd_layers(model))["dil"].U.mul_(2)  # UᵀU = 4·I: off orthonormal, below the limit
+    reference = copy.deepcopy(model)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(10, (8,))) for _ in range(12)]
+    apart = Loss(ortho=-1.0)
+    with pytest.raises(NonFiniteLoss, match=r"orthogonality term ran away to .* at step (\d+) of the epoch .*farthest from orthonormal: dil") as e:
+        train_one_epoch(model, data, build_optimizer(model.parameters(), PhaseConfig(lr=1.0)), apart, CPU,
+                        limits=Limits(ortho=1.0), log_every=4)
+    assert (e.value.reason, e.value.layer) == ("ortho", "dil") and 1 < e.value.step < 12
+    # the weights are those the diverged step saw: the steps before it, and no more
+    train_one_epoch(reference, data[: e.value.step - 1], build_optimizer(reference.parameters(), PhaseConfig(lr=1.0)), apart, CPU)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
 def test_a_net_without_batchnorm_trains_through_the_svd_phase_at_the_quickstart_lr(tiny_recipe, tmp_path):

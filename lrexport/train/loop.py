@@ -265,6 +265,8 @@ _BAD = 7  # the first step whose loss was not finite (0: none)
 _BAD_TERMS = slice(8, 12)  # that step's loss, ce, ortho, sparsity
 _REASON = 12  # why that step stopped the epoch: stability.NONFINITE, CE_RUNAWAY or ORTHO_RUNAWAY
 _REASONS = {NONFINITE: "nonfinite", CE_RUNAWAY: "ce", ORTHO_RUNAWAY: "ortho"}
+_START_CE, _START_ORTHO = 13, 14  # this call's first step's ce and ortho: a runaway is also twice as high
+_STARTED = 15  # 1 once _START is set
 _TERMS = ("ce", "ortho", "sparsity")
 
 
@@ -305,11 +307,17 @@ class _Step:
             values = torch.stack([total, *(terms.get(k, zero) for k in _TERMS)]).double()
             s[_STEP] += 1
             reason = torch.where(torch.isfinite(total), 0, NONFINITE)
+            # a term runs away when it passes its limit and twice its value at the first step: a
+            # model that starts the epoch past a limit (the phase before left it there) is not
+            # diverging, and going back to the epoch's start would not help it
+            s[_START_CE:_STARTED] = torch.where(s[_STARTED] > 0, s[_START_CE:_STARTED], values[1:3])
+            s[_STARTED] = 1
             if self.limits.ce:
-                limit = self.limits.ce * math.log(max(2, logits.shape[1]))
+                limit = torch.clamp_min(2 * s[_START_CE], self.limits.ce * math.log(max(2, logits.shape[1])))
                 reason = torch.where((reason == 0) & (terms["ce"] > limit), CE_RUNAWAY, reason)
             if self.ortho_limit and "ortho" in terms:
-                reason = torch.where((reason == 0) & (terms["ortho"] > self.ortho_limit), ORTHO_RUNAWAY, reason)
+                limit = torch.clamp_min(2 * s[_START_ORTHO], self.ortho_limit)
+                reason = torch.where((reason == 0) & (terms["ortho"] > limit), ORTHO_RUNAWAY, reason)
             first = (reason > 0) & (s[_BAD] == 0)
             s[_BAD] = torch.where(first, s[_STEP], s[_BAD])
             s[_BAD_TERMS] = torch.where(first, values, s[_BAD_TERMS])
@@ -449,7 +457,7 @@ def train_one_epoch(
     scaler = scaler or precision.scaler()
     state = state or EpochState()
     steps = state.step + len(loader)
-    stats = torch.zeros(13, dtype=torch.float64, device=precision.device)
+    stats = torch.zeros(16, dtype=torch.float64, device=precision.device)
     stats[_SUMS] = torch.tensor(state.sums, dtype=torch.float64)
     stats[_STEP] = state.step
     graphed = cuda_graphs is not None and cuda_graphs.enabled
@@ -486,8 +494,10 @@ def _stopped(model: nn.Module, read: list[float], names: list[str], limits: Limi
     """The error for the step a read found bad: what happened, at which step, and the layer farthest from orthonormal."""
     bad, at, reason = dict(zip(("loss", *_TERMS), read[_BAD_TERMS])), int(read[_BAD]), _REASONS[int(read[_REASON])]
     what = {"nonfinite": f"loss became {bad['loss']}",
-            "ce": f"cross-entropy ran away to {bad['ce']:.4g} (past train.diverge_ce = {limits.ce:g} × ln(classes))",
-            "ortho": f"orthogonality term ran away to {bad['ortho']:.4g} (past train.diverge_ortho = {limits.ortho:g} per SVD layer)"}[reason]
+            "ce": f"cross-entropy ran away to {bad['ce']:.4g} (past train.diverge_ce = {limits.ce:g} × ln(classes) and twice "
+                  f"the epoch's first step's {read[_START_CE]:.4g})",
+            "ortho": f"orthogonality term ran away to {bad['ortho']:.4g} (past train.diverge_ortho = {limits.ortho:g} per SVD layer "
+                     f"and twice the epoch's first step's {read[_START_ORTHO]:.4g})"}[reason]
     worst = worst_layer(_regularized_module(model))  # the weights the bad step saw: it changed none
     where = f"; factors farthest from orthonormal: {worst[0]} ({worst[1]:.3g})" if worst else ""
     return NonFiniteLoss(f"{what} at step {at} of the epoch (" + ", ".join(f"{k}={bad[k]:.4g}" for k in names) + f"){where}; "
