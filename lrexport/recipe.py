@@ -135,7 +135,8 @@ class TrainConfig:
     # LayerNorm) takes, which the normalization's scale invariance does not protect
     scale_factor_grads: bool | str = field(default="auto", metadata=_check("auto", True, False))
     # a step has diverged when its cross-entropy passes diverge_ce × ln(classes) or its
-    # orthogonality term (unweighted) passes diverge_ortho per SVD layer; 0: no limit
+    # orthogonality term (unweighted) passes diverge_ortho per SVD layer, and twice its value
+    # at the epoch's first step; 0: no limit
     diverge_ce: float = field(default=10.0, metadata=_check(ge=0))
     diverge_ortho: float = field(default=1.0, metadata=_check(ge=0))
     # a non-finite or diverged step rolls the phase back to its epoch's start and multiplies

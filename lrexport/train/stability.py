@@ -73,7 +73,7 @@ def scale_factor_grads(layers: list[nn.Module]) -> None:
 class Limits:
     """A step has diverged when its cross-entropy passes ``ce`` × ln(classes) (a uniform guess's loss)
     or its orthogonality term (unweighted, summed over the SVD layers) passes ``ortho`` times the
-    number of SVD layers; 0: no limit."""
+    number of SVD layers, and twice its value at the epoch's first step; 0: no limit."""
 
     ce: float = 0.0
     ortho: float = 0.0
