@@ -93,7 +93,9 @@ def summary_table(summary: dict):
     from rich.table import Table
 
     table = Table(title=f"{summary['name']} · {summary['run_dir']}")
-    for col in ("phase", "epochs", "top-1 %", "top-5 %", "MACs", "speedup"):
+    # a phase that rolled back after a non-finite or diverged step (train.recoveries): how often, the lr it ended at
+    recovered = any(res.get("recoveries") for res in summary["phases"].values())
+    for col in ("phase", "epochs", "top-1 %", "top-5 %", "MACs", "speedup") + (("recoveries",) if recovered else ()):
         table.add_column(col, justify="right" if col != "phase" else "left")
     dense_macs = summary["macs"]["dense_macs"]
     for phase, res in summary["phases"].items():
@@ -101,9 +103,11 @@ def summary_table(summary: dict):
             continue
         macs = res.get("macs")  # recorded by the pipeline as each phase completed (older runs: not recorded)
         top1 = res.get("best_top1", res.get("top1"))
+        rec = res.get("recoveries", [])
         table.add_row(
             phase + (" (best)" if "best_top1" in res else ""), str(res.get("epochs", "")), f"{top1:.2f}", f"{res.get('top5', 0):.2f}",
             f"{macs / 1e6:.2f} M" if macs else "-", f"{dense_macs / macs:.2f}x" if macs else "-",
+            *((f"{len(rec)} (lr → {rec[-1]['lr']:.3g})" if rec else "0",) if recovered else ()),
         )
     return table
 

@@ -147,6 +147,20 @@ class TrainConfig:
     # "auto": on one CUDA GPU without fp16's gradient scaler; where capture fails, one warning
     # and eager steps
     cuda_graph: bool | str = field(default="auto", metadata=_check("auto", True, False))
+    # divide each SVD layer's U-column and V-row gradients by max(1, s_i²): a factor step then
+    # moves W no farther than the dense step would (unscaled, up to 2·s²+1 times as far);
+    # "auto": in the layers whose output no normalization layer (BatchNorm, GroupNorm,
+    # LayerNorm) takes, which the normalization's scale invariance does not protect
+    scale_factor_grads: bool | str = field(default="auto", metadata=_check("auto", True, False))
+    # a step has diverged when its cross-entropy passes diverge_ce × ln(classes) or its
+    # orthogonality term (unweighted) passes diverge_ortho per SVD layer, and twice its value
+    # at the epoch's first step; 0: no limit
+    diverge_ce: float = field(default=10.0, metadata=_check(ge=0))
+    diverge_ortho: float = field(default=1.0, metadata=_check(ge=0))
+    # a non-finite or diverged step rolls the phase back to its epoch's start and multiplies
+    # the learning rate by recovery_lr_factor, at most this many times a phase (0: stop at once)
+    recoveries: int = field(default=3, metadata=_check(ge=0))
+    recovery_lr_factor: float = field(default=0.5, metadata=_check(gt=0, lt=1))
 
 
 @dataclass

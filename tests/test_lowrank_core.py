@@ -276,3 +276,10 @@ def test_torchvision_model_by_name_and_local_weights(tmp_path):
     assert "mobilenet_v2" in lrexport.list_models()
     with pytest.raises(lrexport.errors.CheckpointError, match="does not match"):
         lrexport.create_model("resnet18", num_classes=3, weights=str(path))
+
+
+def test_a_model_with_no_decomposable_layer_says_why():
+    """Not that the pattern '*' matched nothing, but what the layers are (timm's NF-ResNets: weight-standardized convs)."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1, groups=2))
+    with pytest.raises(LrexportError, match=r"the model has no decomposable layer \(0: depthwise, groups=8; 1: depthwise, groups=8; …\)"):
+        lrexport.lowrank.decompose(model, "channel")

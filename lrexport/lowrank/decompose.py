@@ -75,6 +75,9 @@ def select_layers(
     """
     include, exclude = list(include), list(exclude)
     names = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and _why_dense(m, linear) is None]
+    if not names:  # say why, rather than that a pattern matched nothing
+        why = [f"{n}: {_why_dense(m, linear)}" for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+        raise LrexportError(f"the model has no decomposable layer ({'; '.join(why[:2]) + ('; …' if len(why) > 2 else '') if why else 'no Conv2d or Linear layer'})")
     for pattern in include + exclude:
         if not any(fnmatchcase(n, pattern) for n in names):
             raise LrexportError(f"layer pattern {pattern!r} matches no decomposable layer (e.g. {names[:3]})")

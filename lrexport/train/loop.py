@@ -22,11 +22,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import LrexportError
 from ..lowrank.regularizers import orthogonality, sparsity
+from ..lowrank.svd_layers import svd_layers
 from ..recipe import PhaseConfig, Recipe
+from .stability import CE_RUNAWAY, NONFINITE, ORTHO_RUNAWAY, Limits, scale_factor_grads, worst_layer
 
 
 class NonFiniteLoss(LrexportError):
-    """The loss became NaN or inf: the phase stops, the last good checkpoint stays."""
+    """The loss became NaN or inf, or ran away (``Limits``): the epoch stops, the last good checkpoint stays.
+
+    ``step``: the epoch's step it happened at (0: after the epoch); ``reason``: "nonfinite",
+    "ce" or "ortho"; ``layer``: the SVD layer farthest from orthonormal then, if any.
+    """
+
+    def __init__(self, message: str, step: int = 0, reason: str = "nonfinite", layer: str | None = None):
+        super().__init__(message)
+        self.step, self.reason, self.layer = step, reason, layer
 
 
 @dataclass
@@ -253,21 +263,30 @@ _SUMS = slice(0, 6)  # Σ loss·n, Σ ce·n, Σ ortho·n, Σ sparsity·n, correc
 _STEP = 6  # steps done in the epoch
 _BAD = 7  # the first step whose loss was not finite (0: none)
 _BAD_TERMS = slice(8, 12)  # that step's loss, ce, ortho, sparsity
+_REASON = 12  # why that step stopped the epoch: stability.NONFINITE, CE_RUNAWAY or ORTHO_RUNAWAY
+_REASONS = {NONFINITE: "nonfinite", CE_RUNAWAY: "ce", ORTHO_RUNAWAY: "ortho"}
+_START_CE, _START_ORTHO = 13, 14  # this call's first step's ce and ortho: a runaway is also twice as high
+_STARTED = 15  # 1 once _START is set
 _TERMS = ("ce", "ortho", "sparsity")
 
 
 class _Step:
     """One training step that decides everything on the device: no host reads.
 
-    A step whose loss is not finite, and every step after it, changes no weight: the fused
+    A step whose loss is not finite or passes ``limits``, and every step after it, changes no weight: the fused
     optimizer gets the skip flag the way GradScaler hands it ``found_inf`` (under fp16's
     scaler, a NaN factor makes the gradients non-finite and the scaler skips the step).
     ``stats`` records that first step and its loss terms for the next read to report.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Loss, precision: Precision,
-                 scaler: torch.amp.GradScaler, stats: torch.Tensor, graphed: bool = False):
+                 scaler: torch.amp.GradScaler, stats: torch.Tensor, graphed: bool = False, limits: Limits = Limits(),
+                 scaled: list[nn.Module] = ()):
         self.model, self.optimizer, self.loss, self.precision, self.scaler, self.stats = model, optimizer, loss, precision, scaler, stats
+        self.limits = limits
+        self.scaled = list(scaled)
+        # the limit is per layer; the term sums over them
+        self.ortho_limit = limits.ortho * len(svd_layers(_regularized_module(model)))
         self.autocast_cache = not graphed
         # a caller's own optimizer may lack the found_inf protocol: then the host decides, one read per step
         self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in optimizer.param_groups)
@@ -287,19 +306,34 @@ class _Step:
             zero = total.new_zeros(())
             values = torch.stack([total, *(terms.get(k, zero) for k in _TERMS)]).double()
             s[_STEP] += 1
-            first = ~torch.isfinite(total) & (s[_BAD] == 0)
+            reason = torch.where(torch.isfinite(total), 0, NONFINITE)
+            # a term runs away when it passes its limit and twice its value at the first step: a
+            # model that starts the epoch past a limit (the phase before left it there) is not
+            # diverging, and going back to the epoch's start would not help it
+            s[_START_CE:_STARTED] = torch.where(s[_STARTED] > 0, s[_START_CE:_STARTED], values[1:3])
+            s[_STARTED] = 1
+            if self.limits.ce:
+                limit = torch.clamp_min(2 * s[_START_CE], self.limits.ce * math.log(max(2, logits.shape[1])))
+                reason = torch.where((reason == 0) & (terms["ce"] > limit), CE_RUNAWAY, reason)
+            if self.ortho_limit and "ortho" in terms:
+                limit = torch.clamp_min(2 * s[_START_ORTHO], self.ortho_limit)
+                reason = torch.where((reason == 0) & (terms["ortho"] > limit), ORTHO_RUNAWAY, reason)
+            first = (reason > 0) & (s[_BAD] == 0)
             s[_BAD] = torch.where(first, s[_STEP], s[_BAD])
             s[_BAD_TERMS] = torch.where(first, values, s[_BAD_TERMS])
+            s[_REASON] = torch.where(first, reason.double(), s[_REASON])
             skip = s[_BAD] > 0
             s[0:4] += values * n
             s[4] += (logits.argmax(1) == y).sum()
             s[5] += n
         if self.scaler.is_enabled():
             self.scaler.scale(total * torch.where(skip, torch.nan, 1.0)).backward()
+            scale_factor_grads(self.scaled)  # a scale commutes with the scaler's
             self.scaler.step(self.optimizer)
             self.scaler.update()
             return
         total.backward()
+        scale_factor_grads(self.scaled)
         if self.on_device:
             self.optimizer.found_inf = skip.float()  # 0-dim, as GradScaler makes it (Adam subtracts it from its 0-dim step counts)
             try:
@@ -405,6 +439,8 @@ def train_one_epoch(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     log_every: int = 50,
     cuda_graphs: CudaGraphs | None = None,
+    limits: Limits = Limits(),
+    scaled: list[nn.Module] = (),
 ) -> dict[str, float] | None:
     """Train over ``loader`` (from ``state.step`` on); mean loss terms, accuracy and images/s.
 
@@ -413,17 +449,19 @@ def train_one_epoch(
     ``should_stop()`` are called at those reads, ``info`` holding the mean loss and ce since
     the previous read and ``advance``, the steps since it. Returns None when ``should_stop()``
     asked to stop early; ``state`` then says where. Raises NonFiniteLoss at the first read
-    after a NaN/inf loss, naming its step; neither that step nor any later one changed a weight.
+    after a NaN/inf loss, or one past ``limits``, naming its step (and the SVD layer farthest
+    from orthonormal); neither that step nor any later one changed a weight. ``scaled``:
+    the SVD layers whose factor gradients each step scales (stability.scale_factor_grads).
     """
     model.train()
     scaler = scaler or precision.scaler()
     state = state or EpochState()
     steps = state.step + len(loader)
-    stats = torch.zeros(12, dtype=torch.float64, device=precision.device)
+    stats = torch.zeros(16, dtype=torch.float64, device=precision.device)
     stats[_SUMS] = torch.tensor(state.sums, dtype=torch.float64)
     stats[_STEP] = state.step
     graphed = cuda_graphs is not None and cuda_graphs.enabled
-    step = _Step(model, optimizer, loss, precision, scaler, stats, graphed)
+    step = _Step(model, optimizer, loss, precision, scaler, stats, graphed, limits, scaled)
     run = _GraphedStep(step, cuda_graphs) if graphed else step
     start = time.perf_counter() - state.elapsed
     shown_step, shown = state.step, list(state.sums)  # at the previous read
@@ -434,9 +472,7 @@ def train_one_epoch(
             continue
         read = stats.tolist()  # the one host read: it waits for the device
         if read[_BAD]:
-            bad = dict(zip(("loss", *_TERMS), read[_BAD_TERMS]))
-            raise NonFiniteLoss(f"loss became {bad['loss']} at step {int(read[_BAD])} of the epoch ("
-                                + ", ".join(f"{k}={bad[k]:.4g}" for k in step.names) + "); lower the learning rate or λ")
+            raise _stopped(model, read, step.names, limits)
         state.sums, state.elapsed = read[_SUMS], time.perf_counter() - start
         if on_step:
             seen = max(1.0, state.sums[5] - shown[5])
@@ -452,6 +488,20 @@ def train_one_epoch(
         "loss": sums[0] / seen, "ce": sums[1] / seen, "ortho": sums[2] / seen, "sparsity": sums[3] / seen,
         "train_top1": 100.0 * sums[4] / seen, "images_per_s": seen / max(state.elapsed, 1e-9),
     }
+
+
+def _stopped(model: nn.Module, read: list[float], names: list[str], limits: Limits) -> NonFiniteLoss:
+    """The error for the step a read found bad: what happened, at which step, and the layer farthest from orthonormal."""
+    bad, at, reason = dict(zip(("loss", *_TERMS), read[_BAD_TERMS])), int(read[_BAD]), _REASONS[int(read[_REASON])]
+    what = {"nonfinite": f"loss became {bad['loss']}",
+            "ce": f"cross-entropy ran away to {bad['ce']:.4g} (past train.diverge_ce = {limits.ce:g} × ln(classes) and twice "
+                  f"the epoch's first step's {read[_START_CE]:.4g})",
+            "ortho": f"orthogonality term ran away to {bad['ortho']:.4g} (past train.diverge_ortho = {limits.ortho:g} per SVD layer "
+                     f"and twice the epoch's first step's {read[_START_ORTHO]:.4g})"}[reason]
+    worst = worst_layer(_regularized_module(model))  # the weights the bad step saw: it changed none
+    where = f"; factors farthest from orthonormal: {worst[0]} ({worst[1]:.3g})" if worst else ""
+    return NonFiniteLoss(f"{what} at step {at} of the epoch (" + ", ".join(f"{k}={bad[k]:.4g}" for k in names) + f"){where}; "
+                         "lower the learning rate or λ", step=at, reason=reason, layer=worst[0] if worst else None)
 
 
 @torch.no_grad()

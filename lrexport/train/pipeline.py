@@ -37,6 +37,7 @@ from .distributed import Dist, any_rank, init_distributed, shutdown, sync_batchn
 from .phases import PHASES, REGISTRY, prune_channels
 from .loop import (CudaGraphs, EpochState, Loss, NonFiniteLoss, Precision, build_optimizer, build_scheduler, evaluate,
                    load_optimizer_state, make_loader, resolve_device, train_one_epoch)
+from .stability import Limits, Rollback, factor_layers
 
 class Interrupted(LrexportError):
     """SIGINT/SIGTERM: the state was saved; ``--resume`` continues from it."""
@@ -285,30 +286,40 @@ class Pipeline:
         scheduler = build_scheduler(optimizer, cfg)
         scaler = self.precision.scaler()
         start_epoch, epoch_state, best = self._resume_training(resume, optimizer, scheduler, scaler)
+        t = self.recipe.train
+        rollback = Rollback(self.model, optimizer, scheduler, scaler, t.recovery_lr_factor, t.recoveries)
+        if resume:
+            rollback.resumed()
+        limits, recoveries = Limits.from_config(t), []
+        scaled = factor_layers(self.model, t.scale_factor_grads, torch.zeros(2, *self.info.input_size, device=self.device))
         metrics: dict = {}
         self.progress(PhaseStart(phase, cfg.epochs, len(self.train_loader), start_epoch, epoch_state.step if epoch_state else 0))
         started = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             epoch_state = epoch_state or EpochState()
-            self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
+            rollback.save(epoch_state)
             # one event per read of the running loss (train.log_every steps); "advance": the steps since the last
             on_step = lambda step, steps, info: self.progress(Step(phase, epoch + 1, step, steps, **info))
-            try:
-                stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
-                                        on_step, self._should_stop, self.dist.all_sum, self.recipe.train.log_every, self.cuda_graphs)
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: {e}; the last good checkpoint is {self.last_path}") from None
+            while True:  # the epoch; again from its start after each recovery
+                self.train_loader.sampler.set_epoch(epoch, start=epoch_state.step * self.train_loader.batch_size)
+                try:
+                    stats = train_one_epoch(trained, self.train_loader, optimizer, loss, self.precision, scaler, epoch_state,
+                                            on_step, self._should_stop, self.dist.all_sum, t.log_every, self.cuda_graphs,
+                                            limits, scaled)
+                    if stats is not None:
+                        metrics = self._after_epoch(epoch, cfg, stats, scheduler)
+                    break
+                except NonFiniteLoss as e:
+                    where = f"{phase} phase, epoch {epoch + 1}: {e}"
+                    if not rollback.left:
+                        tried = f"; {rollback.used} recoveries at a lower learning rate did not help" if rollback.used else ""
+                        raise NonFiniteLoss(f"{where}{tried}; the last good checkpoint is {self.last_path}") from None
+                    epoch_state = self._recover(phase, epoch, e, where, rollback, recoveries)
             if stats is None:
                 self._save_last(phase, epoch, epoch_state, optimizer, scaler, best)
                 raise self._interrupted(f"in the {phase} phase (epoch {epoch + 1}, step {epoch_state.step})")
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
             last = epoch + 1 == cfg.epochs
-            metrics = self.validate() if (last or (epoch + 1) % self.recipe.eval.every == 0) else {}
-            if metrics and not math.isfinite(metrics["val_loss"]):  # finite training losses, yet weights that overflow
-                raise NonFiniteLoss(f"{phase} phase, epoch {epoch + 1}: validation loss became {metrics['val_loss']} after the "
-                                    f"epoch's last step; lower the learning rate or λ; the last good checkpoint is {self.last_path}")
-            record = {"phase": phase, "epoch": epoch + 1, "lr": lr, **stats, **metrics}
+            record = {"phase": phase, "epoch": epoch + 1, **stats, **metrics}
             self._log(record)
             if track_best and metrics:
                 self._track_best(phase, epoch + 1, metrics, best)
@@ -322,11 +333,38 @@ class Pipeline:
                     self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
                 raise self._interrupted(f"in the {phase} phase (after epoch {epoch + 1})")
         result = {"epochs": cfg.epochs, **metrics, "seconds": round(time.perf_counter() - started, 2)}
+        if recoveries:
+            result["recoveries"] = recoveries
         if track_best:
             result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
         self.save(phase, phase=phase, epoch=cfg.epochs, metrics=metrics)
         self.progress(PhaseEnd(phase, result))
         return result
+
+    def _after_epoch(self, epoch: int, cfg: PhaseConfig, stats: dict, scheduler) -> dict:
+        """After an epoch's last step: its learning rate into ``stats``, the schedule stepped, the validation if due.
+
+        A validation loss that is not finite (finite training losses, yet weights that overflow) raises NonFiniteLoss.
+        """
+        stats["lr"] = scheduler.optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        last = epoch + 1 == cfg.epochs
+        metrics = self.validate() if (last or (epoch + 1) % self.recipe.eval.every == 0) else {}
+        if metrics and not math.isfinite(metrics["val_loss"]):
+            raise NonFiniteLoss(f"validation loss became {metrics['val_loss']} after the epoch's last step; lower the learning rate or λ")
+        return metrics
+
+    def _recover(self, phase: str, epoch: int, error: NonFiniteLoss, where: str, rollback: Rollback, recoveries: list) -> EpochState:
+        """Roll the phase back to the epoch's start with a lower learning rate, recorded in metrics.jsonl and
+        ``recoveries`` (the phase's summary); returns the epoch state to train from."""
+        old, new, epoch_state = rollback.restore()
+        record = {"phase": phase, "epoch": epoch + 1, "recovery": rollback.used, "step": error.step, "reason": error.reason,
+                  "layer": error.layer, "lr_before": old, "lr": new}
+        self._log(record)
+        recoveries.append(record)
+        self.progress(Warn(f"{where}; rolled back to the epoch's start, learning rate {old:.4g} → {new:.4g} "
+                           f"(recovery {rollback.used} of {rollback.bound}: train.recoveries)"))
+        return epoch_state
 
     def _finish(self) -> None:
         s, final = self.summary, layer_ranks(self.model)
