@@ -187,7 +187,7 @@ def predicted_latency(plan: dict, latency: list[dict]) -> list[dict]:
     rows = []
     measured = {row["batch"]: row for row in latency}
     for p in (plan.get("tune") or {}).get("predicted", []):
-        if plan["deployed"] not in PREDICTED_FOR:  # the model before channel pruning: the tuning timed none of its layers
+        if plan["deployed"] not in PREDICTED_FOR or not p["dense_ms"]:  # the tuning timed none of the deployed model's layers
             break
         row = {"batch": p["batch"], "lowrank_ms": p[PREDICTED_FOR[plan["deployed"]]], "dense_ms": p["dense_ms"]}
         if p["batch"] in measured:
