@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import signal
 import tomllib
 
 import pytest
@@ -22,10 +21,10 @@ from lrexport.recipe import load_recipe, read_recipe_dict
 from lrexport.report import pareto_front
 from lrexport.sweep import plan_sweep
 from lrexport.train import run_recipe
-from lrexport.train.checkpoint import load_checkpoint, load_model
+from lrexport.train.checkpoint import load_model
 
 from test_faults import one_error_line
-from test_resume import comparable, wait_for_line
+from test_resume import comparable, sigkill_then_resume
 
 # the combined method on the tiny recipe; twice the data and two recovery epochs: time to interrupt it there
 COMBINED = ("method=channels+lowrank", "channels.speedup=2", "phases.recover.epochs=2", "phases.recover.lr=0.01",
@@ -126,15 +125,7 @@ def test_channels_only_skips_the_low_rank_phases(tiny_recipe, tmp_path):
 
 
 def test_sigkill_in_the_recovery_then_resume_matches(combined_recipe, combined_run, tmp_path, cli):
-    out = tmp_path / "run"
-    proc = cli("train", combined_recipe, "--output", out, wait=False)
-    wait_for_line(out / "metrics.jsonl", lambda l: l["phase"] == "recover" and l["epoch"] == 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["arch"]["channels"]  # the narrowed network is the resume point
-    resumed = cli("train", combined_recipe, "--output", out, "--resume", out)
-    assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = sigkill_then_resume(cli, combined_recipe, tmp_path / "run", "recover")
     assert comparable(summary) == comparable(combined_run.summary)
     assert summary["channels"] == combined_run.summary["channels"]
 

@@ -46,17 +46,20 @@ def uninterrupted(recipe, tmp_path_factory):
     return run_recipe(load_recipe(recipe), tmp_path_factory.mktemp("full") / "run").summary
 
 
-def test_sigkill_in_svd_phase_then_resume_matches(recipe, uninterrupted, tmp_path, cli):
-    out = tmp_path / "run"
+def sigkill_then_resume(cli, recipe, out: Path, phase: str) -> dict:
+    """`lrexport train` killed (SIGKILL) once ``phase`` logged its first epoch, then resumed: the finished summary."""
     proc = cli("train", recipe, "--output", out, wait=False)
-    wait_for_line(out / "metrics.jsonl", lambda l: l["phase"] == "svd" and l["epoch"] == 1, proc)
+    wait_for_line(out / "metrics.jsonl", lambda l: l["phase"] == phase and l["epoch"] == 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists() or "finished" not in json.loads((out / "summary.json").read_text())
     resumed = cli("train", recipe, "--output", out, "--resume", out)
     assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert comparable(summary) == comparable(uninterrupted)
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_sigkill_in_svd_phase_then_resume_matches(recipe, uninterrupted, tmp_path, cli):
+    assert comparable(sigkill_then_resume(cli, recipe, tmp_path / "run", "svd")) == comparable(uninterrupted)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
