@@ -117,7 +117,8 @@ def channels_table(summary: dict):
     from rich.table import Table
 
     ch = summary["channels"]
-    table = Table(title=f"channels · {ch['ratio']:.1%} of each prunable group removed, {ch['speedup']:.2f}x fewer MACs")
+    table = Table(title=f"channels · {ch['ratio']:.1%} of each prunable group asked (widths then rounded), "
+                        f"{ch['speedup']:.2f}x fewer MACs")
     for col in ("layer", "in", "out"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for name, w in ch["layers"].items():
