@@ -23,9 +23,10 @@ def _own_tensors(module: nn.Module) -> dict[str, list[int]]:
 
 
 def _attrs(module: nn.Module) -> dict:
+    """The width attributes the module holds itself (a wrapper's read-only property, as timm's ConvNormAct has, is not one)."""
     out = {}
     for a in WIDTH_ATTRS:
-        v = getattr(module, a, None)
+        v = vars(module).get(a)
         if isinstance(v, int) and not isinstance(v, bool):
             out[a] = v
         elif isinstance(v, tuple) and all(isinstance(i, int) for i in v):
