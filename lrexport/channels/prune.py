@@ -118,6 +118,15 @@ def _pruner(model: nn.Module, example: torch.Tensor, scorer, ratio: float, steps
         raise ModelError(f"Torch-Pruning cannot trace this model: {first_line(e)}") from None
 
 
+def _step(pruner) -> None:
+    """One round of pruning; Torch-Pruning's own failure on a graph it cannot handle is one line, not a traceback."""
+    try:
+        pruner.step()
+    except Exception as e:
+        raise ModelError(f"Torch-Pruning cannot prune this model: {first_line(e)}; leave the layers around the failing "
+                         "operation whole with channels.exclude") from None
+
+
 def failing_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:
     """Run ``model``; where it fails, the innermost module it was inside and the error, else None."""
     stack: list[str] = []
@@ -136,8 +145,7 @@ def failing_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, str] | 
 
 def _macs_at(model: nn.Module, example: torch.Tensor, input_size, ratio: float, round_to: int, exclude: list[str]) -> int:
     trial = copy.deepcopy(model)
-    pruner = _pruner(trial, example, importance("l2"), ratio, 1, round_to, exclude)
-    pruner.step()
+    _step(_pruner(trial, example, importance("l2"), ratio, 1, round_to, exclude))
     _check_runs(trial, example)
     return count_macs(trial, input_size).dense
 
@@ -202,7 +210,7 @@ def prune_channels(model: nn.Module, input_size: tuple[int, int, int], *, speedu
             if importance_name == "taylor":
                 model.zero_grad()
                 gradients(model)
-            pruner.step()
+            _step(pruner)
         model.zero_grad(set_to_none=True)
         _check_runs(model, example)
         return ChannelResult(ratio, dense, count_macs(model, input_size).dense, record_structure(model, before),
