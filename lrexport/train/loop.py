@@ -483,10 +483,15 @@ def train_one_epoch(
             return None
     state.done = True
     sums = reduce(torch.tensor(state.sums, dtype=torch.float64)).tolist() if reduce is not None else state.sums
+    return _epoch_means(sums, state.elapsed)
+
+
+def _epoch_means(sums: list[float], elapsed: float) -> dict[str, float]:
+    """The epoch's mean loss terms, training accuracy and throughput from its running sums (over every process)."""
     seen = max(1.0, sums[5])
     return {
         "loss": sums[0] / seen, "ce": sums[1] / seen, "ortho": sums[2] / seen, "sparsity": sums[3] / seen,
-        "train_top1": 100.0 * sums[4] / seen, "images_per_s": seen / max(state.elapsed, 1e-9),
+        "train_top1": 100.0 * sums[4] / seen, "images_per_s": seen / max(elapsed, 1e-9),
     }
 
 

@@ -318,20 +318,8 @@ class Pipeline:
             if stats is None:
                 self._save_last(phase, epoch, epoch_state, optimizer, scaler, best)
                 raise self._interrupted(f"in the {phase} phase (epoch {epoch + 1}, step {epoch_state.step})")
-            last = epoch + 1 == cfg.epochs
-            record = {"phase": phase, "epoch": epoch + 1, **stats, **metrics}
-            self._log(record)
-            if track_best and metrics:
-                self._track_best(phase, epoch + 1, metrics, best)
             epoch_state = None
-            if last or (epoch + 1) % self.recipe.checkpoint.every == 0:
-                self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
-            self.progress(EpochEnd(phase, epoch + 1, record))
-            # signals are looked at when the loss is read; one in an epoch's last log_every steps stops here
-            if not last and self._should_stop():
-                if (epoch + 1) % self.recipe.checkpoint.every:  # else saved just above
-                    self._save_last(phase, epoch + 1, None, optimizer, scaler, best)
-                raise self._interrupted(f"in the {phase} phase (after epoch {epoch + 1})")
+            self._end_epoch(phase, epoch + 1, epoch + 1 == cfg.epochs, stats, metrics, track_best, best, optimizer, scaler)
         result = {"epochs": cfg.epochs, **metrics, "seconds": round(time.perf_counter() - started, 2)}
         if recoveries:
             result["recoveries"] = recoveries
@@ -340,6 +328,23 @@ class Pipeline:
         self.save(phase, phase=phase, epoch=cfg.epochs, metrics=metrics)
         self.progress(PhaseEnd(phase, result))
         return result
+
+    def _end_epoch(self, phase: str, done: int, last: bool, stats: dict, metrics: dict, track_best: bool, best: dict,
+                   optimizer, scaler) -> None:
+        """A finished epoch (``done`` of the phase): its record logged, the best model kept, the resume point saved when due,
+        and a stop signal seen during it honoured."""
+        record = {"phase": phase, "epoch": done, **stats, **metrics}
+        self._log(record)
+        if track_best and metrics:
+            self._track_best(phase, done, metrics, best)
+        if last or done % self.recipe.checkpoint.every == 0:
+            self._save_last(phase, done, None, optimizer, scaler, best)
+        self.progress(EpochEnd(phase, done, record))
+        # signals are looked at when the loss is read; one in an epoch's last log_every steps stops here
+        if not last and self._should_stop():
+            if done % self.recipe.checkpoint.every:  # else saved just above
+                self._save_last(phase, done, None, optimizer, scaler, best)
+            raise self._interrupted(f"in the {phase} phase (after epoch {done})")
 
     def _after_epoch(self, epoch: int, cfg: PhaseConfig, stats: dict, scheduler) -> dict:
         """After an epoch's last step: its learning rate into ``stats``, the schedule stepped, the validation if due.
