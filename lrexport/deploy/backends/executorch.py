@@ -16,7 +16,6 @@ runtime (and its Android/iOS bindings).
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from pathlib import Path
@@ -26,16 +25,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ...errors import LrexportError, RuntimeMissingError, first_line
 from ...io import muted
-from ...lowrank.rewrite import node_values
 from ..artifacts import FILES, MODELS
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
+from . import pt2e
+from .pt2e import calibrate, layer_of
 
 MAX_BATCH = 4096  # the batch dimension's bound while quantizing (programs are lowered per batch)
 
@@ -85,12 +84,6 @@ def lower(module: nn.Module, example: torch.Tensor, label: str = "the model") ->
         raise LrexportError(f"ExecuTorch cannot lower {label}: {first_line(e)}") from None
 
 
-def layer_of(node: fx.Node) -> str | None:
-    """The module path of the layer an exported graph's node belongs to (its innermost module)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else None
-
-
 def prepare(module: nn.Module, input_size, keep_float=()) -> fx.GraphModule:
     """``module`` exported with a free batch dimension and observed for XNNPACK's int8, except the
     convs named in ``keep_float`` (their module paths)."""
@@ -104,70 +97,14 @@ def prepare(module: nn.Module, input_size, keep_float=()) -> fx.GraphModule:
     return et.prepare(graph, quantizer)
 
 
-@torch.no_grad()
-def calibrate(prepared: fx.GraphModule, batches: list[np.ndarray]) -> fx.GraphModule:
-    for x in batches:
-        prepared(torch.from_numpy(x))
-    return prepared
-
-
 def quantize(module: nn.Module, input_size, batches: list[np.ndarray], keep_float=()) -> nn.Module:
     """``module`` in int8 as XNNPACK runs it (PT2E, ranges from ``batches``), any batch size."""
     return require().convert(calibrate(prepare(module, input_size, keep_float), batches))
 
 
-def _observer(prepared: fx.GraphModule, node) -> torch.nn.Module | None:
-    return getattr(prepared, node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
-
-
-@torch.no_grad()
-def layer_errors(prepared: fx.GraphModule, batches: list[np.ndarray]) -> dict[str, float]:
-    """Per quantized conv of a calibrated ``prepared`` model: ‖int8 conv − float conv‖ / ‖float conv‖ on
-    ``batches``, each conv on its float input, with the input and weights quantized as its observers say."""
-    convs = {}
-    for node in prepared.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
-            continue
-        act, weight = _observer(prepared, node.args[0]), _observer(prepared, node.args[1])
-        if act is None or weight is None:
-            continue  # left in float
-        scale, zero = act.calculate_qparams()
-        w_scale, w_zero = weight.calculate_qparams()
-        geometry = dict(zip(("stride", "padding", "dilation", "groups"), node.args[3:]))
-        convs[node.name] = (layer_of(node) or node.name, node, float(scale), int(zero), act.quant_min, act.quant_max,
-                            w_scale, w_zero.int(), weight.ch_axis, weight.quant_min, weight.quant_max, geometry)
-    # the probe observes what it runs: a copy, so that the prepared model keeps the calibration's ranges
-    probe = copy.deepcopy(prepared)
-    wanted = {a.name for _, node, *_ in convs.values() for a in node.args[:3] if isinstance(a, fx.Node)}
-    diff, ref = dict.fromkeys(convs, 0.0), dict.fromkeys(convs, 0.0)
-    for x in batches:
-        values = node_values(probe, torch.from_numpy(x), keep=lambda n: n.name in wanted)
-        for name, (_, node, scale, zero, qmin, qmax, w_scale, w_zero, axis, wqmin, wqmax, geometry) in convs.items():
-            x_in, w = values[node.args[0].name], values[node.args[1].name]
-            bias = values[node.args[2].name] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else None
-            y = F.conv2d(x_in, w, bias, **geometry)
-            y_q = F.conv2d(torch.fake_quantize_per_tensor_affine(x_in, scale, zero, qmin, qmax),
-                           torch.fake_quantize_per_channel_affine(w, w_scale, w_zero, axis, wqmin, wqmax), bias, **geometry)
-            diff[name] += float((y_q - y).double().pow(2).sum())
-            ref[name] += float(y.double().pow(2).sum())
-    return {convs[n][0]: (diff[n] / ref[n]) ** 0.5 if ref[n] else 0.0 for n in convs}
-
-
 def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], max_layer_error: float | None) -> tuple[nn.Module, dict]:
-    """``quantize``, then again with the convs whose own int8 error exceeds ``max_layer_error`` in float.
-
-    Returns the int8 module and its evidence: each conv's error, the bound, the convs left in float
-    (as lrexport.deploy.backends.qdq does for ONNX).
-    """
-    prepared = calibrate(prepare(module, input_size), batches)
-    if max_layer_error is None:
-        return require().convert(prepared), {"max_layer_error": None, "layer_errors": {}, "float_layers": []}
-    errors = layer_errors(prepared, batches[:2])  # two batches: the error of a layer, not of the data set
-    keep_float = sorted(n for n, e in errors.items() if e > max_layer_error)
-    if keep_float:
-        prepared = calibrate(prepare(module, input_size, keep_float), batches)
-    return require().convert(prepared), {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
-                                            "float_layers": keep_float}
+    """``quantize`` with the per-layer error fallback (``pt2e.quantize_checked``): the int8 module and its evidence."""
+    return pt2e.quantize_checked(functools.partial(prepare, module, input_size), require().convert, batches, max_layer_error)
 
 
 # -- the runner --------------------------------------------------------------------------------------

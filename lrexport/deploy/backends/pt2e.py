@@ -1,0 +1,88 @@
+"""PT2E int8 as the XNNPACK-based runtimes (ExecuTorch, LiteRT) take it: calibration, and each conv's own int8 error.
+
+Both runtimes quantize a torch.export graph with a PT2E quantizer of their own (activations int8
+per tensor, weights int8 per output channel, symmetric); what they share is here: running the
+calibration images through the observed graph, measuring each conv's error from its observers'
+ranges, and leaving a conv whose error exceeds export's bound in float.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ...lowrank.rewrite import node_values
+
+
+def layer_of(node: fx.Node) -> str | None:
+    """The module path of the layer an exported graph's node belongs to (its innermost module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+@torch.no_grad()
+def calibrate(prepared: fx.GraphModule, batches: list[np.ndarray]) -> fx.GraphModule:
+    for x in batches:
+        prepared(torch.from_numpy(x))
+    return prepared
+
+
+def _observer(prepared: fx.GraphModule, node) -> torch.nn.Module | None:
+    return getattr(prepared, node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+
+@torch.no_grad()
+def layer_errors(prepared: fx.GraphModule, batches: list[np.ndarray]) -> dict[str, float]:
+    """Per quantized conv of a calibrated ``prepared`` model: ‖int8 conv − float conv‖ / ‖float conv‖ on
+    ``batches``, each conv on its float input, with the input and weights quantized as its observers say."""
+    convs = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
+            continue
+        act, weight = _observer(prepared, node.args[0]), _observer(prepared, node.args[1])
+        if act is None or weight is None:
+            continue  # left in float
+        scale, zero = act.calculate_qparams()
+        w_scale, w_zero = weight.calculate_qparams()
+        geometry = dict(zip(("stride", "padding", "dilation", "groups"), node.args[3:]))
+        convs[node.name] = (layer_of(node) or node.name, node, float(scale), int(zero), act.quant_min, act.quant_max,
+                            w_scale, w_zero.int(), weight.ch_axis, weight.quant_min, weight.quant_max, geometry)
+    # the probe observes what it runs: a copy, so that the prepared model keeps the calibration's ranges
+    probe = copy.deepcopy(prepared)
+    wanted = {a.name for _, node, *_ in convs.values() for a in node.args[:3] if isinstance(a, fx.Node)}
+    diff, ref = dict.fromkeys(convs, 0.0), dict.fromkeys(convs, 0.0)
+    for x in batches:
+        values = node_values(probe, torch.from_numpy(x), keep=lambda n: n.name in wanted)
+        for name, (_, node, scale, zero, qmin, qmax, w_scale, w_zero, axis, wqmin, wqmax, geometry) in convs.items():
+            x_in, w = values[node.args[0].name], values[node.args[1].name]
+            bias = values[node.args[2].name] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else None
+            y = F.conv2d(x_in, w, bias, **geometry)
+            y_q = F.conv2d(torch.fake_quantize_per_tensor_affine(x_in, scale, zero, qmin, qmax),
+                           torch.fake_quantize_per_channel_affine(w, w_scale, w_zero, axis, wqmin, wqmax), bias, **geometry)
+            diff[name] += float((y_q - y).double().pow(2).sum())
+            ref[name] += float(y.double().pow(2).sum())
+    return {convs[n][0]: (diff[n] / ref[n]) ** 0.5 if ref[n] else 0.0 for n in convs}
+
+
+def quantize_checked(prepare: Callable, convert: Callable, batches: list[np.ndarray], max_layer_error: float | None) -> tuple[nn.Module, dict]:
+    """A model quantized by PT2E (``prepare(keep_float)`` exports and observes it, leaving the convs named in
+    ``keep_float`` in float; ``convert`` turns a calibrated model into its int8 form), then again with the convs
+    whose own int8 error exceeds ``max_layer_error`` in float.
+
+    Returns the int8 module and its evidence: each conv's error, the bound, the convs left in float
+    (as lrexport.deploy.backends.qdq does for ONNX).
+    """
+    prepared = calibrate(prepare(()), batches)
+    if max_layer_error is None:
+        return convert(prepared), {"max_layer_error": None, "layer_errors": {}, "float_layers": []}
+    errors = layer_errors(prepared, batches[:2])  # two batches: the error of a layer, not of the data set
+    keep_float = sorted(n for n, e in errors.items() if e > max_layer_error)
+    if keep_float:
+        prepared = calibrate(prepare(keep_float), batches)
+    return convert(prepared), {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
+                               "float_layers": keep_float}
