@@ -555,7 +555,7 @@ def _verify_tables(r: dict):
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @reports_errors
 def infer(artifacts, images, top_k, threads):
-    """Classify IMAGES with the exported low-rank model (its ONNX graph; no torch needed)."""
+    """Classify IMAGES with the exported low-rank model (its .tflite for a LiteRT export, else its ONNX graph; no torch needed)."""
     from .deploy.runtime import infer as run_infer
 
     for pred in run_infer(artifacts, list(images), top_k, threads):

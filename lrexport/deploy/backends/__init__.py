@@ -51,6 +51,7 @@ class BackendEntry:
     reads_onnx: bool = True  # it runs the exported ONNX graphs (the others: the module, or files of their own)
     int8_format: str | None = None  # int8 artifacts it writes: "onnx" (QDQ graphs every ONNX runtime runs) or its own name
     int8_fallback: bool = True  # its int8 keeps a conv beyond export's max_layer_error in float
+    serves: bool = False  # ``lrexport infer`` runs its own files through ``Backend.serve`` (torch-free); others: the ONNX graph
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -103,6 +104,7 @@ RUNTIMES: dict[str, BackendEntry] = {
                           options=("threads", "channels_last", "cuda_graph"), tunes_on=("cpu", "cuda"), reads_onnx=False),
     "executorch": BackendEntry("executorch", ".executorch", "ExecuTorch", {"cpu": ("fp32", "int8")}, reads_onnx=False,
                                int8_format="executorch"),
+    "litert": BackendEntry("litert", ".litert", "LiteRT", {"cpu": ("fp32", "int8")}, reads_onnx=False, int8_format="litert", serves=True),
     # TensorRT chooses each layer's precision itself
     "trt": BackendEntry("trt", ".trt", "TensorRT", {"cuda": ("fp16", "fp32", "int8")}, options=(), tunes_on=(), int8_fallback=False),
 }

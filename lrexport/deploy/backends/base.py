@@ -47,6 +47,7 @@ class ModelSource:
     torch: Callable[[], object] | None = None  # builds the plain nn.Module
     files: Any = None  # a runtime's own files (by batch, or one path): what its artifact_source found
     label: str = "the model"
+    input_shape: tuple | None = None  # N, C, H, W where it is fixed (tuning's candidates)
 
 
 class Runner(Protocol):
@@ -201,6 +202,15 @@ class Backend:
         return ModelSource(onnx=path / meta["models"][model]["file"], torch=load_program if program else None,
                            files=self.own_files(path, meta, model), label=label)
 
+    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+        """Runners of several models (``options`` resolved), prepared together where the runtime can do that faster
+        than one by one (tuning's candidates). The default: one by one."""
+        return {key: self.open(source, options) for key, source in sources.items()}
+
+    def serve(self, path: Path, meta: dict, model: str, threads: int | None) -> Runner:
+        """The torch-free runner ``lrexport infer`` classifies with, for a runtime whose entry ``serves`` its own files."""
+        raise NotImplementedError
+
     def own_files(self, path: Path, meta: dict, model: str):
         """The runtime's own files of ``model`` in an artifact directory (None: it runs the shared forms)."""
         return None
@@ -209,7 +219,7 @@ class Backend:
                       label: str) -> ModelSource:
         """A model as this runtime times it at ``precision`` (tuning, the guard): ``graph()`` builds its fp32 ONNX graph,
         ``module()`` its plain module, each only where read; ``input_shape`` for int8 ranges. The default: the module."""
-        return ModelSource(torch=module, label=label)
+        return ModelSource(torch=module, label=label, input_shape=tuple(input_shape))
 
     def build(self, ctx: BuildContext) -> None:
         """Its own files and int8 into ``ctx``. The default: nothing beyond the shared files."""
