@@ -34,9 +34,8 @@ from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
 from . import pt2e
-from .pt2e import calibrate, layer_of
+from .pt2e import calibrate, exported, layer_of
 
-MAX_BATCH = 4096  # the batch dimension's bound while quantizing (programs are lowered per batch)
 
 
 @functools.cache
@@ -89,8 +88,7 @@ def prepare(module: nn.Module, input_size, keep_float=()) -> fx.GraphModule:
     convs named in ``keep_float`` (their module paths)."""
     et = require()
     keep_float = set(keep_float)
-    graph = torch.export.export(module.eval(), (torch.zeros(2, *input_size),),
-                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)).module()
+    graph = exported(module, input_size)
     quantizer = et.quantizer().set_global(et.config(is_per_channel=True))
     if keep_float:
         quantizer.set_filter_function(lambda node: layer_of(node) not in keep_float)

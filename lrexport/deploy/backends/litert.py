@@ -87,13 +87,9 @@ def _quantizer(keep_float=()):
 
 def prepare(module, input_size, keep_float=()):
     """``module`` exported with a free batch dimension and observed for int8, except the convs in ``keep_float``."""
-    import torch
+    from .pt2e import exported
 
-    from .executorch import MAX_BATCH
-
-    graph = torch.export.export(module.eval(), (torch.zeros(2, *input_size),),
-                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)).module()
-    return require_converter().prepare(graph, _quantizer(keep_float))
+    return require_converter().prepare(exported(module, input_size), _quantizer(keep_float))
 
 
 def _convert_int8(prepared):

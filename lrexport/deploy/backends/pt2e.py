@@ -18,6 +18,14 @@ from torch import fx, nn
 
 from ...lowrank.rewrite import node_values
 
+MAX_BATCH = 4096  # the batch dimension's bound while quantizing (the runtime's models are built per batch)
+
+
+def exported(module: nn.Module, input_size) -> fx.GraphModule:
+    """``module`` as a torch.export graph with a free batch dimension: what a PT2E quantizer observes, so that the
+    quantized model serves every batch the runtime's models are built for."""
+    return torch.export.export(module.eval(), (torch.zeros(2, *input_size),),
+                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)).module()
 
 def layer_of(node: fx.Node) -> str | None:
     """The module path of the layer an exported graph's node belongs to (its innermost module)."""
