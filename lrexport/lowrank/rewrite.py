@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,7 +19,7 @@ from torch.fx.experimental.optimization import fuse
 from .adaptive_pool import matmul_adaptive_pools
 from .probe import input_sizes
 from .svd_layers import SVDConv2d, SVDLinear, svd_layers
-from .tracing import RewriteError, node_values, sample_input, trace  # noqa: F401 (RewriteError, node_values: imported from here)
+from .tracing import RewriteError, fixed_read, node_values, sample_input, trace  # noqa: F401 (RewriteError, node_values: imported from here)
 
 
 def aligned_rank(rank: int, multiple_of: int) -> int:
@@ -184,24 +183,9 @@ def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
     """
     values = node_values(gm, sample_input(gm, input_size))
 
-    def static_dim(node: fx.Node) -> bool:
-        if node.op == "call_function" and node.target is operator.getitem:
-            src, idx = node.args
-            is_shape = isinstance(src, fx.Node) and (
-                (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
-                or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
-            )
-            if not (is_shape and isinstance(idx, int)):
-                return False
-            ndim = len(values[src.name])
-            return ndim > 0 and idx % ndim != 0
-        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-            return node.args[1] % values[node.args[0].name].dim() != 0
-        return False
-
     frozen = 0
     for node in list(gm.graph.nodes):
-        if static_dim(node) and isinstance(values.get(node.name), int):
+        if fixed_read(node, values) and isinstance(values.get(node.name), int):
             value = values[node.name]
             for user in list(node.users):
                 user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)

@@ -67,28 +67,31 @@ def _shape_source(node) -> bool:
         or (node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs))
 
 
-def _fixed_read(node: fx.Node, shapes: dict) -> bool:
-    """Whether ``node`` reads something fixed at export: a non-batch dimension, the rank, dtype or device."""
+def fixed_read(node: fx.Node, values: dict) -> bool:
+    """Whether ``node`` reads something fixed at export: a non-batch dimension, the rank, dtype or device.
+
+    ``values``: node name → value on a sample input, for the tensors and shapes ``node`` reads.
+    """
     if node.op == "call_function" and node.target is operator.getitem and _shape_source(node.args[0]):
-        shape, idx = shapes[node.args[0].name], node.args[1]
+        shape, idx = values[node.args[0].name], node.args[1]
         if isinstance(idx, int):
             return len(shape) > 0 and idx % len(shape) != 0
         return isinstance(idx, slice) and 0 not in range(len(shape))[idx]
     if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-        ndim = len(shapes[node.args[0].name])
+        ndim = values[node.args[0].name].dim()
         return ndim > 0 and node.args[1] % ndim != 0
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("ndim", "dtype", "device")
     return node.op == "call_method" and node.target == "dim"
 
 
-def _depends_on_input(cond: fx.Node, shapes: dict) -> bool:
+def _depends_on_input(cond: fx.Node, values: dict) -> bool:
     """Whether ``cond`` depends on the input other than through its fixed reads (parameters and
     buffers are constants of the exported graph)."""
     stack, seen = [cond], set()
     while stack:
         node = stack.pop()
-        if node in seen or _fixed_read(node, shapes):
+        if node in seen or fixed_read(node, values):
             continue
         seen.add(node)
         if node.op == "placeholder":
@@ -99,14 +102,14 @@ def _depends_on_input(cond: fx.Node, shapes: dict) -> bool:
 
 def _evaluate(root: nn.Module, partial: fx.Graph, cond: fx.Node, sample: torch.Tensor) -> tuple[object, dict]:
     """``cond``'s value when the traced-so-far ``partial`` graph runs on ``sample``, and the values
-    ``_fixed_read`` looks at (tensors' shapes, by node name)."""
+    ``fixed_read`` looks at."""
     graph, env = fx.Graph(), {}
     graph.graph_copy(partial, env)
     graph.output(env[cond])
     sized = {n.args[0].name for n in partial.nodes if n.op == "call_method" and n.target == "size" and len(n.args) == 2}
     values = node_values(fx.GraphModule(root, graph), sample,
                          keep=lambda n: n.name == cond.name or n.name in sized or _shape_source(n))
-    return values[cond.name], {name: getattr(v, "shape", v) for name, v in values.items()}
+    return values[cond.name], values
 
 
 @torch.no_grad()
@@ -160,10 +163,10 @@ def _decide(tracer: _Tracer, cond: fx.Node, sample: torch.Tensor, decisions: lis
     if len(decisions) >= MAX_BRANCHES:
         return f"more than {MAX_BRANCHES} branches on tensor sizes"
     try:
-        value, shapes = _evaluate(tracer.root, tracer.graph, cond, sample)
+        value, values = _evaluate(tracer.root, tracer.graph, cond, sample)
     except Exception as e:
         return f"its branch on {cond.name} could not be evaluated: {first_line(e)}"
-    if _depends_on_input(cond, shapes):
+    if _depends_on_input(cond, values):
         return "control flow on the batch size or on a tensor's values, which a static graph cannot hold"
     decisions.append((cond.name, bool(value)))
     return None
