@@ -132,7 +132,7 @@ def conform(key: str, work: Path, overrides: list[str]) -> dict:
     """Decompose, train, export, verify one model; the row of the table."""
     import torch
     from lrexport.deploy.export import ExportConfig, export_run
-    from lrexport.deploy.plan import TuneConfig
+    from lrexport.deploy.planning.plan import TuneConfig
     from lrexport.deploy.verify import VerifyConfig, verify_artifacts
     from lrexport.models import create_model
     from lrexport.train import run_recipe

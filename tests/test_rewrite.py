@@ -189,3 +189,85 @@ def test_whole_low_rank_network_with_linear(mode):
     assert leaf_types <= {nn.Conv2d, nn.Linear, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Identity}
     assert not any(p.requires_grad for p in plain.parameters())
     assert any(isinstance(m, lrexport.lowrank.SVDConv2d) for m in model.modules())  # original untouched
+
+
+class PoolUpToKernel(nn.Module):
+    """A head that pools an input smaller than its kernel up to the kernel's size (as timm's VGG head
+    does): Python control flow on the input's spatial size around a conv to decompose."""
+
+    def __init__(self, channels: int, out: int, kernel: int = 5):
+        super().__init__()
+        self.kernel = kernel
+        self.fc = nn.Conv2d(channels, out, kernel, bias=True)
+
+    def forward(self, x):
+        if x.shape[-2] < self.kernel or x.size(3) < self.kernel:
+            x = nn.functional.adaptive_avg_pool2d(x, (max(self.kernel, x.shape[-2]), max(self.kernel, x.shape[-1])))
+        return self.fc(x).mean((2, 3))
+
+
+class SizeBranchNet(nn.Module):
+    """A stem, then a branch on the channel count in the model's own forward, then the head above."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = PoolUpToKernel(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.shape[1] == 16:
+            x = x * 2
+        return self.head(x)
+
+
+@pytest.mark.parametrize("size", [(3, 8, 8), (3, 16, 16)])  # the head pools 4×4 up to 5×5; 8×8 it leaves
+def test_branch_on_fixed_sizes_takes_its_side_and_exports(size):
+    from lrexport.deploy.backends import run_onnx
+    from lrexport.deploy.export import ExportConfig, rewrite
+
+    torch.manual_seed(6)
+    model = randomize_bn(SizeBranchNet()).eval()
+    decompose(model, "channel")
+    truncate(model.head.fc, 3)
+    plain, report, proto = rewrite(model, size, ExportConfig(), multiple_of=1)
+    assert [p.name for p in report.layers if not p.dense] == ["head.fc"] and report.bn_folded == 1
+    # the branches are decided: no shape read is left in the graph, nor an If in the ONNX graph
+    assert not any(n.op == "call_function" and n.target is getattr for n in plain.graph.nodes)
+    ops = {node.op_type for node in proto.graph.node}
+    assert "If" not in ops
+    assert ("MatMul" in ops) == (size[1] == 8)  # 4×4 pooled up to 5×5: ONNX's AveragePool cannot, two MatMuls can
+    x = torch.randn(5, *size)  # another batch size than the one the branches were read at
+    with torch.no_grad():
+        ref = model(x)
+        assert relative_error(plain(x), ref) < 1e-5
+    _, out = run_onnx(proto, x.numpy())
+    assert relative_error(torch.from_numpy(out), ref) < 1e-5
+
+
+class BatchBranch(nn.Module):
+    def forward(self, x):
+        return x if x.shape[0] > 1 else x * 2
+
+
+class ValueBranch(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else x * 2
+
+
+@pytest.mark.parametrize("branch", [BatchBranch, ValueBranch])
+def test_branch_on_batch_size_or_values_is_an_error_naming_the_layer(branch):
+    from lrexport.lowrank.rewrite import RewriteError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), branch()).eval()
+    with pytest.raises(RewriteError, match=r"cannot trace layer '1' .*batch size or on a tensor's values"):
+        to_plain(model, (3, 8, 8))
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((1, 1), (7, 7)), ((4, 5), (5, 4)), ((7, 9), (3, 4)), ((6, 6), (4, 3))])
+def test_adaptive_pool_as_matmuls_is_pytorchs_pool(in_hw, out_hw):
+    from lrexport.lowrank.adaptive_pool import AdaptiveAvgPoolMatmul
+
+    x = torch.randn(2, 3, *in_hw)
+    ref = nn.functional.adaptive_avg_pool2d(x, out_hw)
+    assert relative_error(AdaptiveAvgPoolMatmul(in_hw, out_hw, x)(x), ref) < 1e-6

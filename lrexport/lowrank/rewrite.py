@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,9 +16,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
-from ..errors import LrexportError, first_line
+from .adaptive_pool import matmul_adaptive_pools
 from .probe import input_sizes
 from .svd_layers import SVDConv2d, SVDLinear, svd_layers
+from .tracing import RewriteError, fixed_read, node_values, sample_input, trace  # noqa: F401 (RewriteError, node_values: imported from here)
 
 
 def aligned_rank(rank: int, multiple_of: int) -> int:
@@ -154,35 +154,6 @@ def _plain_linear(layer: SVDLinear, plan: LayerPlan) -> nn.Module:
     return nn.Sequential(first, second)
 
 
-class RewriteError(LrexportError):
-    """A model the export cannot rewrite into a static graph."""
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, remembering the innermost module whose forward could not be traced."""
-
-    failed_in: str | None = None
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.path_of_module(m)
-            raise
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` as a torch.fx graph; a model that cannot be traced is a RewriteError naming the layer."""
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as e:
-        where = f"layer {tracer.failed_in!r}" if tracer.failed_in else f"the forward of {type(model).__name__}"
-        raise RewriteError(f"export cannot trace {where} into a static graph (torch.fx: {first_line(e)})") from None
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
 def _batchnorms(gm: fx.GraphModule) -> int:
     """BatchNorm ops in a traced graph: BatchNorm modules, and F.batch_norm where a module of its own (timm's
     BatchNormAct2d) calls it."""
@@ -191,32 +162,17 @@ def _batchnorms(gm: fx.GraphModule) -> int:
                or (n.op == "call_function" and n.target is F.batch_norm) for n in gm.graph.nodes)
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, int, int]:
-    """Trace ``model`` with torch.fx and fold each BatchNorm into the conv/linear before it.
+def fold_batchnorm(model: nn.Module, input_size) -> tuple[fx.GraphModule, int, int]:
+    """Trace ``model`` with torch.fx for inputs of ``input_size`` (C, H, W) and fold each BatchNorm into the
+    conv/linear before it.
 
     Returns (graph module, folded count, BatchNorms left). The model must be in eval mode.
     """
-    traced = trace(model)
+    traced = trace(model, input_size)
     before = _batchnorms(traced)
     fused = fuse(traced, inplace=True, no_trace=True)
     left = _batchnorms(fused)
     return fused, before - left, left
-
-
-@torch.no_grad()
-def node_values(gm: fx.GraphModule, *inputs, keep=None) -> dict[str, object]:
-    """node name → the value it computes when ``gm`` runs on ``inputs`` (only nodes ``keep(node)`` accepts, if given)."""
-    values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if keep is None or keep(n):
-                values[n.name] = out
-            return out
-
-    Recorder(gm).run(*inputs)
-    return values
 
 
 def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
@@ -225,28 +181,11 @@ def freeze_static_shapes(gm: fx.GraphModule, input_size) -> int:
     Such reads would otherwise export as Shape/Gather arithmetic; only the batch size can
     vary at run time, so every other dimension is a constant. Returns how many were frozen.
     """
-    param = next(gm.parameters(), None)
-    like = dict(dtype=param.dtype, device=param.device) if param is not None else {}
-    values = node_values(gm, torch.zeros(2, *input_size, **like))
-
-    def static_dim(node: fx.Node) -> bool:
-        if node.op == "call_function" and node.target is operator.getitem:
-            src, idx = node.args
-            is_shape = isinstance(src, fx.Node) and (
-                (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
-                or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
-            )
-            if not (is_shape and isinstance(idx, int)):
-                return False
-            ndim = len(values[src.name])
-            return ndim > 0 and idx % ndim != 0
-        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-            return node.args[1] % values[node.args[0].name].dim() != 0
-        return False
+    values = node_values(gm, sample_input(gm, input_size))
 
     frozen = 0
     for node in list(gm.graph.nodes):
-        if static_dim(node) and isinstance(values.get(node.name), int):
+        if fixed_read(node, values) and isinstance(values.get(node.name), int):
             value = values[node.name]
             for user in list(node.users):
                 user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
@@ -274,8 +213,9 @@ def to_plain(
         new = _plain_linear(layer, plan) if isinstance(layer, SVDLinear) else _plain_conv(layer, plan)
         plain.set_submodule(plan.name, new.to(device=layer.U.device, dtype=layer.U.dtype))
     plain.eval()  # the new modules start in training mode; folding needs eval statistics
-    plain, folded, left = fold_batchnorm(plain)
+    plain, folded, left = fold_batchnorm(plain, input_size)
     freeze_static_shapes(plain, input_size)
+    matmul_adaptive_pools(plain, sample_input(plain, input_size))
     for p in plain.parameters():
         p.requires_grad_(False)
     return plain.eval(), RewriteReport(plans, multiple_of, folded, left)
