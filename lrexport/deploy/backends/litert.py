@@ -55,10 +55,11 @@ def require_runtime() -> SimpleNamespace:
 def require_converter() -> SimpleNamespace:
     """litert-torch, the converter; a RuntimeMissingError (one line, exit 2) where it is not installed."""
     try:
-        import litert_torch
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-        from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        with muted(2):  # its native libraries log their set-up (oneDNN, absl) on stderr at import
+            import litert_torch
+            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+            from litert_torch.quantize.quant_config import QuantConfig
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as e:
         raise RuntimeMissingError(f'litert-torch is not installed (or not whole: {first_line(e)}): pip install "lrexport[litert]"') from None
     return SimpleNamespace(version=version("litert-torch"), convert=litert_torch.convert, channels_last=litert_torch.to_channel_last_io,
@@ -138,7 +139,7 @@ def _convert(module, examples: tuple, int8: bool, label: str) -> bytes:
     wrapped.training = False  # the module itself is in eval mode already (a quantized one refuses .eval())
     nhwc = tuple(x.permute(0, 2, 3, 1).contiguous() for x in examples)
     try:
-        with _quiet_converter():
+        with _quiet_converter(), muted(2):  # and its native passes log op counts on stderr
             return bytes(lt.convert(wrapped, nhwc, quant_config=lt.quant_config(pt2e_quantizer=_quantizer()) if int8 else None)
                          .model_content())
     except Exception as e:  # export and conversion raise many types of their own
