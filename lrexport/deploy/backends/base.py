@@ -47,6 +47,7 @@ class ModelSource:
     torch: Callable[[], object] | None = None  # builds the plain nn.Module
     files: Any = None  # a runtime's own files (by batch, or one path): what its artifact_source found
     label: str = "the model"
+    input_shape: tuple[int, ...] | None = None  # the one input shape (batch first) it runs at, where fixed (tuning's layers)
 
 
 class Runner(Protocol):
@@ -183,6 +184,13 @@ class Backend:
     def open(self, source: ModelSource, options: RuntimeOptions) -> Runner:
         """A runner of ``source`` (``options`` resolved: device and precision set, checked)."""
         raise NotImplementedError
+
+    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+        """Runners of many ``sources`` (key → ModelSource) at once, by the same keys (``options`` resolved).
+
+        The default opens them one by one; a runtime whose per-model preparation has a large fixed cost
+        (one lowering or conversion each) overrides it to prepare them together (tuning opens hundreds)."""
+        return {key: self.open(source, options) for key, source in sources.items()}
 
     def artifact_source(self, path: Path, meta: dict, model: str) -> ModelSource:
         """Model ``model`` ("lowrank", "dense", or int8 artifacts' "dense_fp32") of an artifact directory, in the
