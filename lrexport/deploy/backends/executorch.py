@@ -180,7 +180,7 @@ def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], m
 # Lowering has a large fixed cost per call (about 1 s here, mostly torch's decompositions), so tuning's
 # hundreds of one-layer candidates are lowered together: one module holding them all, exported and lowered
 # once, each candidate's delegate then written as a program of its own.
-BUNDLE_SIZE = 64  # candidates per lowering: larger bundles gained nothing here (benchmarks/tune_cost.py)
+BUNDLE_SIZE = 64  # candidates per lowering: bounds one lowering's memory; the fixed cost is already spread thin
 
 
 class Bundle(nn.Module):
