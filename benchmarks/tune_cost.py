@@ -36,7 +36,7 @@ from deploy_efficiency import INPUT, prune_to_target, synthesize_spectra  # noqa
 from lrexport.deploy.backends import Backend, RuntimeOptions, get_runtime, open_runners  # noqa: E402
 from lrexport.deploy.planning.latency_ranks import LatencyConfig, cap_of, latency_prune  # noqa: E402
 from lrexport.deploy.planning.plan import DEFAULT_BATCHES  # noqa: E402
-from lrexport.deploy.planning.tune import TuneCache, layer_source, make_target, tune, tune_layers_of  # noqa: E402
+from lrexport.deploy.planning.tune import CONTEXT_OUT, DENSE, TuneCache, contexts, layer_source, make_target, tune, tune_layers_of  # noqa: E402
 from lrexport.deploy.timing import interleave_within, machine, quantile  # noqa: E402
 from lrexport.lowrank import decompose, prune  # noqa: E402
 
@@ -92,9 +92,11 @@ def same_programs(runtime: str, options: RuntimeOptions, batch: int, layers: int
 
     model, _ = resnet18()
     shapes = list({t.shape.key(): t for t in tune_layers_of(model, INPUT)}.values())[:layers]
-    sources = {(t.shape.key(), c): layer_source(t.shape, c, batch, runtime, options.precision) for t in shapes for c in t.candidates()}
-    inputs = {key: np.random.default_rng(0).standard_normal((batch, t.shape.c, *t.shape.in_hw), dtype=np.float32)
-              for t in shapes for key in sources if key[0] == t.shape.key()}
+    sources = {(t.shape.key(), c): layer_source(t.shape, c, batch, runtime, options.precision)
+               for t in shapes for c in [DENSE, 16, 32, 64, *contexts(t.shape)]}
+    inputs = {(t.shape.key(), c): np.random.default_rng(0).standard_normal(
+        (batch, t.shape.n, *t.shape.out_hw) if c == CONTEXT_OUT else (batch, t.shape.c, *t.shape.in_hw), dtype=np.float32)
+        for t in shapes for c in [DENSE, 16, 32, 64, *contexts(t.shape)]}
     runners = {"together": open_runners(runtime, sources, options)}
     with opened(runtime, "alone"):
         runners["alone"] = open_runners(runtime, sources, options)
@@ -138,7 +140,7 @@ def main(argv=None) -> None:
     for precision in args.precision.split(","):
         options = RuntimeOptions(threads=args.threads, precision=precision)
         make_target(args.runtime, options, (1,))  # the runtime imported and warm before either way is timed
-        for name in args.models.split(","):
+        for name in filter(None, args.models.split(",")):
             runs, seconds = {}, {}
             for way in args.ways.split(","):
                 with tempfile.TemporaryDirectory() as tmp, opened(args.runtime, way):
