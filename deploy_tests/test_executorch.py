@@ -163,3 +163,81 @@ def test_without_executorch_each_command_is_one_line(exported, run, tmp_path):
         assert 'ExecuTorch is not installed' in lines[0] and 'pip install "lrexport[executorch]"' in lines[0], name
     assert not (tmp_path / "out").exists()
     assert json.loads((exported.out_dir / "meta.json").read_text())["runtime"] == "executorch"
+
+
+def candidate_sources(precision: str, candidates=(DENSE, 8)):
+    """Tuning's candidates of a small layer at batch 2, as ExecuTorch takes them."""
+    from lrexport.deploy.planning.tune import LayerShape, layer_source
+
+    shape = LayerShape("channel", 16, 16, 3, 3, (1, 1), (1, 1), (1, 1), (8, 8))
+    return {c: layer_source(shape, c, 2, "executorch", precision) for c in candidates}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_candidates_lowered_together_run_as_each_lowered_alone(precision):
+    """open_many lowers the candidates in one bundle; each program it cuts out computes what its module lowered
+    alone does (int8: the same calibration, so the same ranges) and what PyTorch does."""
+    from lrexport.deploy.backends import open_runners
+
+    options = RuntimeOptions(threads=1, precision=precision)
+    sources = candidate_sources(precision, (DENSE, 4, 8, "context-in") if precision == "fp32" else (DENSE, 8))
+    together = open_runners("executorch", sources, options)
+    alone = {k: et.BACKEND.open(s, et.RUNTIMES["executorch"].resolve(options)) for k, s in sources.items()}
+    x = np.random.default_rng(0).standard_normal((2, 16, 8, 8), dtype=np.float32)
+    for k, source in sources.items():
+        assert together[k].module is None and list(together[k].programs) == [2]  # a program from the bundle
+        out = together[k].run(x)
+        np.testing.assert_allclose(out, alone[k].run(x), rtol=0, atol=1e-5)
+        with torch.no_grad():
+            reference = source.torch()(torch.from_numpy(x))
+        assert relative_error(torch.from_numpy(out), reference) < (1e-5 if precision == "fp32" else 0.1)
+
+
+class Cumulative(nn.Module):
+    """A conv and an op XNNPACK does not take (ExecuTorch's portable kernels run it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).cumsum(1)
+
+
+def test_a_bundle_not_one_delegate_per_module_is_lowered_one_by_one():
+    from lrexport.deploy.backends import ModelSource, open_runners
+
+    torch.manual_seed(0)
+    sources = candidate_sources("fp32")
+    odd = Cumulative().eval()
+    modules = [s.torch() for s in sources.values()] + [odd]
+    assert et.lower_many(et.Bundle(modules).eval(), [torch.zeros(2, 16, 8, 8) for _ in modules]) is None
+    sources["odd"] = ModelSource(torch=lambda: odd, input_shape=(2, 16, 8, 8))
+    sources["no shape"] = ModelSource(torch=lambda: odd)
+    runners = open_runners("executorch", sources, ONE_THREAD)
+    x = np.random.default_rng(0).standard_normal((2, 16, 8, 8), dtype=np.float32)
+    for k, source in sources.items():
+        assert runners[k].module is not None  # lowered on its own
+        with torch.no_grad():
+            assert relative_error(torch.from_numpy(runners[k].run(x)), source.torch()(torch.from_numpy(x))) < 1e-5
+
+
+def test_tuning_with_candidates_lowered_together_times_what_one_by_one_does(tmp_path, monkeypatch):
+    from functools import partial
+
+    from lrexport.deploy.backends import Backend
+    from lrexport.deploy.planning.tune import tune
+
+    torch.manual_seed(0)
+    model = decompose(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval())
+    layers = tune_layers_of(model, (16, 8, 8))
+    target = make_target("executorch", ONE_THREAD, (1,))
+    timing = {"warmup": 1, "budget_ms": 10.0, "min_repeats": 3, "max_repeats": 3}
+    events = []
+    together = tune(layers, target, TuneCache(tmp_path / "together.json"), progress=events.append, **timing)
+    assert [e.text for e in events if hasattr(e, "text")][0].startswith("  tune: preparing")
+    monkeypatch.setattr(et.BACKEND, "open_many", partial(Backend.open_many, et.BACKEND))  # the default: one by one
+    alone = tune(layers, target, TuneCache(tmp_path / "alone.json"), **timing)
+    assert together.cache_misses == alone.cache_misses > 0
+    assert [set(c.times_ms) for c in together.choices] == [set(c.times_ms) for c in alone.choices]
+    assert set(TuneCache(tmp_path / "together.json").entries) == set(TuneCache(tmp_path / "alone.json").entries)

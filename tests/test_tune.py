@@ -127,6 +127,7 @@ def test_tune_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     calls = []
     # pairs cost their rank, dense a constant: a deterministic "runtime"
     monkeypatch.setattr(T, "time_candidates", fake_timer(lambda s, c: 40.5 if c == "dense" else float(c), calls))
+    monkeypatch.setattr(T, "open_candidates", lambda *args: {})  # the stand-in times nothing: nothing to open ahead
     model = small_model()
     target = fake_target((1,))
     layers = T.tune_layers_of(model, (3, 16, 16))

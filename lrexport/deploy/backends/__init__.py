@@ -20,7 +20,7 @@ from ...errors import LrexportError, RuntimeMissingError
 from .base import Backend, ModelSource, Runner, RuntimeOptions, run_batched
 
 __all__ = ["RUNTIMES", "DEFAULT_RUNTIME", "BackendEntry", "Backend", "ModelSource", "Runner", "RuntimeOptions", "UnknownRuntimeError",
-           "UnsupportedOptionError", "all_devices", "all_precisions", "backend_of", "entry", "get_runtime", "open_runner", "reference_runner", "reference_versions", "run_onnx",
+           "UnsupportedOptionError", "all_devices", "all_precisions", "backend_of", "entry", "get_runtime", "open_runner", "open_runners", "reference_runner", "reference_versions", "run_onnx",
            "tunable_runtimes"]
 
 DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
@@ -153,6 +153,12 @@ def get_runtime(name: str) -> Backend:
 def open_runner(runtime: str, source: ModelSource, options: RuntimeOptions | None = None) -> Runner:
     backend = get_runtime(runtime)
     return backend.open(source, backend.entry.resolve(options or RuntimeOptions()))
+
+
+def open_runners(runtime: str, sources: dict, options: RuntimeOptions | None = None) -> dict:
+    """Runners of ``sources`` (key → ModelSource) by the same keys, prepared together where the runtime can."""
+    backend = get_runtime(runtime)
+    return backend.open_many(sources, backend.entry.resolve(options or RuntimeOptions()))
 
 
 def reference_runner(onnx: bytes, precision: str = "fp32") -> Runner:

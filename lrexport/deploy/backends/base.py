@@ -47,7 +47,7 @@ class ModelSource:
     torch: Callable[[], object] | None = None  # builds the plain nn.Module
     files: Any = None  # a runtime's own files (by batch, or one path): what its artifact_source found
     label: str = "the model"
-    input_shape: tuple | None = None  # N, C, H, W where it is fixed (tuning's candidates)
+    input_shape: tuple[int, ...] | None = None  # the one input shape (batch first) it runs at, where fixed (tuning's layers)
 
 
 class Runner(Protocol):
@@ -185,6 +185,17 @@ class Backend:
         """A runner of ``source`` (``options`` resolved: device and precision set, checked)."""
         raise NotImplementedError
 
+    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+        """Runners of many ``sources`` (key → ModelSource) at once, by the same keys (``options`` resolved).
+
+        The default opens them one by one; a runtime whose per-model preparation has a large fixed cost
+        (one lowering or conversion each) overrides it to prepare them together (tuning opens hundreds)."""
+        return {key: self.open(source, options) for key, source in sources.items()}
+
+    def serve(self, path: Path, meta: dict, model: str, threads: int | None) -> Runner:
+        """The torch-free runner ``lrexport infer`` classifies with, for a runtime whose entry ``serves`` its own files."""
+        raise NotImplementedError
+
     def artifact_source(self, path: Path, meta: dict, model: str) -> ModelSource:
         """Model ``model`` ("lowrank", "dense", or int8 artifacts' "dense_fp32") of an artifact directory, in the
         shared forms (ONNX file, PyTorch program) and, where the runtime wrote some, its own files."""
@@ -202,15 +213,6 @@ class Backend:
         return ModelSource(onnx=path / meta["models"][model]["file"], torch=load_program if program else None,
                            files=self.own_files(path, meta, model), label=label)
 
-    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
-        """Runners of several models (``options`` resolved), prepared together where the runtime can do that faster
-        than one by one (tuning's candidates). The default: one by one."""
-        return {key: self.open(source, options) for key, source in sources.items()}
-
-    def serve(self, path: Path, meta: dict, model: str, threads: int | None) -> Runner:
-        """The torch-free runner ``lrexport infer`` classifies with, for a runtime whose entry ``serves`` its own files."""
-        raise NotImplementedError
-
     def own_files(self, path: Path, meta: dict, model: str):
         """The runtime's own files of ``model`` in an artifact directory (None: it runs the shared forms)."""
         return None
@@ -219,7 +221,7 @@ class Backend:
                       label: str) -> ModelSource:
         """A model as this runtime times it at ``precision`` (tuning, the guard): ``graph()`` builds its fp32 ONNX graph,
         ``module()`` its plain module, each only where read; ``input_shape`` for int8 ranges. The default: the module."""
-        return ModelSource(torch=module, label=label, input_shape=tuple(input_shape))
+        return ModelSource(torch=module, label=label)
 
     def build(self, ctx: BuildContext) -> None:
         """Its own files and int8 into ``ctx``. The default: nothing beyond the shared files."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from pathlib import Path
 from importlib.metadata import version
 from types import SimpleNamespace
@@ -32,10 +33,9 @@ from ...io import muted
 from ..artifacts import FILES, MODELS
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
-from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
 from . import pt2e
+from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
 from .pt2e import calibrate, exported, layer_of
-
 
 
 @functools.cache
@@ -83,12 +83,12 @@ def lower(module: nn.Module, example: torch.Tensor, label: str = "the model") ->
         raise LrexportError(f"ExecuTorch cannot lower {label}: {first_line(e)}") from None
 
 
-def prepare(module: nn.Module, input_size, keep_float=()) -> fx.GraphModule:
+def prepare(module: nn.Module, input_size, keep_float=(), more_inputs=()) -> fx.GraphModule:
     """``module`` exported with a free batch dimension and observed for XNNPACK's int8, except the
-    convs named in ``keep_float`` (their module paths)."""
+    convs named in ``keep_float`` (their module paths). ``more_inputs``: a Bundle's further input sizes."""
     et = require()
     keep_float = set(keep_float)
-    graph = exported(module, input_size)
+    graph = exported(module, input_size, *more_inputs)
     quantizer = et.quantizer().set_global(et.config(is_per_channel=True))
     if keep_float:
         quantizer.set_filter_function(lambda node: layer_of(node) not in keep_float)
@@ -103,6 +103,97 @@ def quantize(module: nn.Module, input_size, batches: list[np.ndarray], keep_floa
 def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], max_layer_error: float | None) -> tuple[nn.Module, dict]:
     """``quantize`` with the per-layer error fallback (``pt2e.quantize_checked``): the int8 module and its evidence."""
     return pt2e.quantize_checked(functools.partial(prepare, module, input_size), require().convert, batches, max_layer_error)
+
+
+# -- many programs at once (tuning) --------------------------------------------------------------
+# Lowering has a large fixed cost per call (about 1 s here, mostly torch's decompositions), so tuning's
+# hundreds of one-layer candidates are lowered together: one module holding them all, exported and lowered
+# once, each candidate's delegate then written as a program of its own.
+BUNDLE_SIZE = 64  # candidates per lowering: bounds one lowering's memory; the fixed cost is already spread thin
+
+
+class Bundle(nn.Module):
+    """Modules side by side: input i goes through module i; the outputs in a tuple."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, *xs):
+        return tuple(m(x) for m, x in zip(self.parts, xs))
+
+
+@functools.cache
+def per_component_partitioner():
+    """A partitioner giving each connected component of XNNPACK's partitions a delegate of its own (XNNPACK's
+    partitioner puts disjoint graphs in one delegate)."""
+    from executorch.exir.backend.partitioner import Partitioner, PartitionResult
+
+    class PerComponent(Partitioner):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def ops_to_not_decompose(self, program):
+            return self.inner.ops_to_not_decompose(program)
+
+        def partition(self, program):
+            result = self.inner.partition(program)
+            tagged = [n for n in result.tagged_exported_program.graph_module.graph.nodes if "delegation_tag" in n.meta]
+            parent = {n: n for n in tagged}
+
+            def root(n):
+                while parent[n] is not n:
+                    parent[n] = n = parent[parent[n]]
+                return n
+
+            for n in tagged:
+                for a in n.all_input_nodes:
+                    if a in parent and a.meta["delegation_tag"] == n.meta["delegation_tag"]:
+                        parent[root(a)] = root(n)
+            components, tags = {}, {}
+            for n in tagged:
+                old = n.meta["delegation_tag"]
+                n.meta["delegation_tag"] = new = f"{old}_{components.setdefault(root(n), len(components))}"
+                tags[new] = result.partition_tags[old]
+            return PartitionResult(result.tagged_exported_program, tags)
+
+    return PerComponent
+
+
+def quantize_many(modules: list[nn.Module], sample_shapes) -> nn.Module:
+    """A Bundle of ``modules`` in int8, each as ``quantize`` gives it on its ``random_batches`` (the one-by-one
+    runner's calibration), quantized in one pass."""
+    shapes = [tuple(s) for s in sample_shapes]
+    data = [random_batches((2, *s)) for s in shapes]
+    prepared = prepare(Bundle(modules), shapes[0], more_inputs=shapes[1:])
+    return require().convert(calibrate(prepared, list(zip(*data))))
+
+
+def lower_many(module: nn.Module, examples: list[torch.Tensor]) -> list[bytes] | None:
+    """The program of each part of a Bundle ``module`` for inputs shaped like ``examples``, lowered together; None
+    where the lowered bundle is not one XNNPACK delegate per part, reading that part's input only and giving
+    its output only (then each part must be lowered alone)."""
+    from executorch.exir.delegate import executorch_call_delegate
+
+    et = require()
+    program = et.lower(torch.export.export(module, tuple(examples)), partitioner=[per_component_partitioner()(et.partitioner())])
+    exported = program.exported_program()
+    graph = exported.graph_module
+    nodes = {n.name: n for n in graph.graph.nodes}
+    inputs = [nodes[name] for name in exported.graph_signature.user_inputs]
+    outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    calls = [n for n in graph.graph.nodes if n.op == "call_function"]
+    if len(inputs) != len(examples) or len(outputs) != len(examples) or len(calls) != 2 * len(examples):
+        return None  # anything beyond a delegate and its getitem per part
+    lowered = []
+    for x, y in zip(inputs, outputs):
+        call = y.args[0] if y.op == "call_function" and y.target is operator.getitem and y.args[1] == 0 else None
+        if (call is None or call.target is not executorch_call_delegate or list(call.args[1:]) != [x] or len(call.users) != 1
+                or len(x.users) != 1):
+            return None
+        lowered.append(getattr(graph, call.args[0].target))
+    return [part.buffer() for part in lowered]
 
 
 # -- the runner --------------------------------------------------------------------------------------
@@ -180,6 +271,30 @@ class ExecutorchBackend(Backend):
         if source.torch is None:
             raise LrexportError(f"{source.label} has no ExecuTorch program; export it with --runtime executorch")
         return ExecutorchRunner(options, module=source.torch(), label=source.label)
+
+    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+        """Sources with a module and one input shape lowered in bundles (``lower_many``), in int8 quantized as a
+        bundle first; the others, and a bundle that does not lower to one delegate per module, one by one."""
+        together = [k for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape is not None]
+        runners = {}
+        for start in range(0, len(together), BUNDLE_SIZE):
+            runners |= self._open_bundle({k: sources[k] for k in together[start:start + BUNDLE_SIZE]}, options)
+        return {k: runners[k] if k in runners else self.open(s, options) for k, s in sources.items()}
+
+    def _open_bundle(self, sources: dict, options: RuntimeOptions) -> dict:
+        """Runners of ``sources`` from one lowering; {} where ``lower_many`` gives none."""
+        shapes = [tuple(s.input_shape) for s in sources.values()]
+        modules = [s.torch() for s in sources.values()]
+        try:
+            with torch.no_grad():
+                bundle = quantize_many(modules, [s[1:] for s in shapes]) if options.precision == "int8" else Bundle(modules).eval()
+                programs = lower_many(bundle, [torch.zeros(s) for s in shapes])
+        except Exception:  # noqa: BLE001 — any failure: each source alone then says what is wrong with it
+            return {}
+        if programs is None:
+            return {}
+        return {k: ExecutorchRunner(options, programs={shape[0]: p}, label=source.label)
+                for (k, source), shape, p in zip(sources.items(), shapes, programs)}
 
     def own_files(self, path: Path, meta: dict, model: str):
         return {int(b): path / f for b, f in (meta.get("pte") or {}).get(model, {}).items()} or None

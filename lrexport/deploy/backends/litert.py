@@ -175,13 +175,12 @@ def convert_many(modules: list, shapes: list[tuple], int8: bool = False) -> list
     not find the graphs apart, one conversion each."""
     import torch
 
+    from .pt2e import calibrate, exported
+
     bundle, examples = _bundle(modules), tuple(torch.zeros(*s) for s in shapes)
     if int8:
-        prepared = require_converter().prepare(torch.export.export(bundle, examples).module(), _quantizer())
-        with torch.no_grad():
-            for batch in zip(*(random_batches(s) for s in shapes)):
-                prepared(*map(torch.from_numpy, batch))
-        bundle = _convert_int8(prepared)
+        prepared = require_converter().prepare(exported(bundle, *(s[1:] for s in shapes)), _quantizer())
+        bundle = _convert_int8(calibrate(prepared, list(zip(*(random_batches(s) for s in shapes)))))
     parts = split_components(_convert(bundle, examples, int8, f"{len(modules)} candidates together"), len(modules))
     if parts is not None:
         return parts

@@ -21,11 +21,16 @@ from ...lowrank.rewrite import node_values
 MAX_BATCH = 4096  # the batch dimension's bound while quantizing (the runtime's models are built per batch)
 
 
-def exported(module: nn.Module, input_size) -> fx.GraphModule:
-    """``module`` as a torch.export graph with a free batch dimension: what a PT2E quantizer observes, so that the
-    quantized model serves every batch the runtime's models are built for."""
-    return torch.export.export(module.eval(), (torch.zeros(2, *input_size),),
-                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)).module()
+def exported(module: nn.Module, *input_sizes) -> fx.GraphModule:
+    """``module`` as a torch.export graph with a free batch dimension on each input (one per size in ``input_sizes``: a
+    bundle of candidates takes several): what a PT2E quantizer observes, so that the quantized model serves every
+    batch the runtime's models are built for."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dynamic = tuple({0: batch} for _ in input_sizes)
+    # a bundle's inputs are one varargs parameter: their shapes one nested tuple
+    return torch.export.export(module.eval(), tuple(torch.zeros(2, *size) for size in input_sizes),
+                               dynamic_shapes=(dynamic,) if len(input_sizes) > 1 else dynamic).module()
+
 
 def layer_of(node: fx.Node) -> str | None:
     """The module path of the layer an exported graph's node belongs to (its innermost module)."""
@@ -34,9 +39,10 @@ def layer_of(node: fx.Node) -> str | None:
 
 
 @torch.no_grad()
-def calibrate(prepared: fx.GraphModule, batches: list[np.ndarray]) -> fx.GraphModule:
+def calibrate(prepared: fx.GraphModule, batches: list) -> fx.GraphModule:
+    """Run ``batches`` through ``prepared``: arrays, or tuples of arrays (one per input)."""
     for x in batches:
-        prepared(torch.from_numpy(x))
+        prepared(*(torch.from_numpy(a) for a in (x if isinstance(x, tuple) else (x,))))
     return prepared
 
 

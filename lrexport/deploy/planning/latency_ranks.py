@@ -22,7 +22,7 @@ from ...progress import LayerTimed, Message, Progress, quiet
 from ...lowrank.allocate import DENSE, Allocation, LayerTable, allocate, discarded_curve, energy_budget
 from ...lowrank.prune import PruneResult, check_energy, energy_rank, prune, rule_rank
 from ..backends import RuntimeOptions
-from .tune import TuneCache, TuneLayer, layer_times, make_target, tune_layers_of
+from .tune import TuneCache, TuneLayer, layer_times, make_target, open_candidates, tune_layers_of
 
 MAX_CANDIDATES = 12  # pair ranks timed per layer: wide layers get a coarser multiple of the grid
 TIMING = {"warmup": 3, "budget_ms": 300.0, "min_repeats": 7, "max_repeats": 30}
@@ -77,11 +77,12 @@ def measure(layers: list[TuneLayer], ranks: dict[str, list[int]], config: Latenc
     target = make_target(config.runtime, config.options, config.batches)
     cache = TuneCache(config.cache)
     tables, timed, asked = {}, 0, 0
+    runners = open_candidates([(layer.shape, [DENSE, *ranks[layer.name]]) for layer in layers], target, cache, progress)
     for i, layer in enumerate(layers):
         cands = [DENSE, *ranks[layer.name]]
         total = dict.fromkeys(cands, 0.0)
         for b in target.batches:
-            ms, n = layer_times(layer, cands, target, b, cache, config.stat, **config.timing)
+            ms, n = layer_times(layer, cands, target, b, cache, config.stat, runners=runners.get(b), **config.timing)
             timed, asked = timed + n, asked + len(cands)
             for c in cands:
                 total[c] += ms[c] / b

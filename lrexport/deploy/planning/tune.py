@@ -26,15 +26,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import LrexportError, RuntimeMissingError
 from ...io import atomic_write_text
-from ...progress import LayerTuned, Progress, quiet
-from ..backends import ModelSource, RuntimeOptions, get_runtime, open_runner
+from ...progress import LayerTuned, Message, Progress, quiet
+from ..backends import ModelSource, RuntimeOptions, get_runtime, open_runner, open_runners
 from ..timing import CUDA_EVENTS, Stats, interleave_within
 
 CACHE_FILE = "tune_cache.json"
@@ -338,8 +338,9 @@ def layer_source(shape: LayerShape, candidate, batch: int, runtime: str, precisi
 
     proto = layer_onnx(shape, candidate, batch)
     input_shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    return get_runtime(runtime).timing_source(precision, lambda: proto, lambda: conv_chain_module(proto), input_shape,
-                                              f"candidate {candidate}")
+    source = get_runtime(runtime).timing_source(precision, lambda: proto, lambda: conv_chain_module(proto), input_shape,
+                                                f"candidate {candidate}")
+    return replace(source, input_shape=tuple(input_shape))  # timed at this shape only: runtimes may prepare it ahead
 
 
 def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
@@ -354,12 +355,31 @@ def make_target(runtime: str, options: RuntimeOptions, batches) -> Target:
     return Target(runtime, options, settings, batches)
 
 
+def open_candidates(jobs, target: Target, cache: "TuneCache", progress: Progress = quiet) -> dict[int, dict]:
+    """Runners of every candidate (and context) of ``jobs`` (per layer: its shape and candidates) not in ``cache``,
+    at each of the target's batches, opened together (``open_runners``: a runtime with a large fixed cost per
+    model prepares them at once); batch → (shape key, candidate) → runner. A shape shared by layers is opened once."""
+    runners = {}
+    for b in target.batches:
+        sources = {}
+        for shape, cands in jobs:
+            for cand in [*cands, *contexts(shape)]:
+                key = (shape.key(), cand)
+                if key not in sources and cache.get(target, b, shape, cand) is None:
+                    sources[key] = layer_source(shape, cand, b, target.runtime, target.options.precision)
+        if sources:
+            progress(Message(f"  tune: preparing {len(sources)} candidates on {target.runtime} at batch {b}"))
+            runners[b] = open_runners(target.runtime, sources, target.options)
+    return runners
+
+
 def time_candidates(shape: LayerShape, candidates, target: Target, batch: int, warmup: int = 3, budget_ms: float = 1500.0,
-                    min_repeats: int = 9, max_repeats: int = 40) -> dict[str | int, Stats]:
+                    min_repeats: int = 9, max_repeats: int = 40, runners: dict | None = None) -> dict[str | int, Stats]:
     """Latency of each candidate deployment of one layer on ``target`` at ``batch``.
 
     Rounds are interleaved across candidates (a slow spell of a shared machine hits all
     alike); their number fits ``budget_ms`` of timed calls, within [min_repeats, max_repeats].
+    ``runners``: opened ahead (``open_candidates``' for this batch); each one used is taken out of it, the others opened here.
     """
     rng = np.random.default_rng(1)
     inputs = {
@@ -368,7 +388,8 @@ def time_candidates(shape: LayerShape, candidates, target: Target, batch: int, w
     }
     calls, clock = {}, None
     for cand in candidates:
-        runner = open_runner(target.runtime, layer_source(shape, cand, batch, target.runtime, target.options.precision), target.options)
+        runner = (runners or {}).pop((shape.key(), cand), None) or open_runner(
+            target.runtime, layer_source(shape, cand, batch, target.runtime, target.options.precision), target.options)
         calls[cand] = runner.bind(inputs[CONTEXT_OUT if cand == CONTEXT_OUT else "in"])
         clock = runner.clock
     timed = interleave_within(calls, budget_ms, min_repeats, max_repeats, warmup, cuda=clock == CUDA_EVENTS)
@@ -463,6 +484,7 @@ def layer_times(layer: TuneLayer, cands, target: Target, batch: int, cache: Tune
     """Candidate → ms of one layer at ``batch`` (timed or cached), less its contexts' share; and how many were timed.
 
     ``stat``: "median_ms", or "min_ms" (the least disturbed call: robust to other load on a shared machine).
+    ``timing`` goes to ``time_candidates`` (its ``runners``: those ``open_candidates`` opened at ``batch``).
     """
     ctx = contexts(layer.shape)
     raw, todo = {}, []
@@ -495,12 +517,13 @@ def tune(layers: list[TuneLayer], target: Target, cache: TuneCache | None = None
     start = time.perf_counter()
     timed = total = 0
     choices = []
+    runners = open_candidates([(layer.shape, layer.candidates(multiples, below)) for layer in layers], target, cache, progress)
     for layer in layers:
         cands = layer.candidates(multiples, below)
         total += len(cands) * len(target.batches)
         per_batch = {}
         for b in target.batches:
-            per_batch[b], n = layer_times(layer, cands, target, b, cache, **timing)
+            per_batch[b], n = layer_times(layer, cands, target, b, cache, runners=runners.get(b), **timing)
             timed += n
         times = {cand: sum(per_batch[b][cand] for b in target.batches) for cand in cands}
         choice = choose(times, layer, margin, below)
