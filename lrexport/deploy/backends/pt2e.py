@@ -25,8 +25,7 @@ def exported(module: nn.Module, *input_sizes) -> fx.GraphModule:
     """``module`` as a torch.export graph with a free batch dimension on each input (one per size in ``input_sizes``: a
     bundle of candidates takes several): what a PT2E quantizer observes, so that the quantized model serves every
     batch the runtime's models are built for."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic = tuple({0: batch} for _ in input_sizes)
+    dynamic = tuple({0: torch.export.Dim(f"batch{i}", min=1, max=MAX_BATCH)} for i in range(len(input_sizes)))
     # a bundle's inputs are one varargs parameter: their shapes one nested tuple
     return torch.export.export(module.eval(), tuple(torch.zeros(2, *size) for size in input_sizes),
                                dynamic_shapes=(dynamic,) if len(input_sizes) > 1 else dynamic).module()
