@@ -9,6 +9,8 @@ one by one (the base ``Backend.open_many``), in one process, same code otherwise
 Printed per model: seconds each way, their ratio, whether the plans (allocated ranks, tuned choices) agree, and
 how far the two runs' candidate times differ (median and p90 of |t_together / t_alone − 1| over all candidates),
 and each plan's predicted time in both runs' tables (a plan that differs within timing noise predicts the same).
+For ``resnet20`` the two plans' whole models are also timed interleaved on the runtime: where choices flip
+between near-equal candidates, the models run equally fast.
 
     python benchmarks/tune_cost.py [--runtime executorch] [--precision fp32,int8] [--models resnet18,resnet20] [--threads 2] [--ways alone,together] [--same 4] [--json out.json]
 """
@@ -81,6 +83,31 @@ def tune_resnet20(runtime: str, options: RuntimeOptions, cache: Path):
     return {c.name: c.choice for c in result.choices}, {c.name: c.times_ms for c in result.choices}
 
 
+@torch.no_grad()
+def resnet20_plans_timed(runtime: str, options: RuntimeOptions, plans: dict) -> dict:
+    """The ResNet-20 of ``tune_resnet20`` deployed by each way's plan (``plans``: way → plan), the whole models timed
+    interleaved on ``runtime`` at each default batch: batch → median over rounds of t_alone / t_together (1: the
+    plans run equally fast, whatever layers they differ in)."""
+    import numpy as np
+
+    from lrexport.lowrank.rewrite import to_plain
+
+    torch.manual_seed(0)
+    model = decompose(lrexport.create_model("cifar_resnet20", num_classes=10).eval(), "channel")
+    prune(model, 0.2)
+    backend = get_runtime(runtime)
+    ratios = {}
+    for batch in DEFAULT_BATCHES:
+        x = np.random.default_rng(0).standard_normal((batch, *CIFAR_INPUT), dtype=np.float32)
+        calls = {}
+        for way, plan in plans.items():
+            plain = to_plain(model, CIFAR_INPUT, 8, plan)[0]
+            source = backend.timing_source(options.precision, None, lambda p=plain: p, (batch, *CIFAR_INPUT), f"{way}'s plan")
+            calls[way] = backend.open(source, backend.entry.resolve(options)).bind(x)
+        ratios[batch] = interleave_within(calls, 2000.0, 30, 200, warmup=10).ratio("alone", "together")
+    return ratios
+
+
 MODELS = {"resnet18": allocate_ranks, "resnet20": tune_resnet20}
 
 
@@ -151,6 +178,10 @@ def main(argv=None) -> None:
             row = {"model": name, "precision": precision, "seconds": seconds}
             if len(runs) == 2:
                 row |= compare(runs) | {"speedup": seconds["alone"] / seconds["together"]}
+                if name == "resnet20":
+                    row["whole_model_alone_over_together"] = resnet20_plans_timed(args.runtime, options, {w: r[0] for w, r in runs.items()})
+                    print(f"  the two plans' whole models, interleaved: t_alone / t_together "
+                          f"{', '.join(f'{r:.3f} at batch {b}' for b, r in row['whole_model_alone_over_together'].items())}", flush=True)
                 print(f"  {row['speedup']:.2f}x faster together; plans differ in {len(row['differ'])} of {row['layers']} layers "
                       f"{row['differ'] or ''}; candidate times differ by {100 * row['time_diff_median']:.1f}% median, "
                       f"{100 * row['time_diff_p90']:.1f}% p90; predicted ms in alone's / together's times: alone's plan "

@@ -3,6 +3,7 @@
 per-layer float fallback, candidates converted together and split, `lrexport infer` without torch, and a machine
 without LiteRT as one line."""
 
+import copy
 import json
 import os
 import subprocess
@@ -98,8 +99,12 @@ def test_infer_runs_the_tflite_where_torch_cannot_be_imported(exported, run, tmp
 def test_candidates_converted_together_equal_one_by_one():
     torch.manual_seed(0)
     pair = nn.Sequential(nn.Conv2d(16, 4, 3, padding=1, bias=False), nn.Conv2d(4, 16, 1)).eval()
-    modules = [nn.Conv2d(16, 16, 3, padding=1).eval(), pair, nn.Sequential(nn.Conv2d(8, 12, 3, stride=2), nn.ReLU()).eval()]
-    shapes = [(2, 16, 8, 8), (2, 16, 8, 8), (1, 8, 9, 9)]
+    # the last a copy of the pair: the converter stores their equal weights once, which must not join them
+    modules = [nn.Conv2d(16, 16, 3, padding=1).eval(), pair, nn.Sequential(nn.Conv2d(8, 12, 3, stride=2), nn.ReLU()).eval(),
+               copy.deepcopy(pair)]
+    shapes = [(2, 16, 8, 8), (2, 16, 8, 8), (1, 8, 9, 9), (2, 16, 8, 8)]
+    bundle = lt._convert(lt._bundle(modules), tuple(torch.zeros(*s) for s in shapes), False, "the bundle")
+    assert lt.split_components(bundle, len(modules)) is not None  # split, not converted one by one after a failed split
     together = lt.convert_many(modules, shapes)
     for module, shape, model in zip(modules, shapes, together):
         x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)

@@ -38,6 +38,7 @@ from . import RUNTIMES
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
 
 LAYOUT = "NHWC"  # the input layout of every model this module converts
+BUNDLE_SIZE = 64  # candidates converted together: bounds one conversion's memory (0.2 s a candidate at 16 and at 64)
 
 
 @functools.cache
@@ -213,16 +214,22 @@ def split_components(model: bytes, count: int) -> list[bytes] | None:
             t = parent[t]
         return t
 
-    for op in graph.operators:
-        ts = [t for t in [*op.inputs, *op.outputs] if t >= 0]
+    def constant(t: int) -> bool:
+        data = full.buffers[graph.tensors[t].buffer].data
+        return data is not None and len(data) > 0
+
+    # graphs join through the activations they pass: weights the converter stored once for several candidates
+    # (equal constants) do not join them, each part gets its copy
+    flowing = [[t for t in [*op.inputs, *op.outputs] if t >= 0 and not constant(t)] for op in graph.operators]
+    for ts in flowing:
         for t in ts[1:]:
             parent[root(t)] = root(ts[0])
     roots = [root(i) for i, _ in pairs]
-    if len(set(roots)) != count or any(root(o) != r for (_, o), r in zip(pairs, roots)):
+    if len(set(roots)) != count or any(root(o) != r for (_, o), r in zip(pairs, roots)) or not all(flowing):
         return None
     parts = []
     for (inp, out), r in zip(pairs, roots):
-        ops = [op for op in graph.operators if root(next(t for t in [*op.inputs, *op.outputs] if t >= 0)) == r]
+        ops = [op for op, ts in zip(graph.operators, flowing) if root(ts[0]) == r]
         used = sorted({inp, out} | {t for op in ops for t in [*op.inputs, *op.outputs] if t >= 0})
         index = {t: i for i, t in enumerate(used)}
         buffers, buffer_index = [schema.BufferT()], {}  # buffer 0: the empty one every tensor without data points to
@@ -375,11 +382,12 @@ class LiteRTBackend(Backend):
         """Runners of one-input modules of known input shape (tuning's candidates), converted together."""
         together = {k: s for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape}
         runners = {k: self.open(s, options) for k, s in sources.items() if k not in together}
-        if together:
-            int8 = options.precision == "int8"
-            shapes = [tuple(s.input_shape) for s in together.values()]
-            models = convert_many([s.torch() for s in together.values()], shapes, int8)
-            for (k, s), shape, model in zip(together.items(), shapes, models):
+        items = list(together.items())
+        for start in range(0, len(items), BUNDLE_SIZE):
+            chunk = items[start:start + BUNDLE_SIZE]
+            shapes = [tuple(s.input_shape) for _, s in chunk]
+            models = convert_many([s.torch() for _, s in chunk], shapes, options.precision == "int8")
+            for (k, s), shape, model in zip(chunk, shapes, models):
                 runners[k] = LiteRTRunner(options, models={shape[0]: model}, label=s.label)
         return runners
 
