@@ -1,5 +1,5 @@
 """Wall-clock speedup of exported low-rank ResNet-18s over the dense one, on CPU runtimes
-(onnxruntime, OpenVINO, PyTorch, ExecuTorch with XNNPACK).
+(onnxruntime, OpenVINO, PyTorch, ExecuTorch and LiteRT with XNNPACK).
 
 torchvision ResNet-18 at 224×224, every conv decomposed channel-wise and spatial-wise (``--modes``).
 Each layer gets a synthetic, exponentially decaying spectrum with its own decay rate,
@@ -10,8 +10,9 @@ upward to multiples of 8 or 16 at export ("aligned8", "aligned16": same model, m
 deployed), and ranks rounded to the nearest multiple of 16 or 32 at pruning time, as the
 recipe's prune step would do before finetuning ("pruned16", "pruned32": nothing to pad). With
 ``--precision int8``, every model is quantized (onnxruntime's static QDQ quantization,
-int8 weights per channel, uint8 activations; random calibration, as ranges do not change
-speed) and the fp32 dense model is timed beside them in the same rounds. With
+int8 weights per channel, uint8 activations, for the ONNX runtimes; the runtime's own PT2E
+quantizer for ExecuTorch and LiteRT; random calibration, as ranges do not change speed) and the
+fp32 dense model is timed beside them in the same rounds. With
 ``--tune``, "tuned@B" per runtime, mode and batch B: the energy-rule model deployed as
 ``lrexport export --runtime R --batch B`` plans it on that runtime (per-layer times, then
 the whole-model guard against the untuned and the all-dense plans); and, where "pruned16"
@@ -37,7 +38,7 @@ pruned to the rest of the target with ranks rounded to 16, as ``method = "channe
 does. Random weights, so the channels pruned are arbitrary; their count, which sets the speed,
 is what a trained model with the same target would get.
 
-    python benchmarks/deploy_efficiency.py [--runtime ort,openvino,executorch] [--modes channel] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency,fewest] [--tune] [--json out.json]
+    python benchmarks/deploy_efficiency.py [--runtime ort,openvino,executorch,litert] [--modes channel] [--precision int8] [--threads 2] [--repeats 60] [--variants exact,pruned16,latency,fewest] [--tune] [--json out.json]
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def allocation_line(a: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runtime", default="ort", help="comma-separated runtimes, e.g. ort,openvino,executorch,torch")
+    ap.add_argument("--runtime", default="ort", help="comma-separated runtimes, e.g. ort,openvino,executorch,litert,torch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                     help="int8: every model quantized (QDQ, per-channel), timed beside the fp32 dense model")
