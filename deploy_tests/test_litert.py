@@ -17,6 +17,7 @@ from torch import nn
 from lrexport.deploy.backends import RuntimeOptions
 from lrexport.deploy.backends import litert as lt
 from lrexport.deploy.backends.base import QuantConfig
+from lrexport.deploy.backends.pt2e import Bundle
 from lrexport.deploy.export import ExportConfig, export_run
 from lrexport.deploy.planning.tune import DENSE, TuneCache, layer_times, make_target, tune_layers_of
 from lrexport.deploy.runtime import Classifier
@@ -103,7 +104,7 @@ def test_candidates_converted_together_equal_one_by_one():
     modules = [nn.Conv2d(16, 16, 3, padding=1).eval(), pair, nn.Sequential(nn.Conv2d(8, 12, 3, stride=2), nn.ReLU()).eval(),
                copy.deepcopy(pair)]
     shapes = [(2, 16, 8, 8), (2, 16, 8, 8), (1, 8, 9, 9), (2, 16, 8, 8)]
-    bundle = lt._convert(lt._bundle(modules), tuple(torch.zeros(*s) for s in shapes), False, "the bundle")
+    bundle = lt._convert(Bundle(modules).eval(), tuple(torch.zeros(*s) for s in shapes), False, "the bundle")
     assert lt.split_components(bundle, len(modules)) is not None  # split, not converted one by one after a failed split
     together = lt.convert_many(modules, shapes)
     for module, shape, model in zip(modules, shapes, together):

@@ -35,7 +35,7 @@ from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from . import pt2e
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
-from .pt2e import calibrate, exported, layer_of
+from .pt2e import Bundle, calibrate, exported, layer_of
 
 
 @functools.cache
@@ -110,17 +110,6 @@ def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], m
 # hundreds of one-layer candidates are lowered together: one module holding them all, exported and lowered
 # once, each candidate's delegate then written as a program of its own.
 BUNDLE_SIZE = 64  # candidates per lowering: bounds one lowering's memory; the fixed cost is already spread thin
-
-
-class Bundle(nn.Module):
-    """Modules side by side: input i goes through module i; the outputs in a tuple."""
-
-    def __init__(self, modules):
-        super().__init__()
-        self.parts = nn.ModuleList(modules)
-
-    def forward(self, *xs):
-        return tuple(m(x) for m, x in zip(self.parts, xs))
 
 
 @functools.cache

@@ -155,30 +155,15 @@ def convert(module, batch: int, input_size, int8: bool = False, label: str = "th
     return _convert(module, (torch.zeros(batch, *input_size),), int8, label)
 
 
-def _bundle(modules):
-    """Modules side by side in one graph: input i → module i → output i."""
-    from torch import nn
-
-    class Bundle(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.parts = nn.ModuleList(modules)
-
-        def forward(self, *xs):
-            return tuple(m(x) for m, x in zip(self.parts, xs))
-
-    return Bundle().eval()
-
-
 def convert_many(modules: list, shapes: list[tuple], int8: bool = False) -> list[bytes]:
     """One .tflite per module (input shapes N, C, H, W in ``shapes``), converted together: one conversion of all of
     them as disjoint graphs (quantized together in int8, on random inputs), split per module. Where the split does
     not find the graphs apart, one conversion each."""
     import torch
 
-    from .pt2e import calibrate, exported
+    from .pt2e import Bundle, calibrate, exported
 
-    bundle, examples = _bundle(modules), tuple(torch.zeros(*s) for s in shapes)
+    bundle, examples = Bundle(modules).eval(), tuple(torch.zeros(*s) for s in shapes)
     if int8:
         prepared = require_converter().prepare(exported(bundle, *(s[1:] for s in shapes)), _quantizer())
         bundle = _convert_int8(calibrate(prepared, list(zip(*(random_batches(s) for s in shapes)))))

@@ -1,9 +1,10 @@
-"""PT2E int8 as the XNNPACK-based runtimes (ExecuTorch, LiteRT) take it: calibration, and each conv's own int8 error.
+"""What the XNNPACK-based runtimes (ExecuTorch, LiteRT) share: PT2E int8, and bundles of candidates.
 
-Both runtimes quantize a torch.export graph with a PT2E quantizer of their own (activations int8
-per tensor, weights int8 per output channel, symmetric); what they share is here: running the
-calibration images through the observed graph, measuring each conv's error from its observers'
-ranges, and leaving a conv whose error exceeds export's bound in float.
+Both quantize a torch.export graph with a PT2E quantizer of their own (activations int8 per
+tensor, weights int8 per output channel, symmetric); here: the export with a free batch
+dimension, running the calibration images through the observed graph, measuring each conv's
+error from its observers' ranges, and leaving a conv whose error exceeds export's bound in float.
+Both prepare tuning's one-layer candidates together, as one ``Bundle`` of disjoint graphs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from torch import fx, nn
 from ...lowrank.rewrite import node_values
 
 MAX_BATCH = 4096  # the batch dimension's bound while quantizing (the runtime's models are built per batch)
+
+
+class Bundle(nn.Module):
+    """Modules side by side: input i goes through module i; the outputs in a tuple."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, *xs):
+        return tuple(m(x) for m, x in zip(self.parts, xs))
 
 
 def exported(module: nn.Module, *input_sizes) -> fx.GraphModule:
