@@ -53,14 +53,14 @@ def test_openvino_fp16_records_what_the_cpu_compiled(net):
 
 def test_unknown_missing_and_unsupported_runtimes_are_one_line(net):
     _, source = net
-    with pytest.raises(UnknownRuntimeError, match="choose one of ort, openvino, torch, executorch, trt"):
+    with pytest.raises(UnknownRuntimeError, match="choose one of ort, openvino, torch, executorch, litert, trt"):
         get_runtime("tflite")
-    assert set(RUNTIMES) == {"ort", "openvino", "torch", "executorch", "trt"}
+    assert set(RUNTIMES) == {"ort", "openvino", "torch", "executorch", "litert", "trt"}
     with pytest.raises(RuntimeMissingError, match="int8"):
         open_runner("torch", source, RuntimeOptions(precision="int8"))
     with pytest.raises(RuntimeMissingError, match="CUDA"):
         open_runner("torch", source, RuntimeOptions(precision="fp16"))
-    for runtime in ("ort", "executorch"):
+    for runtime in ("ort", "executorch", "litert"):
         with pytest.raises(RuntimeMissingError, match="fp32 or int8"):
             open_runner(runtime, source, RuntimeOptions(precision="fp16"))
 
