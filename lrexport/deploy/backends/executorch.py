@@ -30,11 +30,11 @@ from torch import fx, nn
 
 from ...errors import LrexportError, RuntimeMissingError, first_line
 from ...io import muted
-from ..artifacts import FILES, MODELS
+from ..artifacts import FILES
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from . import pt2e
-from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
+from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
 from .pt2e import Bundle, calibrate, exported, layer_of
 
 
@@ -288,37 +288,15 @@ class ExecutorchBackend(Backend):
     def own_files(self, path: Path, meta: dict, model: str):
         return {int(b): path / f for b, f in (meta.get("pte") or {}).get(model, {}).items()} or None
 
-    @torch.no_grad()
     def build(self, ctx: BuildContext) -> None:
-        """Programs of both models at each deployment batch; in int8 quantized by XNNPACK's quantizer (per-layer
-        error fallback), the fp32 dense model's beside them. The fp32 programs must reproduce PyTorch on ``ctx.x``."""
-        modules = dict(ctx.plain)
-        evidence = None
-        if ctx.calibration is not None:
-            evidence = {"calibration": {"split": ctx.quant.split, "images": sum(len(b) for b in ctx.calibration)},
-                        "format": "XNNPACK int8 (PT2E): activations int8 per tensor, weights int8 per channel, symmetric",
-                        "runtime": self.name}
-            for m in MODELS:
-                modules[m], evidence[m] = quantize_checked(ctx.plain[m], ctx.input_size, ctx.calibration, ctx.quant.max_layer_error)
-            modules["dense_fp32"] = ctx.plain["dense"]
-        programs, checks = {}, []
-        for m, module in modules.items():
-            programs[m] = {b: lower(module, torch.zeros(b, *ctx.input_size), f"the {m} model") for b in ctx.batches}
-            out = ExecutorchRunner(ctx.options, programs=programs[m], label=f"the {m} model").run(ctx.x.numpy())
-            quantized = evidence is not None and m in MODELS
-            result = compare(f"{m}: executorch{' int8' if quantized else ''} vs original{' fp32' if quantized else ''}", out,
-                             ctx.originals[m if m in MODELS else "dense"](ctx.x).numpy())
-            if quantized:
-                evidence[m]["check"] = result.to_dict()
-            else:
-                checks.append(result)
-        fail_beyond(checks, ctx.tolerance, "the ExecuTorch programs do")
+        """Programs of both models at each deployment batch (``pt2e.build_per_batch``), in int8 quantized by XNNPACK's quantizer."""
+        programs = pt2e.build_per_batch(
+            ctx, self.name, "XNNPACK int8 (PT2E): activations int8 per tensor, weights int8 per channel, symmetric", quantize_checked,
+            lambda module, batch, _, label: lower(module, torch.zeros(batch, *ctx.input_size), label),
+            lambda files, label: ExecutorchRunner(ctx.options, programs=files, label=label), "the ExecuTorch programs do")
         ctx.files = {pte_file(m, b): blob for m, by_batch in programs.items() for b, blob in by_batch.items()}
         ctx.meta["pte"] = {m: {str(b): pte_file(m, b) for b in by_batch} for m, by_batch in programs.items()}
         ctx.versions["executorch"] = require().version
-        ctx.checks, ctx.quantization = checks, evidence
-        # its int8 lives in the programs: the ONNX graphs stay float, dense.onnx the fp32 reference
-        ctx.precision = ctx.options.precision
 
 
 BACKEND = ExecutorchBackend(RUNTIMES["executorch"])

@@ -32,10 +32,10 @@ import numpy as np
 
 from ...errors import LrexportError, RuntimeMissingError, first_line
 from ...io import muted
-from ..artifacts import FILES, MODELS
+from ..artifacts import FILES
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
-from .base import Backend, BuildContext, ModelSource, RuntimeOptions, compare, fail_beyond, random_batches, run_batched
+from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
 
 LAYOUT = "NHWC"  # the input layout of every model this module converts
 BUNDLE_SIZE = 64  # candidates converted together: bounds one conversion's memory (0.2 s a candidate at 16 and at 64)
@@ -388,35 +388,18 @@ class LiteRTBackend(Backend):
         return LiteRTRunner(RuntimeOptions(threads=threads, precision=meta.get("precision")), models=files, label=f"the {model} model of {path}")
 
     def build(self, ctx: BuildContext) -> None:
-        """.tflite models of both models at each deployment batch; in int8 quantized by litert-torch's quantizer
-        (per-layer error fallback), the fp32 dense model's beside them. The fp32 models must reproduce PyTorch on ``ctx.x``."""
-        modules, evidence = dict(ctx.plain), None
-        if ctx.calibration is not None:
-            evidence = {"calibration": {"split": ctx.quant.split, "images": sum(len(b) for b in ctx.calibration)},
-                        "format": "LiteRT int8 (PT2E, litert-torch's quantizer): activations int8 per tensor, weights int8 per channel, "
-                                  "symmetric; int8 input and output tensors",
-                        "runtime": self.name}
-            for m in MODELS:
-                modules[m], evidence[m] = quantize_checked(ctx.plain[m], ctx.input_size, ctx.calibration, ctx.quant.max_layer_error)
-            modules["dense_fp32"] = ctx.plain["dense"]
-        files, checks = {}, []
-        for m, module in modules.items():
-            quantized = evidence is not None and m in MODELS
-            files[m] = {b: convert(module, b, ctx.input_size, quantized, f"the {m} model") for b in ctx.batches}
-            out = LiteRTRunner(ctx.options, models=files[m], label=f"the {m} model").run(ctx.x.numpy())
-            result = compare(f"{m}: litert{' int8' if quantized else ''} vs original{' fp32' if quantized else ''}", out,
-                             ctx.originals[m if m in MODELS else "dense"](ctx.x).numpy())
-            if quantized:
-                evidence[m]["check"] = result.to_dict()
-            else:
-                checks.append(result)
-        fail_beyond(checks, ctx.tolerance, "the LiteRT models do")
+        """.tflite models of both models at each deployment batch (``pt2e.build_per_batch``), in int8 quantized by
+        litert-torch's quantizer."""
+        from .pt2e import build_per_batch
+
+        files = build_per_batch(
+            ctx, self.name, "LiteRT int8 (PT2E, litert-torch's quantizer): activations int8 per tensor, weights int8 per channel, "
+                            "symmetric; int8 input and output tensors", quantize_checked,
+            lambda module, batch, int8, label: convert(module, batch, ctx.input_size, int8, label),
+            lambda models, label: LiteRTRunner(ctx.options, models=models, label=label), "the LiteRT models do")
         ctx.files = {tflite_file(m, b): blob for m, by_batch in files.items() for b, blob in by_batch.items()}
         ctx.meta["litert"] = {"layout": LAYOUT, "files": {m: {str(b): tflite_file(m, b) for b in by_batch} for m, by_batch in files.items()}}
         ctx.versions.update({"litert-torch": require_converter().version, "ai-edge-litert": require_runtime().version})
-        ctx.checks, ctx.quantization = checks, evidence
-        # its int8 lives in the .tflite models: the ONNX graphs stay float, dense.onnx the fp32 reference
-        ctx.precision = ctx.options.precision
 
 
 BACKEND = LiteRTBackend(RUNTIMES["litert"])

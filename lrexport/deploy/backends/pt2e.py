@@ -111,3 +111,38 @@ def quantize_checked(prepare: Callable, convert: Callable, batches: list[np.ndar
         prepared = calibrate(prepare(keep_float), batches)
     return convert(prepared), {"max_layer_error": max_layer_error, "layer_errors": {n: round(e, 5) for n, e in errors.items()},
                                "float_layers": keep_float}
+
+
+@torch.no_grad()
+def build_per_batch(ctx, runtime: str, int8_format: str, quantize_checked: Callable, to_bytes: Callable, runner: Callable,
+                    what: str) -> dict[str, dict[int, bytes]]:
+    """Both models as a runtime's own files, one per deployment batch (model → batch → bytes); in int8 quantized by
+    ``quantize_checked`` (per-layer error fallback, its evidence into ``ctx.quantization``), the fp32 dense model's
+    files beside them. ``to_bytes(module, batch, int8, label)`` builds one file, ``runner(files, label)`` runs a
+    model's. The fp32 files must reproduce PyTorch on ``ctx.x`` (``what``: their subject and verb in the error);
+    the int8 ones' comparison goes into their evidence. The int8 lives in these files: the ONNX graphs stay
+    float, dense.onnx the fp32 reference."""
+    from ..artifacts import MODELS
+    from .base import compare, fail_beyond
+
+    modules, evidence = dict(ctx.plain), None
+    if ctx.calibration is not None:
+        evidence = {"calibration": {"split": ctx.quant.split, "images": sum(len(b) for b in ctx.calibration)},
+                    "format": int8_format, "runtime": runtime}
+        for m in MODELS:
+            modules[m], evidence[m] = quantize_checked(ctx.plain[m], ctx.input_size, ctx.calibration, ctx.quant.max_layer_error)
+        modules["dense_fp32"] = ctx.plain["dense"]
+    files, checks = {}, []
+    for m, module in modules.items():
+        quantized = evidence is not None and m in MODELS
+        files[m] = {b: to_bytes(module, b, quantized, f"the {m} model") for b in ctx.batches}
+        result = compare(f"{m}: {runtime}{' int8' if quantized else ''} vs original{' fp32' if quantized else ''}",
+                         runner(files[m], f"the {m} model").run(ctx.x.numpy()), ctx.originals[m if m in MODELS else "dense"](ctx.x).numpy())
+        if quantized:
+            evidence[m]["check"] = result.to_dict()
+        else:
+            checks.append(result)
+    fail_beyond(checks, ctx.tolerance, what)
+    ctx.checks, ctx.quantization, ctx.precision = checks, evidence, ctx.options.precision
+    return files
+
