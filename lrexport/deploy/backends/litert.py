@@ -178,7 +178,6 @@ def convert_many(modules: list, shapes: list[tuple], int8: bool = False) -> list
 def split_components(model: bytes, count: int) -> list[bytes] | None:
     """The ``count`` disjoint graphs of a converted bundle (input ``args_i`` → output ``output_i``), each as a model of
     its own (its operators, tensors and buffers only); None where the graphs are not disjoint as expected."""
-    from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
     full = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
@@ -191,6 +190,21 @@ def split_components(model: bytes, count: int) -> list[bytes] | None:
         pairs = [(ins[f"args_{i}"], outs[f"output_{i}"]) for i in range(count)]
     except KeyError:
         return None
+    components = _components(full, graph)
+    if components is None:
+        return None
+    root, flowing = components
+    roots = [root(i) for i, _ in pairs]
+    if len(set(roots)) != count or any(root(o) != r for (_, o), r in zip(pairs, roots)):
+        return None
+    return [_part(full, graph, [op for op, ts in zip(graph.operators, flowing) if root(ts[0]) == r], inp, out)
+            for (inp, out), r in zip(pairs, roots)]
+
+
+def _components(full, graph):
+    """The connected components of ``graph``'s operators: (tensor → its component's root, each operator's activation
+    tensors); None where an operator touches no activation. Graphs join through the activations they pass: weights
+    the converter stored once for several candidates (equal constants) do not join them."""
     parent = list(range(len(graph.tensors)))
 
     def root(t: int) -> int:
@@ -203,53 +217,49 @@ def split_components(model: bytes, count: int) -> list[bytes] | None:
         data = full.buffers[graph.tensors[t].buffer].data
         return data is not None and len(data) > 0
 
-    # graphs join through the activations they pass: weights the converter stored once for several candidates
-    # (equal constants) do not join them, each part gets its copy
     flowing = [[t for t in [*op.inputs, *op.outputs] if t >= 0 and not constant(t)] for op in graph.operators]
+    if not all(flowing):
+        return None
     for ts in flowing:
         for t in ts[1:]:
             parent[root(t)] = root(ts[0])
-    roots = [root(i) for i, _ in pairs]
-    if len(set(roots)) != count or any(root(o) != r for (_, o), r in zip(pairs, roots)) or not all(flowing):
-        return None
-    parts = []
-    for (inp, out), r in zip(pairs, roots):
-        ops = [op for op, ts in zip(graph.operators, flowing) if root(ts[0]) == r]
-        used = sorted({inp, out} | {t for op in ops for t in [*op.inputs, *op.outputs] if t >= 0})
-        index = {t: i for i, t in enumerate(used)}
-        buffers, buffer_index = [schema.BufferT()], {}  # buffer 0: the empty one every tensor without data points to
+    return root, flowing
 
-        def keep_buffer(b: int) -> int:
-            if b <= 0:
-                return 0
-            if b not in buffer_index:
-                buffer_index[b] = len(buffers)
-                buffers.append(full.buffers[b])
-            return buffer_index[b]
 
-        tensors = []
-        for t in used:
-            tensor = copy.copy(graph.tensors[t])
-            tensor.buffer = keep_buffer(tensor.buffer)
-            tensors.append(tensor)
-        operators = []
-        for op in ops:
-            op = copy.copy(op)
-            op.inputs = [index[t] if t >= 0 else t for t in op.inputs]
-            op.outputs = [index[t] for t in op.outputs]
-            operators.append(op)
-        sub = schema.SubGraphT()
-        sub.tensors, sub.operators, sub.inputs, sub.outputs, sub.name = tensors, operators, [index[inp]], [index[out]], graph.name
-        part = copy.copy(full)
-        part.subgraphs, part.signatureDefs = [sub], []
-        metadata = []
-        for md in full.metadata or []:
-            md = copy.copy(md)
-            md.buffer = keep_buffer(md.buffer)
-            metadata.append(md)
-        part.metadata, part.buffers = metadata, buffers
-        parts.append(bytes(flatbuffer_utils.convert_object_to_bytearray(part)))
-    return parts
+def _part(full, graph, ops, inp: int, out: int) -> bytes:
+    """A model of ``ops`` alone, input tensor ``inp``, output ``out``: the tensors and buffers they use, renumbered
+    (each part gets its copy of a buffer parts share)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    used = sorted({inp, out} | {t for op in ops for t in [*op.inputs, *op.outputs] if t >= 0})
+    index = {t: i for i, t in enumerate(used)}
+    buffers, buffer_index = [schema.BufferT()], {}  # buffer 0: the empty one every tensor without data points to
+
+    def keep_buffer(b: int) -> int:
+        if b > 0 and b not in buffer_index:
+            buffer_index[b] = len(buffers)
+            buffers.append(full.buffers[b])
+        return buffer_index.get(b, 0)
+
+    tensors = []
+    for t in used:
+        tensors.append(copy.copy(graph.tensors[t]))
+        tensors[-1].buffer = keep_buffer(tensors[-1].buffer)
+    operators = []
+    for op in ops:
+        operators.append(copy.copy(op))
+        operators[-1].inputs = [index[t] if t >= 0 else t for t in op.inputs]
+        operators[-1].outputs = [index[t] for t in op.outputs]
+    sub = schema.SubGraphT()
+    sub.tensors, sub.operators, sub.inputs, sub.outputs, sub.name = tensors, operators, [index[inp]], [index[out]], graph.name
+    metadata = []
+    for md in full.metadata or []:
+        metadata.append(copy.copy(md))
+        metadata[-1].buffer = keep_buffer(md.buffer)
+    part = copy.copy(full)
+    part.subgraphs, part.signatureDefs, part.metadata, part.buffers = [sub], [], metadata, buffers
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(part))
 
 
 def _name(name) -> str:
@@ -307,6 +317,7 @@ class LiteRTRunner:
     per batch (in int8 quantized first, on random inputs: ranges do not change a kernel's speed)."""
 
     clock = WALL
+    batch = None  # takes any batch: stored models split and pad it (``run``)
 
     def __init__(self, options: RuntimeOptions, models: dict[int, bytes | Path] | None = None, module=None,
                  label: str = "the model"):
