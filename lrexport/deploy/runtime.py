@@ -1,11 +1,11 @@
 """Torch-free inference on exported artifacts: numpy, Pillow and one runtime only.
 
 An artifact directory holds meta.json (input shape, normalisation, class names) beside
-model.onnx and the target runtime's own files; this module loads it, preprocesses image files the
-way validation did (resize the shorter side, center crop, scale to [0, 1], normalise) and returns
-top-k classes. It runs the model on the runtime the artifacts were exported for where that runtime
-serves its own files torch-free (``BackendEntry.serves``: LiteRT's .tflite), else the ONNX graph on
-onnxruntime. Nothing here may import torch: it is what runs on the edge device.
+the ONNX graphs and the target runtime's own files; this module loads it, preprocesses image files
+the way validation did (resize the shorter side, center crop, scale to [0, 1], normalise) and
+returns top-k classes. The model runs on the runtime the artifacts were exported for where its
+backend serves its own files torch-free (``BackendEntry.serves``), else the ONNX graph on the
+reference ONNX runtime. Nothing here may import torch: it is what runs on the edge device.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import numpy as np
 
 from ..errors import LrexportError
 from .artifacts import META_FILE
-from .backends import RUNTIMES, backend_of
+from .backends import ONNX_REFERENCE, RUNTIMES, backend_of
 from .backends.base import run_batched
-from .backends.ort import OrtRunner
 
 
 class ImageError(LrexportError):
@@ -99,19 +98,15 @@ class Classifier:
     def __init__(self, artifacts_dir: str | Path, threads: int | None = None, model: str = "lowrank"):
         self.meta = load_meta(artifacts_dir)
         runtime = RUNTIMES.get(self.meta.get("runtime"))
-        if runtime is not None and runtime.serves:
-            self.runner = backend_of(runtime.name).serve(Path(artifacts_dir), self.meta, model, threads)
-            self.batch = None  # its runner splits and pads to the batches it has
-        else:
-            self.runner = OrtRunner(Path(artifacts_dir) / self.meta["models"][model]["file"], threads)
-            self.batch = self.runner.batch
+        serving = runtime.name if runtime is not None and runtime.serves else ONNX_REFERENCE
+        self.runner = backend_of(serving).serve(Path(artifacts_dir), self.meta, model, threads)
         self.class_names = list(self.meta["class_names"])
 
     def predict(self, images: list[str | Path], top_k: int = 5) -> list[Prediction]:
         if top_k < 1:
             raise LrexportError(f"top-k must be ≥ 1; got {top_k}")
         x = np.stack([preprocess(p, self.meta) for p in images])
-        probs = softmax(run_batched(self.runner.run, x, self.batch))
+        probs = softmax(run_batched(self.runner.run, x, self.runner.batch))
         k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1)[:, :k]
         return [

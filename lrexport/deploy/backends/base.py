@@ -193,7 +193,8 @@ class Backend:
         return {key: self.open(source, options) for key, source in sources.items()}
 
     def serve(self, path: Path, meta: dict, model: str, threads: int | None) -> Runner:
-        """The torch-free runner ``lrexport infer`` classifies with, for a runtime whose entry ``serves`` its own files."""
+        """The torch-free runner ``lrexport infer`` classifies with (its ``batch``: the one its model takes, None: any):
+        for a runtime whose entry ``serves`` its own files, and for ONNX_REFERENCE, which serves the others' ONNX graphs."""
         raise NotImplementedError
 
     def artifact_source(self, path: Path, meta: dict, model: str) -> ModelSource:

@@ -99,5 +99,8 @@ class OrtBackend(OnnxBackend):
         # wall-clock timing through host copies on CUDA: what a caller of session.run gets
         return OrtRunner(source.onnx, options.cpu_threads, options.precision, tuple(providers) if options.device == "cuda" else (CPU,))
 
+    def serve(self, path: Path, meta: dict, model: str, threads: int | None) -> OrtRunner:
+        return OrtRunner(path / meta["models"][model]["file"], threads)
+
 
 BACKEND = OrtBackend(RUNTIMES["ort"])
