@@ -193,6 +193,20 @@ def test_candidates_lowered_together_run_as_each_lowered_alone(precision):
         assert relative_error(torch.from_numpy(out), reference) < (1e-5 if precision == "fp32" else 0.1)
 
 
+def test_candidates_lowered_by_workers_are_the_programs_lowered_here(monkeypatch):
+    """More candidates than one bundle holds: the bundles are lowered by worker processes, into the very programs
+    lowering them here gives."""
+    from lrexport.deploy.backends import open_runners
+    from lrexport.deploy.backends.workers import deal
+
+    monkeypatch.setattr(et, "BUNDLE_SIZE", 2)
+    sources = candidate_sources("fp32", (DENSE, 4, 8, "context-in"))
+    runners = open_runners("executorch", sources, ONE_THREAD)
+    for chunk in deal(list(sources), 2):
+        here = et.lower_bundle([sources[k].torch() for k in chunk], [sources[k].input_shape for k in chunk], False)
+        assert [runners[k].programs[2] for k in chunk] == here
+
+
 class Cumulative(nn.Module):
     """A conv and an op XNNPACK does not take (ExecuTorch's portable kernels run it)."""
 

@@ -122,6 +122,22 @@ def test_candidates_converted_together_equal_one_by_one():
             assert relative_error(torch.from_numpy(part.run(x)), module(torch.from_numpy(x))) < 0.05
 
 
+def test_candidates_converted_by_workers_are_the_models_converted_here(monkeypatch):
+    """More candidates than one bundle holds: the bundles are converted by worker processes, into the very models
+    converting them here gives."""
+    from lrexport.deploy.backends import open_runners
+    from lrexport.deploy.backends.workers import deal
+    from lrexport.deploy.planning.tune import LayerShape, layer_source
+
+    monkeypatch.setattr(lt, "BUNDLE_SIZE", 2)
+    shape = LayerShape("channel", 16, 16, 3, 3, (1, 1), (1, 1), (1, 1), (8, 8))
+    sources = {c: layer_source(shape, c, 2, "litert", "int8") for c in (DENSE, 4, 8, "context-in")}
+    runners = open_runners("litert", sources, RuntimeOptions(threads=1, precision="int8"))
+    for chunk in deal(list(sources), 2):
+        here = lt.convert_many([sources[k].torch() for k in chunk], [sources[k].input_shape for k in chunk], int8=True)
+        assert [runners[k].models[2] for k in chunk] == here
+
+
 def test_a_bundle_whose_graphs_join_is_not_split():
     class Joined(nn.Module):
         def forward(self, a, b):

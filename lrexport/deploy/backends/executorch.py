@@ -36,6 +36,7 @@ from . import RUNTIMES
 from . import pt2e
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
 from .pt2e import Bundle, calibrate, exported, layer_of
+from .workers import deal, run_all
 
 
 @functools.cache
@@ -107,8 +108,9 @@ def quantize_checked(module: nn.Module, input_size, batches: list[np.ndarray], m
 
 # -- many programs at once (tuning) --------------------------------------------------------------
 # Lowering has a large fixed cost per call (about 1 s here, mostly torch's decompositions), so tuning's
-# hundreds of one-layer candidates are lowered together: one module holding them all, exported and lowered
-# once, each candidate's delegate then written as a program of its own.
+# hundreds of one-layer candidates are lowered together: one module holding many, exported and lowered
+# once, each candidate's delegate then written as a program of its own. What remains is per candidate (XNNPACK
+# runs its graph passes on each delegate) and single-threaded: the bundles are lowered by one worker per core.
 BUNDLE_SIZE = 64  # candidates per lowering: bounds one lowering's memory; the fixed cost is already spread thin
 
 
@@ -183,6 +185,17 @@ def lower_many(module: nn.Module, examples: list[torch.Tensor]) -> list[bytes] |
             return None
         lowered.append(getattr(graph, call.args[0].target))
     return [part.buffer() for part in lowered]
+
+
+def lower_bundle(modules: list[nn.Module], shapes: list[tuple], int8: bool) -> list[bytes] | None:
+    """The program of each of ``modules`` (in int8 quantized first) for inputs of ``shapes``, lowered together
+    (``lower_many``); None where they do not lower so, or fail to (each module alone then says what is wrong)."""
+    try:
+        with torch.no_grad():
+            bundle = quantize_many(modules, [s[1:] for s in shapes]) if int8 else Bundle(modules).eval()
+            return lower_many(bundle, [torch.zeros(s) for s in shapes])
+    except Exception:  # noqa: BLE001 — export and lowering raise many types of their own
+        return None
 
 
 # -- the runner --------------------------------------------------------------------------------------
@@ -262,28 +275,17 @@ class ExecutorchBackend(Backend):
         return ExecutorchRunner(options, module=source.torch(), label=source.label)
 
     def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
-        """Sources with a module and one input shape lowered in bundles (``lower_many``), in int8 quantized as a
-        bundle first; the others, and a bundle that does not lower to one delegate per module, one by one."""
+        """Sources with a module and one input shape lowered in bundles (``lower_bundle``) by worker processes; the
+        others, and a bundle that does not lower to one delegate per module, one by one."""
         together = [k for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape is not None]
+        chunks = deal(together, BUNDLE_SIZE)
+        jobs = [([sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], options.precision == "int8")
+                for chunk in chunks]
         runners = {}
-        for start in range(0, len(together), BUNDLE_SIZE):
-            runners |= self._open_bundle({k: sources[k] for k in together[start:start + BUNDLE_SIZE]}, options)
+        for chunk, (_, shapes, _), programs in zip(chunks, jobs, run_all(lower_bundle, jobs)):
+            for k, shape, program in zip(chunk, shapes, programs or ()):
+                runners[k] = ExecutorchRunner(options, programs={shape[0]: program}, label=sources[k].label)
         return {k: runners[k] if k in runners else self.open(s, options) for k, s in sources.items()}
-
-    def _open_bundle(self, sources: dict, options: RuntimeOptions) -> dict:
-        """Runners of ``sources`` from one lowering; {} where ``lower_many`` gives none."""
-        shapes = [tuple(s.input_shape) for s in sources.values()]
-        modules = [s.torch() for s in sources.values()]
-        try:
-            with torch.no_grad():
-                bundle = quantize_many(modules, [s[1:] for s in shapes]) if options.precision == "int8" else Bundle(modules).eval()
-                programs = lower_many(bundle, [torch.zeros(s) for s in shapes])
-        except Exception:  # noqa: BLE001 — any failure: each source alone then says what is wrong with it
-            return {}
-        if programs is None:
-            return {}
-        return {k: ExecutorchRunner(options, programs={shape[0]: p}, label=source.label)
-                for (k, source), shape, p in zip(sources.items(), shapes, programs)}
 
     def own_files(self, path: Path, meta: dict, model: str):
         return {int(b): path / f for b, f in (meta.get("pte") or {}).get(model, {}).items()} or None

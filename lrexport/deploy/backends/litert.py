@@ -14,7 +14,8 @@ XNNPACK by default: this module imports torch only to convert, so ``lrexport inf
 device without torch.
 
 Tuning converts many one-layer candidates, and the converter's cost is mostly fixed per call: ``open_many``
-converts them as one model of disjoint graphs and splits its flatbuffer into one model per candidate.
+converts them as one model of disjoint graphs and splits its flatbuffer into one model per candidate, the
+bundles converted by one worker process per core.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..artifacts import FILES
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
+from .workers import deal, run_all
 
 LAYOUT = "NHWC"  # the input layout of every model this module converts
 BUNDLE_SIZE = 64  # candidates converted together: bounds one conversion's memory (0.2 s a candidate at 16 and at 64)
@@ -375,14 +377,13 @@ class LiteRTBackend(Backend):
         return LiteRTRunner(options, module=source.torch(), label=source.label)
 
     def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
-        """Runners of one-input modules of known input shape (tuning's candidates), converted together."""
+        """Runners of one-input modules of known input shape (tuning's candidates), converted together
+        (``convert_many``) by worker processes."""
         together = {k: s for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape}
         runners = {k: self.open(s, options) for k, s in sources.items() if k not in together}
-        items = list(together.items())
-        for start in range(0, len(items), BUNDLE_SIZE):
-            chunk = items[start:start + BUNDLE_SIZE]
-            shapes = [tuple(s.input_shape) for _, s in chunk]
-            models = convert_many([s.torch() for _, s in chunk], shapes, options.precision == "int8")
+        chunks = deal(list(together.items()), BUNDLE_SIZE)
+        jobs = [([s.torch() for _, s in chunk], [tuple(s.input_shape) for _, s in chunk], options.precision == "int8") for chunk in chunks]
+        for chunk, (_, shapes, _), models in zip(chunks, jobs, run_all(convert_many, jobs)):
             for (k, s), shape, model in zip(chunk, shapes, models):
                 runners[k] = LiteRTRunner(options, models={shape[0]: model}, label=s.label)
         return runners

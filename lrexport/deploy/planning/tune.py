@@ -361,17 +361,20 @@ def open_candidates(jobs, target: Target, cache: "TuneCache", progress: Progress
     """Runners of every candidate (and context) of ``jobs`` (per layer: its shape and candidates) not in ``cache``,
     at each of the target's batches, opened together (``open_runners``: a runtime with a large fixed cost per
     model prepares them at once); batch → (shape key, candidate) → runner. A shape shared by layers is opened once."""
-    runners = {}
+    sources = {}
     for b in target.batches:
-        sources = {}
         for shape, cands in jobs:
             for cand in [*cands, *contexts(shape)]:
-                key = (shape.key(), cand)
+                key = (b, shape.key(), cand)
                 if key not in sources and cache.get(target, b, shape, cand) is None:
                     sources[key] = layer_source(shape, cand, b, target.runtime, target.options.precision)
-        if sources:
-            progress(Message(f"  tune: preparing {len(sources)} candidates on {target.runtime} at batch {b}"))
-            runners[b] = open_runners(target.runtime, sources, target.options)
+    if not sources:
+        return {}
+    progress(Message(f"  tune: preparing {len(sources)} candidates on {target.runtime} at batches "
+                     f"{', '.join(str(b) for b in target.batches)}"))
+    runners = {}
+    for (b, *key), runner in open_runners(target.runtime, sources, target.options).items():
+        runners.setdefault(b, {})[tuple(key)] = runner
     return runners
 
 

@@ -1,0 +1,130 @@
+"""Preparing many models on every core: tuning's candidates lowered (ExecuTorch) or converted (LiteRT) by worker
+processes.
+
+Both converters spend most of their time in single-threaded Python (graph passes), and tuning prepares all of its
+candidates before it times any, so N workers on N cores prepare them about N times as fast; nothing is timed
+while they run. A worker is a fresh interpreter (``python -m lrexport.deploy.backends.workers``): a fork of a
+process whose torch thread pools have run can hang, and multiprocessing's spawn re-runs the caller's script,
+which a user's script without a ``__main__`` guard does not survive.
+
+The protocol: the worker reads (function, arguments) pickles from its stdin and writes ("ok", result) or
+("error", None) pickles to a pipe of its own (native code prints on stdout); each pickle is preceded by its
+length. The parent is the only writer of what either side unpickles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from typing import Callable
+
+_LENGTH = struct.Struct("<Q")
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def deal(items: list, most: int, workers: int | None = None) -> list[list]:
+    """``items`` dealt round robin into chunks of at most ``most``; where they need several, as many as keeps every
+    worker busy to the end (a multiple of ``workers``, default one per core). What fits one chunk stays one: a
+    worker's start (imports, about 5 s) costs more than it saves there."""
+    count = -(-len(items) // most)
+    if count > 1:
+        workers = workers or cores()
+        count = -(-count // workers) * workers
+    return [items[i::count] for i in range(count)]
+
+
+def _send(stream, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        raise EOFError("the worker closed its pipe")
+    size = _LENGTH.unpack(head)[0]
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the worker closed its pipe")
+    return pickle.loads(data)
+
+
+def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None) -> list:
+    """``[fn(*job) for job in jobs]``, computed by up to ``workers`` worker processes (default: one per core) where
+    there are several jobs and cores. ``fn`` must be importable by name (a module-level function), its arguments
+    and results picklable. A job its worker did not finish (it raised, or the worker died) runs here afterwards,
+    so that what goes wrong is raised here as it would be without workers."""
+    workers = min(len(jobs), workers or cores())
+    if workers < 2:
+        return [fn(*job) for job in jobs]
+    results: list = [None] * len(jobs)
+    done = [False] * len(jobs)
+    pending = iter(range(len(jobs)))
+    lock = threading.Lock()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one worker per core
+
+    def serve() -> None:
+        read, write = os.pipe()
+        try:
+            # quiet: what goes wrong in a worker is raised here, where its job runs again
+            worker = subprocess.Popen([sys.executable, "-m", __name__, str(write)], stdin=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, pass_fds=(write,), env=env)
+        except OSError:
+            os.close(read)
+            return  # no worker: its jobs run here
+        finally:
+            os.close(write)
+        with os.fdopen(read, "rb") as answers:
+            try:
+                while True:
+                    with lock:
+                        i = next(pending, None)
+                    if i is None:
+                        break
+                    _send(worker.stdin, (fn, jobs[i]))
+                    status, value = _receive(answers)
+                    if status == "ok":
+                        results[i], done[i] = value, True
+            except (EOFError, BrokenPipeError, OSError):
+                pass  # the worker died: what it left runs here
+            finally:
+                try:
+                    worker.stdin.close()
+                except OSError:
+                    pass
+                worker.wait()
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [value if ok else fn(*job) for value, ok, job in zip(results, done, jobs)]
+
+
+def _work(answer_fd: int) -> None:
+    """A worker's loop: each job from stdin, its answer to ``answer_fd``."""
+    answers = os.fdopen(answer_fd, "wb")
+    os.dup2(2, 1)  # what native code prints on stdout goes where stderr goes (nowhere)
+    while True:
+        try:
+            fn, args = _receive(sys.stdin.buffer)
+        except EOFError:
+            return
+        try:
+            answer = ("ok", fn(*args))
+        except Exception:  # noqa: BLE001 — the parent runs the job again itself, and raises there
+            answer = ("error", None)
+        _send(answers, answer)
+
+if __name__ == "__main__":
+    _work(int(sys.argv[1]))
