@@ -78,7 +78,7 @@ def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None) -> list
             # quiet: what goes wrong in a worker is raised here, where its job runs again
             worker = subprocess.Popen([sys.executable, "-m", __name__, str(write)], stdin=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, pass_fds=(write,), env=env)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: no pass_fds (Windows)
             os.close(read)
             return  # no worker: its jobs run here
         finally:
