@@ -70,7 +70,8 @@ def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None) -> list
     done = [False] * len(jobs)
     pending = iter(range(len(jobs)))
     lock = threading.Lock()
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one worker per core
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",  # one worker per core
+                        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules this process imports
 
     def serve() -> None:
         read, write = os.pipe()
@@ -125,6 +126,7 @@ def _work(answer_fd: int) -> None:
         except Exception:  # noqa: BLE001 — the parent runs the job again itself, and raises there
             answer = ("error", None)
         _send(answers, answer)
+
 
 if __name__ == "__main__":
     _work(int(sys.argv[1]))
