@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lrexport.deploy.backends.workers import deal, run_all
+from lrexport.deploy.backends.workers import deal, run_all, run_in_chunks
 
 
 @pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 129, 300])
@@ -20,7 +20,9 @@ def test_deal_gives_each_item_once_in_chunks_that_keep_the_workers_busy(count):
 
 
 def test_jobs_run_in_other_processes_and_come_back_in_order():
-    assert run_all(pow, [(2, i) for i in range(6)], workers=2) == [2 ** i for i in range(6)]
+    finished = []
+    assert run_all(pow, [(2, i) for i in range(6)], workers=2, done=finished.append) == [2 ** i for i in range(6)]
+    assert sorted(finished) == list(range(6))  # each job reported once, as it finished
     pids = run_all(os.getpid, [()] * 4, workers=2)
     assert os.getpid() not in pids and 1 <= len(set(pids)) <= 2
 
@@ -40,3 +42,12 @@ def test_a_job_that_ends_its_worker_runs_again_here():
     with pytest.raises(SystemExit) as ended:
         run_all(sys.exit, [(3,), (4,)], workers=2)
     assert ended.value.code in (3, 4)
+
+
+def test_chunks_report_progress_as_they_finish():
+    events = []
+    out = run_in_chunks(sum, list(range(10)), 3, lambda chunk: (chunk,), progress=events.append)
+    assert sorted(i for chunk, _ in out for i in chunk) == list(range(10))
+    assert all(total == sum(chunk) for chunk, total in out)
+    counts = sorted(int(e.text.split()[1]) for e in events)
+    assert len(events) == len(out) and counts[-1] == 10

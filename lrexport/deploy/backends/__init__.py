@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from importlib import import_module
 
 from ...errors import LrexportError, RuntimeMissingError
+from ...progress import Progress, quiet
 from .base import Backend, ModelSource, Runner, RuntimeOptions, run_batched
 
 __all__ = ["RUNTIMES", "DEFAULT_RUNTIME", "BackendEntry", "Backend", "ModelSource", "Runner", "RuntimeOptions", "UnknownRuntimeError",
@@ -155,10 +156,10 @@ def open_runner(runtime: str, source: ModelSource, options: RuntimeOptions | Non
     return backend.open(source, backend.entry.resolve(options or RuntimeOptions()))
 
 
-def open_runners(runtime: str, sources: dict, options: RuntimeOptions | None = None) -> dict:
+def open_runners(runtime: str, sources: dict, options: RuntimeOptions | None = None, progress: Progress = quiet) -> dict:
     """Runners of ``sources`` (key → ModelSource) by the same keys, prepared together where the runtime can."""
     backend = get_runtime(runtime)
-    return backend.open_many(sources, backend.entry.resolve(options or RuntimeOptions()))
+    return backend.open_many(sources, backend.entry.resolve(options or RuntimeOptions()), progress)
 
 
 def reference_runner(onnx: bytes, precision: str = "fp32") -> Runner:

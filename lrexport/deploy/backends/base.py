@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ...errors import LrexportError
+from ...progress import Progress, quiet
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,12 @@ class Backend:
         """A runner of ``source`` (``options`` resolved: device and precision set, checked)."""
         raise NotImplementedError
 
-    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+    def open_many(self, sources: dict, options: RuntimeOptions, progress: Progress = quiet) -> dict:
         """Runners of many ``sources`` (key → ModelSource) at once, by the same keys (``options`` resolved).
 
-        The default opens them one by one; a runtime whose per-model preparation has a large fixed cost
-        (one lowering or conversion each) overrides it to prepare them together (tuning opens hundreds)."""
+        The default opens them one by one (each prepared as it is first run); a runtime whose per-model
+        preparation has a large fixed cost (one lowering or conversion each) overrides it to prepare them
+        together (tuning opens hundreds), saying how far it is on ``progress``."""
         return {key: self.open(source, options) for key, source in sources.items()}
 
     def serve(self, path: Path, meta: dict, model: str, threads: int | None) -> Runner:

@@ -30,13 +30,14 @@ from torch import fx, nn
 
 from ...errors import LrexportError, RuntimeMissingError, first_line
 from ...io import muted
+from ...progress import Progress, quiet
 from ..artifacts import FILES
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from . import pt2e
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
 from .pt2e import Bundle, calibrate, exported, layer_of
-from .workers import deal, run_all
+from .workers import run_in_chunks
 
 
 @functools.cache
@@ -274,17 +275,16 @@ class ExecutorchBackend(Backend):
             raise LrexportError(f"{source.label} has no ExecuTorch program; export it with --runtime executorch")
         return ExecutorchRunner(options, module=source.torch(), label=source.label)
 
-    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+    def open_many(self, sources: dict, options: RuntimeOptions, progress: Progress = quiet) -> dict:
         """Sources with a module and one input shape lowered in bundles (``lower_bundle``) by worker processes; the
         others, and a bundle that does not lower to one delegate per module, one by one."""
         together = [k for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape is not None]
-        chunks = deal(together, BUNDLE_SIZE)
-        jobs = [([sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], options.precision == "int8")
-                for chunk in chunks]
+        int8 = options.precision == "int8"
         runners = {}
-        for chunk, (_, shapes, _), programs in zip(chunks, jobs, run_all(lower_bundle, jobs)):
-            for k, shape, program in zip(chunk, shapes, programs or ()):
-                runners[k] = ExecutorchRunner(options, programs={shape[0]: program}, label=sources[k].label)
+        for chunk, programs in run_in_chunks(lower_bundle, together, BUNDLE_SIZE, lambda chunk: (
+                [sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], int8), progress):
+            for k, program in zip(chunk, programs or ()):
+                runners[k] = ExecutorchRunner(options, programs={sources[k].input_shape[0]: program}, label=sources[k].label)
         return {k: runners[k] if k in runners else self.open(s, options) for k, s in sources.items()}
 
     def own_files(self, path: Path, meta: dict, model: str):

@@ -33,11 +33,12 @@ import numpy as np
 
 from ...errors import LrexportError, RuntimeMissingError, first_line
 from ...io import muted
+from ...progress import Progress, quiet
 from ..artifacts import FILES
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
-from .workers import deal, run_all
+from .workers import run_in_chunks
 
 LAYOUT = "NHWC"  # the input layout of every model this module converts
 BUNDLE_SIZE = 64  # candidates converted together: bounds one conversion's memory (0.2 s a candidate at 16 and at 64)
@@ -376,16 +377,16 @@ class LiteRTBackend(Backend):
             raise LrexportError(f"{source.label} has no LiteRT model; export it with --runtime litert")
         return LiteRTRunner(options, module=source.torch(), label=source.label)
 
-    def open_many(self, sources: dict, options: RuntimeOptions) -> dict:
+    def open_many(self, sources: dict, options: RuntimeOptions, progress: Progress = quiet) -> dict:
         """Runners of one-input modules of known input shape (tuning's candidates), converted together
         (``convert_many``) by worker processes."""
         together = {k: s for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape}
+        int8 = options.precision == "int8"
         runners = {k: self.open(s, options) for k, s in sources.items() if k not in together}
-        chunks = deal(list(together.items()), BUNDLE_SIZE)
-        jobs = [([s.torch() for _, s in chunk], [tuple(s.input_shape) for _, s in chunk], options.precision == "int8") for chunk in chunks]
-        for chunk, (_, shapes, _), models in zip(chunks, jobs, run_all(convert_many, jobs)):
-            for (k, s), shape, model in zip(chunk, shapes, models):
-                runners[k] = LiteRTRunner(options, models={shape[0]: model}, label=s.label)
+        for chunk, models in run_in_chunks(convert_many, list(together), BUNDLE_SIZE, lambda chunk: (
+                [sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], int8), progress):
+            for k, model in zip(chunk, models):
+                runners[k] = LiteRTRunner(options, models={sources[k].input_shape[0]: model}, label=sources[k].label)
         return runners
 
     def own_files(self, path: Path, meta: dict, model: str):

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable
+
+from ...progress import Message, Progress, quiet
 
 _LENGTH = struct.Struct("<Q")
 
@@ -41,6 +45,20 @@ def deal(items: list, most: int, workers: int | None = None) -> list[list]:
     return [items[i::count] for i in range(count)]
 
 
+def run_in_chunks(fn: Callable, items: list, most: int, job_of: Callable[[list], tuple], progress: Progress = quiet) -> list[tuple]:
+    """(chunk, ``fn(*job_of(chunk))``) for each chunk of ``items`` (``deal``), the chunks run by the workers
+    (``run_all``); a progress line as each is finished."""
+    chunks = deal(items, most)
+    start, count = time.perf_counter(), 0
+
+    def done(i: int) -> None:
+        nonlocal count
+        count += len(chunks[i])
+        progress(Message(f"    prepared {count} of {len(items)} ({time.perf_counter() - start:.0f} s)"))
+
+    return list(zip(chunks, run_all(fn, [job_of(chunk) for chunk in chunks], done=done if len(chunks) > 1 else None)))
+
+
 def _send(stream, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_LENGTH.pack(len(data)) + data)
@@ -58,58 +76,82 @@ def _receive(stream):
     return pickle.loads(data)
 
 
-def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None) -> list:
+def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None, done: Callable[[int], None] | None = None) -> list:
     """``[fn(*job) for job in jobs]``, computed by up to ``workers`` worker processes (default: one per core) where
     there are several jobs and cores. ``fn`` must be importable by name (a module-level function), its arguments
     and results picklable. A job its worker did not finish (it raised, or the worker died) runs here afterwards,
-    so that what goes wrong is raised here as it would be without workers."""
+    so that what goes wrong is raised here as it would be without workers. ``done(i)``, in this thread, as job i
+    is finished (progress)."""
+    done = done or (lambda i: None)
     workers = min(len(jobs), workers or cores())
-    if workers < 2:
-        return [fn(*job) for job in jobs]
-    results: list = [None] * len(jobs)
-    done = [False] * len(jobs)
-    pending = iter(range(len(jobs)))
-    lock = threading.Lock()
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",  # one worker per core
-                        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules this process imports
+    shared = _Shared(fn, jobs)
+    if workers > 1:
+        for _ in range(workers):
+            threading.Thread(target=shared.feed_a_worker, daemon=True).start()
+        running = workers
+        while running:
+            i = shared.finished.get()
+            if i is None:
+                running -= 1
+            else:
+                done(i)
+    for i, job in enumerate(jobs):
+        if not shared.ok[i]:
+            shared.results[i] = fn(*job)
+            done(i)
+    return shared.results
 
-    def serve() -> None:
+
+class _Shared:
+    """One ``run_all``'s jobs and results, shared by the threads that each feed one worker process."""
+
+    def __init__(self, fn: Callable, jobs: list[tuple]):
+        self.fn, self.jobs = fn, jobs
+        self.results: list = [None] * len(jobs)
+        self.ok = [False] * len(jobs)  # computed by a worker
+        self.finished: queue.Queue = queue.Queue()  # job indices as workers finish them; None as a thread ends
+        self._pending, self._lock = iter(range(len(jobs))), threading.Lock()
+
+    def _next(self) -> int | None:
+        with self._lock:
+            return next(self._pending, None)
+
+    def feed_a_worker(self) -> None:
+        """Start a worker and give it jobs until none are left or it dies (what it left runs in the parent)."""
+        try:
+            self._feed()
+        finally:
+            self.finished.put(None)
+
+    def _feed(self) -> None:
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",  # one worker per core
+                            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules this process imports
         read, write = os.pipe()
         try:
-            # quiet: what goes wrong in a worker is raised here, where its job runs again
+            # quiet: what goes wrong in a worker is raised in the parent, where its job runs again
             worker = subprocess.Popen([sys.executable, "-m", __name__, str(write)], stdin=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, pass_fds=(write,), env=env)
         except (OSError, ValueError):  # ValueError: no pass_fds (Windows)
             os.close(read)
-            return  # no worker: its jobs run here
+            return
         finally:
             os.close(write)
         with os.fdopen(read, "rb") as answers:
             try:
-                while True:
-                    with lock:
-                        i = next(pending, None)
-                    if i is None:
-                        break
-                    _send(worker.stdin, (fn, jobs[i]))
+                while (i := self._next()) is not None:
+                    _send(worker.stdin, (self.fn, self.jobs[i]))
                     status, value = _receive(answers)
                     if status == "ok":
-                        results[i], done[i] = value, True
-            except (EOFError, BrokenPipeError, OSError):
-                pass  # the worker died: what it left runs here
+                        self.results[i], self.ok[i] = value, True
+                        self.finished.put(i)
+            except (EOFError, OSError):  # the worker died (BrokenPipeError is an OSError)
+                pass
             finally:
                 try:
                     worker.stdin.close()
                 except OSError:
                     pass
                 worker.wait()
-
-    threads = [threading.Thread(target=serve, daemon=True) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [value if ok else fn(*job) for value, ok, job in zip(results, done, jobs)]
 
 
 def _work(answer_fd: int) -> None:

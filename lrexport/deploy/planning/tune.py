@@ -373,7 +373,7 @@ def open_candidates(jobs, target: Target, cache: "TuneCache", progress: Progress
     progress(Message(f"  tune: preparing {len(sources)} candidates on {target.runtime} at batches "
                      f"{', '.join(str(b) for b in target.batches)}"))
     runners = {}
-    for (b, *key), runner in open_runners(target.runtime, sources, target.options).items():
+    for (b, *key), runner in open_runners(target.runtime, sources, target.options, progress).items():
         runners.setdefault(b, {})[tuple(key)] = runner
     return runners
 
