@@ -27,20 +27,27 @@ from typing import Callable
 from ...progress import Message, Progress, quiet
 
 _LENGTH = struct.Struct("<Q")
+WORKER_MEMORY = 2 << 30  # a worker preparing a bundle of ResNet-18 candidates (int8) peaked at 1.2–1.6 GB
 
 
-def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def available_workers() -> int:
+    """One worker per core this process may run on, as many as the free memory holds (Linux: MemAvailable)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return cores
+    return max(1, min(cores, free // WORKER_MEMORY))
 
 
 def deal(items: list, most: int, workers: int | None = None) -> list[list]:
     """``items`` dealt round robin into chunks of at most ``most``; where they need several, as many as keeps every
-    worker busy to the end (a multiple of ``workers``, default one per core). What fits one chunk stays one: a
-    worker's start (imports, about 5 s) costs more than it saves there."""
+    worker busy to the end (a multiple of ``workers``, default ``available_workers``). What fits one chunk stays
+    one: a worker's start (imports, about 5 s) costs more than it saves there."""
     count = -(-len(items) // most)
     if count > 1:
-        workers = workers or cores()
+        workers = workers or available_workers()
         count = -(-count // workers) * workers
     return [items[i::count] for i in range(count)]
 
@@ -77,13 +84,13 @@ def _receive(stream):
 
 
 def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None, done: Callable[[int], None] | None = None) -> list:
-    """``[fn(*job) for job in jobs]``, computed by up to ``workers`` worker processes (default: one per core) where
+    """``[fn(*job) for job in jobs]``, computed by up to ``workers`` worker processes (default: ``available_workers``) where
     there are several jobs and cores. ``fn`` must be importable by name (a module-level function), its arguments
     and results picklable. A job its worker did not finish (it raised, or the worker died) runs here afterwards,
     so that what goes wrong is raised here as it would be without workers. ``done(i)``, in this thread, as job i
     is finished (progress)."""
     done = done or (lambda i: None)
-    workers = min(len(jobs), workers or cores())
+    workers = min(len(jobs), workers or available_workers())
     shared = _Shared(fn, jobs)
     if workers > 1:
         for _ in range(workers):
