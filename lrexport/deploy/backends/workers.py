@@ -84,11 +84,11 @@ def _receive(stream):
 
 
 def run_all(fn: Callable, jobs: list[tuple], workers: int | None = None, done: Callable[[int], None] | None = None) -> list:
-    """``[fn(*job) for job in jobs]``, computed by up to ``workers`` worker processes (default: ``available_workers``) where
-    there are several jobs and cores. ``fn`` must be importable by name (a module-level function), its arguments
-    and results picklable. A job its worker did not finish (it raised, or the worker died) runs here afterwards,
-    so that what goes wrong is raised here as it would be without workers. ``done(i)``, in this thread, as job i
-    is finished (progress)."""
+    """``[fn(*job) for job in jobs]``, computed by up to ``workers`` worker processes (default:
+    ``available_workers``) where there are several jobs and cores. ``fn`` must be importable by name (a module-level
+    function), its arguments and results picklable. A job its worker did not finish (it raised, or the worker
+    died) runs here afterwards, so that what goes wrong is raised here as it would be without workers. ``done(i)``,
+    in this thread, as job i is finished (progress)."""
     done = done or (lambda i: None)
     workers = min(len(jobs), workers or available_workers())
     shared = _Shared(fn, jobs)
