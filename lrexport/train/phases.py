@@ -15,20 +15,49 @@ sweeps, without it); the phase bodies import what they use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from .. import rundir
-from ..recipe import METHODS
+from ..progress import Progress
+from ..recipe import METHODS, PhaseConfig, Recipe
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from torch import nn
+
+
+class Pipeline(Protocol):
+    """What a phase reads and calls of the run it is part of (lrexport.train.pipeline.Pipeline is the one)."""
+
+    recipe: Recipe
+    run_dir: Path
+    model: nn.Module | None
+    summary: dict
+    info: Any  # the data's DataInfo (input_size, num_classes)
+    dist: Any  # lrexport.train.distributed.Dist
+    precision: Any  # lrexport.train.loop.Precision
+    val_loader: Any
+    progress: Progress
+    channel_structure: dict | None
+
+    def place(self, model: nn.Module) -> nn.Module: ...
+
+    def save(self, name: str, **state) -> None: ...
+
+    def validate(self) -> dict[str, float]: ...
+
+    def macs(self) -> dict: ...
+
+    def loss_gradients(self, batches: int): ...
+
+    def train_phase(self, phase: str, cfg: PhaseConfig, loss, resume: dict | None = None, track_best: bool = False) -> dict: ...
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
     keys: tuple[str, ...]  # recipe keys (dotted prefixes) this phase is the first to depend on
-    run: Callable[["Pipeline", "dict | None"], dict]
+    run: Callable[[Pipeline, "dict | None"], dict]
     methods: tuple[str, ...] = METHODS  # the recipe methods that run this phase
 
 
