@@ -9,8 +9,8 @@ they would in the network), and timed on the target runtime (any backend of
 ``lrexport.deploy.backends`` that times layers alone) at each deployment batch and input shape: warm-up, then rounds
 interleaved across the layer's candidates, median per candidate, less the stand-ins' own
 time. A layer's candidates are compared by the sum of their times over the batches. All layers'
-uncached candidates of a batch are opened with one ``open_runners`` call before any is timed (a
-runtime that lowers or converts each model prepares them together); they are timed layer by layer.
+uncached candidates, at every batch, are opened with one ``open_runners`` call before any is timed
+(a runtime that lowers or converts each model prepares them together); they are timed layer by layer.
 
 ``choose`` then keeps the fastest candidate that does not change the model: dense, or a
 pair at a rank ≥ r_e (zero-padding a pair upward changes no output). Where the recipe allows
