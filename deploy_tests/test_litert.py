@@ -179,6 +179,30 @@ def test_int8_keeps_the_convs_beyond_the_error_bound_in_float():
     assert 0 < error["none"] < error["all"] < 0.1
 
 
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        out += x
+        return self.relu(out)
+
+
+def test_int8_residual_add_runs_in_int8():
+    # litert-torch's quantizer finds adds by their source function, which only a strict export records: without it
+    # the add ran in float between DEQUANTIZE and QUANTIZE ops
+    torch.manual_seed(0)
+    plain, _ = to_plain(Residual().eval(), (8, 8, 8))
+    batches = [np.random.default_rng(i).standard_normal((4, 8, 8, 8)).astype(np.float32) for i in range(3)]
+    model = lt.TfliteModel(lt.convert(lt.quantize(plain, (8, 8, 8), batches), 4, (8, 8, 8), int8=True), 1, "residual")
+    ops = [op["op_name"] for op in model.interpreter._get_ops_details()]
+    assert "ADD" in ops and not {"QUANTIZE", "DEQUANTIZE"} & set(ops) and model.input["dtype"] == np.int8
+    x = batches[0]
+    assert relative_error(torch.from_numpy(model.run(x)), plain(torch.from_numpy(x))) < 0.05
+
+
 def test_int8_export_of_the_quickstart_holds_accuracy_on_litert(quickstart_run, tmp_path):
     config = ExportConfig(runtime="litert", tune=NO_TUNE, options=RuntimeOptions(threads=1, precision="int8"),
                           quant=QuantConfig(images=256))

@@ -57,3 +57,20 @@ def test_an_option_the_runtime_does_not_take_is_refused_in_one_line_before_any_w
         lines = res.output.strip().splitlines()
         assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, res.output)
     assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
+
+
+@pytest.mark.parametrize("sources", [False, True])
+def test_layer_of_names_each_conv_by_its_module_path_in_either_export(sources):
+    import torch
+    from torch import nn
+
+    from lrexport.deploy.backends.pt2e import exported, layer_of
+    from lrexport.lowrank.rewrite import to_plain
+    from lrexport.models import create_model
+
+    # a traced graph module, which a strict export names by Dynamo's expressions (getattr(L['self'].layer1, '0'))
+    plain, _ = to_plain(create_model("cifar_resnet20", num_classes=10).eval(), (3, 16, 16))
+    graph = exported(plain, (3, 16, 16), sources=sources)
+    convs = [layer_of(n) for n in graph.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    assert sorted(convs) == sorted(name for name, m in plain.named_modules() if isinstance(m, nn.Conv2d))
+    assert any(n.meta.get("source_fn_stack") for n in graph.graph.nodes) == sources

@@ -6,8 +6,10 @@ so export writes one .tflite per deployment batch. Its input is NHWC: fed NCHW, 
 transpose in front of the first conv (meta.json's ``litert.layout`` says which). int8 is PT2E static
 quantization with litert-torch's quantizer (activations int8 per tensor, weights int8 per output channel,
 symmetric), ranges calibrated on images, a conv whose own int8 error exceeds export's bound left in float
-(lrexport.deploy.backends.pt2e); such a model takes and returns int8 tensors, which the runner quantizes
-and dequantizes with the model's own scale and zero point.
+(lrexport.deploy.backends.pt2e). The graph is exported strictly: the quantizer finds residual adds by the source
+function only such an export records (without it they ran in float, between DEQUANTIZE and QUANTIZE ops). An
+int8 model takes and returns int8 tensors, which the runner quantizes and dequantizes with the model's own scale
+and zero point.
 
 Running needs only ai-edge-litert's interpreter and numpy (the ``litert-runtime`` extra), which applies
 XNNPACK by default: this module imports torch only to convert, so ``lrexport infer`` serves a .tflite on a
@@ -94,7 +96,7 @@ def prepare(module, input_size, keep_float=()):
     """``module`` exported with a free batch dimension and observed for int8, except the convs in ``keep_float``."""
     from .pt2e import exported
 
-    return require_converter().prepare(exported(module, input_size), _quantizer(keep_float))
+    return require_converter().prepare(exported(module, input_size, sources=True), _quantizer(keep_float))
 
 
 def _convert_int8(prepared):
@@ -168,7 +170,7 @@ def convert_many(modules: list, shapes: list[tuple], int8: bool = False) -> list
 
     bundle, examples = Bundle(modules).eval(), tuple(torch.zeros(*s) for s in shapes)
     if int8:
-        prepared = require_converter().prepare(exported(bundle, *(s[1:] for s in shapes)), _quantizer())
+        prepared = require_converter().prepare(exported(bundle, *(s[1:] for s in shapes), sources=True), _quantizer())
         bundle = _convert_int8(calibrate(prepared, list(zip(*(random_batches(s) for s in shapes)))))
     parts = split_components(_convert(bundle, examples, int8, f"{len(modules)} candidates together"), len(modules))
     if parts is not None:

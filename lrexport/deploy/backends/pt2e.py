@@ -10,6 +10,7 @@ Both prepare tuning's one-layer candidates together, as one ``Bundle`` of disjoi
 from __future__ import annotations
 
 import copy
+import re
 from typing import Callable
 
 import numpy as np
@@ -33,20 +34,42 @@ class Bundle(nn.Module):
         return tuple(m(x) for m, x in zip(self.parts, xs))
 
 
-def exported(module: nn.Module, *input_sizes) -> fx.GraphModule:
+def exported(module: nn.Module, *input_sizes, sources: bool = False) -> fx.GraphModule:
     """``module`` as a torch.export graph with a free batch dimension on each input (one per size in ``input_sizes``: a
     bundle of candidates takes several): what a PT2E quantizer observes, so that the quantized model serves every
-    batch the runtime's models are built for."""
+    batch the runtime's models are built for. ``sources``: traced by TorchDynamo (strict export), which records the
+    source function of each node (``source_fn_stack``) that a quantizer matching source partitions needs; where
+    Dynamo cannot trace the module, the graph without them."""
     dynamic = tuple({0: torch.export.Dim(f"batch{i}", min=1, max=MAX_BATCH)} for i in range(len(input_sizes)))
     # a bundle's inputs are one varargs parameter: their shapes one nested tuple
-    return torch.export.export(module.eval(), tuple(torch.zeros(2, *size) for size in input_sizes),
-                               dynamic_shapes=(dynamic,) if len(input_sizes) > 1 else dynamic).module()
+    args = module.eval(), tuple(torch.zeros(2, *size) for size in input_sizes)
+    shapes = (dynamic,) if len(input_sizes) > 1 else dynamic
+    if sources:
+        try:
+            return torch.export.export(*args, dynamic_shapes=shapes, strict=True).module()
+        except Exception:  # Dynamo's refusals come in many types; the non-strict graph quantizes all but those ops
+            pass
+    return torch.export.export(*args, dynamic_shapes=shapes).module()
 
 
 def layer_of(node: fx.Node) -> str | None:
     """The module path of the layer an exported graph's node belongs to (its innermost module)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else None
+    return module_path(next(reversed(stack.values()))[0]) if stack else None
+
+
+_GETATTR = re.compile(r"getattr\((.*), '([^']*)'\)")
+
+
+def module_path(name: str) -> str:
+    """A module's dotted path (``layer1.0.conv1``) from the name a strict export gives it: Dynamo's expression for it
+    where the module traced is an fx graph (``getattr(L['self'].layer1, '0').conv1``)."""
+    if not name.startswith(("L[", "getattr(")):
+        return name
+    name = name.replace("L['self']", "")
+    while (found := _GETATTR.search(name)) is not None:
+        name = f"{name[:found.start()]}{found[1]}.{found[2]}{name[found.end():]}"
+    return re.sub(r"\['?([^'\]]*)'?\]", r".\1", name).lstrip(".")
 
 
 @torch.no_grad()
