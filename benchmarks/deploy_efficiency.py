@@ -26,7 +26,7 @@ the fewest MACs any allocation within that budget reaches (its MACs ceiling). "f
 (per mode): the ranks on the same grid with the fewest MACs within that budget, i.e. what
 the allocation would choose if time followed MACs. The dense model is exported the same
 way (BN folded in all). Each runtime (``--runtime ort,openvino,torch``) times all models
-in this one process, on its own settings, calls interleaved in alternating order
+in this one process, on its own settings, calls interleaved, each round in its own order
 (lrexport.deploy.timing); per round we take dense time / low-rank time, and report the
 median and p10–p90 of those ratios beside the medians of the latencies;
 "vs rule" is that wall-clock speedup over the energy-rule model's MACs speedup.

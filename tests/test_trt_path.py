@@ -4,6 +4,7 @@ None of this needs TensorRT or a GPU; the tests that show the "missing" errors s
 TensorRT is installed (there the GPU tests in deploy_tests/gpu cover the real build).
 """
 
+import functools
 import importlib.util
 import json
 import sys
@@ -273,7 +274,12 @@ def test_interleaved_timing_on_cpu():
     calls = []
     t = interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=3, repeats=7)
     assert len(calls) == 20 and t.clock == "wall" and all(len(v) == 7 for v in t.times_ms.values())
-    assert calls[6:10] == ["a", "b", "b", "a"]  # the order alternates round by round
+    assert all(x != y for x, y in zip(calls, calls[1:]))  # two models: each always follows the other
+    calls.clear()
+    interleave({name: functools.partial(calls.append, name) for name in "abc"}, warmup=0, repeats=30)
+    rounds = [calls[i:i + 3] for i in range(0, 90, 3)]
+    assert all(sorted(r) == list("abc") for r in rounds) and all(x != y for x, y in zip(calls, calls[1:]))
+    assert all({r[i] for r in rounds} == set("abc") for i in range(3))  # no model keeps one place in the round
     stats = t.stats("a", batch=2)
     assert isinstance(stats, Stats) and stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.repeats == 7
     assert json.dumps(stats.to_dict())  # serialisable for reports

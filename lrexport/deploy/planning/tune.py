@@ -40,7 +40,7 @@ from ..backends import ModelSource, RuntimeOptions, get_runtime, open_runner, op
 from ..timing import CUDA_EVENTS, Stats, interleave_within
 
 CACHE_FILE = "tune_cache.json"
-CACHE_VERSION = 5  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime; 5: the CPU named with its vector extensions
+CACHE_VERSION = 6  # 2: candidates timed between depthwise contexts; 3: worker threads spin during runs; 4: any runtime; 5: the CPU named with its vector extensions; 6: rounds in drawn orders
 DENSE = "dense"
 MULTIPLES = (8, 16, 32)
 
