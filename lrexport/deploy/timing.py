@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,10 +93,10 @@ def interleave(calls: Mapping[str, Callable[[], object]], warmup: int = 10, repe
 
 
 def _orders(names: list[str], repeats: int) -> list[list[str]]:
-    """Each round's order, drawn at random (seeded) but for a call following itself across two rounds. What ran
-    just before a call, and how long ago the same model last ran, change its time (for a 0.1 ms model by 20 %),
+    """Each round's order, drawn at random (seeded); no round starts with the call that ended the one before. What
+    ran just before a call, and how long ago the same model last ran, change its time (for a 0.1 ms model by 20 %),
     so no fixed order is fair to all: alternating one with its reverse favoured the first and last calls of a
-    round, a balanced one the middle."""
+    round, an order balanced over which call precedes which still slowed the first."""
     rng, orders, last = random.Random(0), [], names[-1]  # the warm-up rounds run in the order given
     for _ in range(repeats):
         order = rng.sample(names, len(names))
