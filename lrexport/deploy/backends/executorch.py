@@ -37,7 +37,7 @@ from . import RUNTIMES
 from . import pt2e
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
 from .pt2e import Bundle, calibrate, exported, layer_of
-from .workers import run_in_chunks
+from .workers import prepare_candidates
 
 
 @functools.cache
@@ -278,14 +278,9 @@ class ExecutorchBackend(Backend):
     def open_many(self, sources: dict, options: RuntimeOptions, progress: Progress = quiet) -> dict:
         """Sources with a module and one input shape lowered in bundles (``lower_bundle``) by worker processes; the
         others, and a bundle that does not lower to one delegate per module, one by one."""
-        together = [k for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape is not None]
-        int8 = options.precision == "int8"
-        runners = {}
-        for chunk, programs in run_in_chunks(lower_bundle, together, BUNDLE_SIZE, lambda chunk: (
-                [sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], int8), progress):
-            for k, program in zip(chunk, programs or ()):
-                runners[k] = ExecutorchRunner(options, programs={sources[k].input_shape[0]: program}, label=sources[k].label)
-        return {k: runners[k] if k in runners else self.open(s, options) for k, s in sources.items()}
+        programs = prepare_candidates(lower_bundle, sources, options.precision == "int8", BUNDLE_SIZE, progress)
+        return {k: ExecutorchRunner(options, programs={s.input_shape[0]: programs[k]}, label=s.label) if k in programs
+                else self.open(s, options) for k, s in sources.items()}
 
     def own_files(self, path: Path, meta: dict, model: str):
         return {int(b): path / f for b, f in (meta.get("pte") or {}).get(model, {}).items()} or None

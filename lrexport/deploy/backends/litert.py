@@ -40,7 +40,7 @@ from ..artifacts import FILES
 from ..timing import WALL, cpu_name
 from . import RUNTIMES
 from .base import Backend, BuildContext, ModelSource, RuntimeOptions, random_batches, run_batched
-from .workers import run_in_chunks
+from .workers import prepare_candidates
 
 LAYOUT = "NHWC"  # the input layout of every model this module converts
 BUNDLE_SIZE = 64  # candidates converted together: bounds one conversion's memory (0.2 s a candidate at 16 and at 64)
@@ -381,15 +381,10 @@ class LiteRTBackend(Backend):
 
     def open_many(self, sources: dict, options: RuntimeOptions, progress: Progress = quiet) -> dict:
         """Runners of one-input modules of known input shape (tuning's candidates), converted together
-        (``convert_many``) by worker processes."""
-        together = {k: s for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape}
-        int8 = options.precision == "int8"
-        runners = {k: self.open(s, options) for k, s in sources.items() if k not in together}
-        for chunk, models in run_in_chunks(convert_many, list(together), BUNDLE_SIZE, lambda chunk: (
-                [sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], int8), progress):
-            for k, model in zip(chunk, models):
-                runners[k] = LiteRTRunner(options, models={sources[k].input_shape[0]: model}, label=sources[k].label)
-        return runners
+        (``convert_many``) by worker processes; the other sources one by one."""
+        models = prepare_candidates(convert_many, sources, options.precision == "int8", BUNDLE_SIZE, progress)
+        return {k: LiteRTRunner(options, models={s.input_shape[0]: models[k]}, label=s.label) if k in models
+                else self.open(s, options) for k, s in sources.items()}
 
     def own_files(self, path: Path, meta: dict, model: str):
         files = ((meta.get("litert") or {}).get("files") or {}).get(model, {})

@@ -66,6 +66,18 @@ def run_in_chunks(fn: Callable, items: list, most: int, job_of: Callable[[list],
     return list(zip(chunks, run_all(fn, [job_of(chunk) for chunk in chunks], done=done if len(chunks) > 1 else None)))
 
 
+def prepare_candidates(fn: Callable, sources: dict, int8: bool, most: int, progress: Progress = quiet) -> dict:
+    """key → what ``fn(modules, shapes, int8)`` gives each of ``sources`` (key → ModelSource) that is a module of one
+    known input shape (tuning's candidates), ``most`` at a time, by the workers (``run_in_chunks``). A chunk ``fn``
+    gives None for is left out, as are the other sources: the caller opens them one by one."""
+    keys = [k for k, s in sources.items() if s.torch is not None and not s.files and s.input_shape]
+    prepared = {}
+    for chunk, results in run_in_chunks(fn, keys, most, lambda chunk: (
+            [sources[k].torch() for k in chunk], [tuple(sources[k].input_shape) for k in chunk], int8), progress):
+        prepared.update(zip(chunk, results or ()))
+    return prepared
+
+
 def _send(stream, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_LENGTH.pack(len(data)) + data)
