@@ -24,7 +24,9 @@ decomposed conv timed dense and as thin pairs on the rank grid at batches 1 and 
 deployed exactly at those ranks (lrexport.deploy.planning.latency_ranks); the script also prints
 the fewest MACs any allocation within that budget reaches (its MACs ceiling). "fewest"
 (per mode): the ranks on the same grid with the fewest MACs within that budget, i.e. what
-the allocation would choose if time followed MACs. The dense model is exported the same
+the allocation would choose if time followed MACs. "channel/quarter": every 3×3 conv a thin pair at
+rank out/4, the stem, the 1×1 convs and the classifier dense (2.98× fewer MACs): the most regular
+ranks, no energy rule. The dense model is exported the same
 way (BN folded in all). Each runtime (``--runtime ort,openvino,torch``) times all models
 in this one process, on its own settings, calls interleaved, each round in its own order
 (lrexport.deploy.timing); per round we take dense time / low-rank time, and report the
@@ -201,6 +203,19 @@ def add_fewest(models, details, pruned) -> None:
 
 
 @torch.no_grad()
+def add_quarter(models, details, pruned) -> None:
+    """"channel/quarter": every 3×3 conv a thin pair at rank out/4, the stem, the 1×1 convs and the
+    classifier dense (2.98× fewer MACs): the most regular ranks, no energy rule."""
+    if ("channel", "full") not in pruned:
+        return
+    lowrank = copy.deepcopy(pruned["channel", "full"][0])
+    ranks = {name: layer.out_channels // 4 if getattr(layer, "kernel_size", None) == (3, 3) else layer.rank
+             for name, layer in svd_layers(lowrank)}
+    prune(lowrank, 0.0, ranks=ranks)
+    add_model(models, details, "channel/quarter", lowrank.eval(), *to_plain(lowrank, INPUT, 1), None, ranks, torch.randn(2, *INPUT))
+
+
+@torch.no_grad()
 def add_latency(models, details, pruned, runtime: str, options: RuntimeOptions, batches, cache) -> None:
     """"R:mode/latency": ranks allocated by measured latency on ``runtime`` at the energy-rule model's budget."""
     x = torch.randn(2, *INPUT)
@@ -337,7 +352,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                     help="subset of " + ", ".join(v[0] for v in VARIANTS) + ", latency (ranks allocated by latency on each runtime), "
-                         "fewest (the fewest-MACs ranks within latency's budget), channels (filter pruning), "
+                         "fewest (the fewest-MACs ranks within latency's budget), quarter (every 3x3 conv at rank out/4), "
+                         "channels (filter pruning), "
                          "combined (filter pruning, then low rank)")
     ap.add_argument("--modes", default=",".join(MODES), help="decomposition modes, e.g. channel")
     ap.add_argument("--exclude", default="", help="comma-separated layer patterns kept dense, e.g. conv1 (the stem)")
@@ -360,6 +376,8 @@ def main() -> None:
                 for mode in modes_of(pruned)} if names & {"latency", "fewest"} else {}
     if "fewest" in names:
         add_fewest(models, details, pruned)
+    if "quarter" in names:
+        add_quarter(models, details, pruned)
     if names & {"channels", "combined"}:
         add_channels(models, details, pruned, args.target, names, torch.randn(2, *INPUT))
     for runtime in runtimes:
