@@ -141,6 +141,7 @@ def test_cli_export_for_a_runtime_then_verify_on_it(tuned, tmp_path, runtime):
     assert "tuned layer1.0.conv1" in r.output and f"plan for {runtime}" in r.output
     plan = json.loads((art / "plan.json").read_text())
     assert plan["runtime"] == runtime and plan["target"]["runtime"] == runtime and len(plan["guard"]) == 1
+    assert f"({plan['target']['device']}, 1 threads, batches [2])" in r.output  # the plan says which CPU it is for
     v = CliRunner().invoke(main, ["verify", str(art), "--threads", "1", "--warmup", "1", "--repeats", "5", "--batch-sizes", "2"])
     assert v.exit_code == 0, v.output
     report = json.loads((art / "verify.json").read_text())

@@ -435,7 +435,9 @@ def _print_plan(plan) -> None:
     tuned = plan.tune
     if tuned:
         t = tuned["target"]
-        say(f"  tuned on {t['runtime']} {t['version']} ({t['threads'] or t['device']} threads, batches {t['batches']}) "
+        # the device names the CPU and its vector extensions: a plan is this machine's, not a phone's
+        where = ", ".join([t["device"]] + ([f"{t['threads']} threads"] if t["threads"] else []) + [f"batches {t['batches']}"])
+        say(f"  tuned on {t['runtime']} {t['version']} ({where}) "
             f"in {tuned['seconds']:.1f} s, {tuned['cache_hits']} cached / {tuned['cache_misses']} timed")
         b = tuned.get("below_check")
         if b:
