@@ -33,6 +33,6 @@ def test_the_tile_request_is_refused_with_eperm_and_the_script_gets_its_argument
 
 
 def test_without_the_wrapper_the_request_is_not_refused_with_eperm(tmp_path):
-    # granted (0) on a CPU with AMX, EINVAL where the kernel or CPU has no tile state
-    request, errno, _, _ = _probe(tmp_path)
-    assert (request, errno) == ("0", "0") or errno != "1"
+    # granted on a CPU with AMX, EINVAL where the kernel or the CPU has no tile state
+    _, errno, _, _ = _probe(tmp_path)
+    assert errno != "1"
